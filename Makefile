@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Extras the demo and the tests need on a CPU machine (see README, "Dependencies").
+EXTRAS := dicom,viz,test
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/pocketseg synth demo-output/dataset --full 2 --partial 2 --unlabeled 1 --seed 0 --preview --overwrite
+
+test: venv
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python -m pocketseg.benchmarks.nifti_read --out bench-output
+	$(BIN)/python -m pocketseg.benchmarks.synth_speed --out bench-output
+
+clean:
+	rm -rf $(VENV) demo-output bench-output build *.egg-info

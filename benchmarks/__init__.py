@@ -1,0 +1,1 @@
+"""pocketseg.benchmarks: evaluation metrics, efficiency harness and reproducible measurements."""

@@ -1,0 +1,1 @@
+"""pocketseg.engine_build: torch -> ONNX export, graph cleanup, fp16 conversion, TensorRT engines."""

@@ -1,0 +1,5 @@
+import sys
+
+from pocketseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""The ``pocketseg`` command line: a thin layer over the package's public functions.
+
+Every flag of a subcommand is a keyword argument of the function it calls, so
+``pocketseg X --help`` documents the Python API too. Errors about user input
+are printed as one line (``pocketseg: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pocketseg import __version__
+from pocketseg.errors import PocketsegError
+
+log = logging.getLogger("pocketseg")
+
+# Options that steer the CLI itself rather than the called function.
+_CLI_ONLY = {"command", "verbose", "quiet", "json", "handler"}
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from pocketseg.synth.dataset import synthesize_dataset
+
+    out = synthesize_dataset(**_kwargs(args), progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from pocketseg.volume import volume_info
+
+    info = volume_info(**_kwargs(args))
+    if args.json:
+        print(json.dumps(info))
+    else:
+        sp = " x ".join(f"{s:g}" for s in info["spacing_mm"])
+        print(f"{info['path']}\n  shape        {' x '.join(map(str, info['shape']))} (i, j, k)\n"
+              f"  spacing      {sp} mm\n  orientation  {info['orientation']}{' (oblique)' if info['oblique'] else ''}\n"
+              f"  dtype        {info['dtype']}\n  range        {info['min']:g} .. {info['max']:g}")
+    return 0
+
+
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketseg",
+        description="Cascaded Pocket U-Net segmentation of abdominal CT (FLARE 2023 organs and tumors).",
+    )
+    parser.add_argument("--version", action="version", version=f"pocketseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="synthesize a FLARE-like abdominal CT data set (nnU-Net v2 raw layout)",
+                       description="Synthesize realistic FLARE 2023-like abdominal CT with labels: fully labelled, "
+                                   "partially labelled and unlabelled cases, in the nnU-Net v2 raw layout.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="data set folder to create (must not exist or be empty)")
+    p.add_argument("--full", type=int, default=4, help="fully labelled cases (13 organs + tumors) [4]")
+    p.add_argument("--partial", type=int, default=0, help="partially labelled cases (some classes annotated) [0]")
+    p.add_argument("--unlabeled", type=int, default=0, help="unlabelled cases (image only) [0]")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data [0]")
+    p.add_argument("--slices", type=int, default=None, help="exact slice count of every case (default: random 50-600)")
+    p.add_argument("--small", action="store_true", help="tiny volumes (128x128 in-plane) for tests")
+    p.add_argument("--matrix", type=int, default=None, help="in-plane matrix size (default 512, or 128 with --small)")
+    p.add_argument("--preview", action="store_true", help="write a PNG preview per case (axial/coronal/sagittal)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.set_defaults(handler=_cmd_synth)
+
+    p = sub.add_parser("info", help="show geometry and intensity range of a NIfTI file or DICOM series",
+                       description="Print shape, spacing (mm), orientation codes, dtype and intensity range.")
+    p.add_argument("path", metavar="PATH", help=".nii/.nii.gz file or DICOM series folder")
+    p.add_argument("--series-uid", dest="series_uid", default=None,
+                   help="SeriesInstanceUID to read when a DICOM folder holds several series")
+    p.add_argument("--json", action="store_true", help="print JSON with keys shape, spacing_mm, orientation, dtype, min, max")
+    p.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except PocketsegError as exc:
+        print(f"pocketseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pocketseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

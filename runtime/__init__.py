@@ -1,0 +1,1 @@
+"""pocketseg.runtime: the cascade inference runtime (NumPy on CPU, CuPy on GPU)."""

@@ -1,0 +1,67 @@
+"""pocketseg: cascaded Pocket U-Net for abdominal CT (FLARE 2023 labels).
+
+Every room of the repository installs under the one namespace ``pocketseg``:
+the folders ``trainer/``, ``engine_build/``, ``runtime/`` and ``benchmarks/``
+become ``pocketseg.trainer``, ``pocketseg.engine_build``, ``pocketseg.runtime``
+and ``pocketseg.benchmarks``; nothing else lands at the top of site-packages.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOMS = {"trainer": "trainer", "engine_build": "engine_build", "runtime": "runtime", "benchmarks": "benchmarks"}
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    package_dir = {"pocketseg": "pocketseg"}
+    packages = []
+    for init in sorted(Path("pocketseg").rglob("__init__.py")):
+        packages.append(".".join(init.parent.parts))
+    for room, folder in ROOMS.items():
+        package_dir[f"pocketseg.{room}"] = folder
+        for init in sorted(Path(folder).rglob("__init__.py")):
+            rel = init.parent.relative_to(folder).parts
+            packages.append(".".join(("pocketseg", room, *rel)))
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+
+# Why each dependency is there: see the README's "Dependencies" table.
+CORE = [
+    "numpy>=1.24",
+    "scipy>=1.10",
+    "nibabel>=5.0",
+    "isal>=1.5",
+    "tqdm>=4.60",
+]
+EXTRAS = {
+    "dicom": ["pydicom>=2.4", "pillow>=10", "pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0"],
+    "viz": ["matplotlib>=3.7"],
+    "runtime": ["onnxruntime>=1.17", "connected-components-3d>=3.12"],
+    "train": ["torch>=2.1,<3", "safetensors>=0.4"],
+    "export": ["onnx>=1.15", "onnx-graphsurgeon>=0.5", "onnxruntime>=1.17", "safetensors>=0.4"],
+    "gpu": [
+        "cupy-cuda12x>=13",
+        "nvidia-ml-py>=12",
+        "cucim-cu12>=24.2; platform_machine == 'x86_64' and sys_platform == 'linux'",
+    ],
+    "test": ["pytest>=7.4"],
+}
+EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export") for dep in EXTRAS[name]})
+
+setup(
+    name="pocketseg",
+    version="0.1.0",
+    description="Fast, light cascaded Pocket U-Net segmentation of abdominal CT (FLARE 2023 organs and tumors)",
+    long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["pocketseg=pocketseg.cli:main"]},
+)

@@ -1,0 +1,272 @@
+"""Atomic output (pocketseg.atomic).
+
+* ``atomic_write_bytes``: the payload lands complete or not at all; a failure
+  mid-write (fsync) or at the rename leaves neither the target nor a ``.part``
+  temp file, and an existing target keeps its content; an existing file is only
+  replaced with ``overwrite=True``; bad targets (folder, missing parent) are
+  refused up front; the new file has the usual permissions (0666 & ~umask).
+* ``atomic_output_dir``: the folder appears only when the ``with`` body
+  succeeds; an exception leaves no target and no temp folder; an existing
+  non-empty folder is refused without ``overwrite`` and, with it, replaced only
+  after success (and kept intact when the body or the final swap fails).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import pocketseg.atomic
+from pocketseg.atomic import atomic_output_dir, atomic_write_bytes, check_writable_target
+from pocketseg.errors import OutputError
+
+
+def temp_leftovers(folder: Path) -> list[str]:
+    """Names the atomic helpers use for their temporaries: '.<name>.<random>.part' / '.old'."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".part", ".old")))
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)
+
+
+# --------------------------------------------------------------------------- atomic_write_bytes
+
+
+def test_write_bytes_creates_file_with_payload(tmp_path):
+    payload = bytes(range(256)) * 1000
+    target = atomic_write_bytes(tmp_path / "out.bin", payload)
+    assert target == tmp_path / "out.bin"
+    assert target.read_bytes() == payload
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_write_bytes_accepts_memoryview(tmp_path):
+    data = bytearray(b"abcdef")
+    atomic_write_bytes(tmp_path / "out.bin", memoryview(data)[1:4])
+    assert (tmp_path / "out.bin").read_bytes() == b"bcd"
+
+
+def test_write_bytes_refuses_existing_without_overwrite(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(OutputError, match="already exists") as excinfo:
+        atomic_write_bytes(target, b"new")
+    assert excinfo.value.path == str(target)
+    assert target.read_bytes() == b"old"
+    atomic_write_bytes(target, b"new", overwrite=True)
+    assert target.read_bytes() == b"new"
+    assert temp_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_write_bytes_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, existing):
+    target = tmp_path / "out.bin"
+    if existing:
+        target.write_bytes(b"old")
+    seen = []
+
+    def failing_fsync(fd):
+        seen.append(os.fstat(fd).st_size)  # the partial file really exists at this point
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pocketseg.atomic.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(target, b"x" * 5000, overwrite=True)
+    assert seen == [5000]
+    assert target.exists() == existing
+    if existing:
+        assert target.read_bytes() == b"old"
+    assert temp_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_write_bytes_failure_at_rename_leaves_nothing(tmp_path, monkeypatch, existing):
+    target = tmp_path / "out.bin"
+    if existing:
+        target.write_bytes(b"old")
+
+    def failing_replace(src, dst):
+        assert Path(src).read_bytes() == b"new payload"  # complete temp file beside the target
+        assert Path(src).parent == tmp_path and Path(src).name.endswith(".part")
+        raise KeyboardInterrupt  # even a BaseException cleans up
+
+    monkeypatch.setattr(pocketseg.atomic.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(target, b"new payload", overwrite=True)
+    assert target.exists() == existing
+    if existing:
+        assert target.read_bytes() == b"old"
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_write_bytes_target_appearing_during_write_is_not_replaced(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    real_fsync = os.fsync
+
+    def racing_fsync(fd):
+        real_fsync(fd)
+        target.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(pocketseg.atomic.os, "fsync", racing_fsync)
+    with pytest.raises(OutputError, match="appeared"):
+        atomic_write_bytes(target, b"mine")
+    assert target.read_bytes() == b"someone else's"
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_write_bytes_refuses_folder_and_missing_parent(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(OutputError, match="is a directory"):
+        atomic_write_bytes(tmp_path / "adir", b"x", overwrite=True)
+    with pytest.raises(OutputError, match="does not exist"):
+        atomic_write_bytes(tmp_path / "missing" / "out.bin", b"x")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(OutputError, match="already exists"):
+        check_writable_target(tmp_path / "f.bin", overwrite=False)
+    assert check_writable_target(tmp_path / "f.bin", overwrite=True) == tmp_path / "f.bin"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_write_bytes_file_mode_follows_umask(tmp_path, umask_027):
+    target = atomic_write_bytes(tmp_path / "out.bin", b"x")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask_027  # 0640, not mkstemp's 0600
+
+
+# --------------------------------------------------------------------------- atomic_output_dir
+
+
+def test_output_dir_appears_only_after_success(tmp_path):
+    target = tmp_path / "results"
+    with atomic_output_dir(target) as tmp:
+        assert tmp != target and tmp.parent == tmp_path and tmp.is_dir()
+        (tmp / "a.txt").write_text("a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("b")
+        assert not target.exists()  # nothing visible at the target while writing
+    assert (target / "a.txt").read_text() == "a"
+    assert (target / "sub" / "b.txt").read_text() == "b"
+    assert not tmp.exists()
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_output_dir_creates_missing_parents(tmp_path):
+    target = tmp_path / "x" / "y" / "results"
+    with atomic_output_dir(target) as tmp:
+        (tmp / "a").write_text("a")
+    assert (target / "a").read_text() == "a"
+
+
+def test_output_dir_exception_leaves_no_target_and_no_temp(tmp_path):
+    target = tmp_path / "results"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_output_dir_refuses_existing_non_empty_without_overwrite(tmp_path):
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "keep.txt").write_text("keep")
+    body_ran = False
+    with pytest.raises(OutputError, match="non-empty") as excinfo:
+        with atomic_output_dir(target):
+            body_ran = True
+    assert not body_ran  # refused before any work
+    assert excinfo.value.path == str(target)
+    assert (target / "keep.txt").read_text() == "keep"
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_output_dir_refuses_a_file(tmp_path):
+    target = tmp_path / "results"
+    target.write_text("file")
+    with pytest.raises(OutputError, match="not a folder"):
+        with atomic_output_dir(target, overwrite=True):
+            pass
+    assert target.read_text() == "file"
+
+
+def test_output_dir_existing_empty_folder_is_used(tmp_path):
+    target = tmp_path / "results"
+    target.mkdir()
+    with atomic_output_dir(target) as tmp:
+        (tmp / "a").write_text("a")
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_output_dir_overwrite_replaces_only_after_success(tmp_path):
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert (target / "old.txt").read_text() == "old"  # still the old results mid-way
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_output_dir_overwrite_keeps_old_results_on_failure(tmp_path):
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(ValueError):
+        with atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise ValueError("model crashed")
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_output_dir_failed_final_swap_restores_old_results(tmp_path, monkeypatch):
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # 1: old results aside, 2: new results into place -> fails
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pocketseg.atomic.os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="I/O error"):
+        with atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert len(calls) == 3  # the third puts the old folder back
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_output_dir_target_appearing_during_work_is_not_replaced(tmp_path):
+    target = tmp_path / "results"
+    with pytest.raises(OutputError, match="appeared"):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "mine.txt").write_text("mine")
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+    assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert temp_leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_output_dir_mode_follows_umask(tmp_path, umask_027):
+    with atomic_output_dir(tmp_path / "results") as tmp:
+        (tmp / "a").write_text("a")
+    assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o777 & ~umask_027  # not mkdtemp's 0700

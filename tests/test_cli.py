@@ -1,0 +1,79 @@
+"""The `pocketseg` command line: subcommands, JSON output, one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pocketseg.cli import build_parser, main
+from pocketseg.nifti import write_nifti
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pocketseg", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_subcommands():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    assert "synth" in res.stdout and "info" in res.stdout
+
+
+def test_flags_map_to_function_keywords():
+    import inspect
+
+    from pocketseg.synth.dataset import synthesize_dataset
+    from pocketseg.volume import volume_info
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, func in (("synth", synthesize_dataset), ("info", volume_info)):
+        dests = {a.dest for a in sub.choices[name]._actions} - {"help", "json"}
+        params = set(inspect.signature(func).parameters)
+        assert dests <= params, f"{name}: flags without a keyword: {dests - params}"
+
+
+def test_info_json(tmp_path, capsys):
+    path = tmp_path / "ct.nii.gz"
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 100
+    write_nifti(data, path, affine=np.diag([-0.8, -0.8, 2.5, 1.0]))
+    assert main(["info", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shape"] == [4, 5, 6]
+    assert info["spacing_mm"] == pytest.approx([0.8, 0.8, 2.5])
+    assert info["orientation"] == "LPS"
+    assert info["dtype"] == "int16" and info["min"] == -100 and info["max"] == 19
+    assert main(["info", str(path)]) == 0
+    assert "LPS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [None, b"this is not a nifti file\n"])
+def test_bad_input_is_one_line_error_without_traceback(tmp_path, content):
+    path = tmp_path / "broken.nii.gz"
+    if content is not None:
+        path.write_bytes(content)
+    res = run_cli("info", str(path))
+    assert res.returncode == 2
+    assert res.stderr.startswith("pocketseg: error: ") and str(path) in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert res.stdout == ""
+
+
+def test_synth_refuses_non_empty_output_and_keeps_it(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    res = run_cli("synth", str(tmp_path), "--small", "--full", "1")
+    assert res.returncode == 2 and "non-empty" in res.stderr and "Traceback" not in res.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_synth_cli_writes_a_data_set(tmp_path):
+    out = tmp_path / "ds"
+    res = run_cli("-q", "synth", str(out), "--small", "--full", "1", "--unlabeled", "1", "--slices", "24", "--seed", "2")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["numTraining"] == 1 and meta["pocketseg"]["seed"] == 2
+    assert (out / "imagesUnlabeled" / "FLARESyn_0002_0000.nii.gz").is_file()

@@ -1,0 +1,44 @@
+"""Packaging: one import namespace, no torch in the core."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_and_io_do_not_import_torch():
+    code = ("import sys, pocketseg.cli, pocketseg.nifti, pocketseg.volume, pocketseg.synth.dataset, pocketseg.runtime; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_rooms_import_under_the_pocketseg_namespace():
+    import pocketseg.benchmarks
+    import pocketseg.engine_build
+    import pocketseg.runtime
+    import pocketseg.trainer
+
+    for module, folder in ((pocketseg.runtime, "runtime"), (pocketseg.trainer, "trainer"),
+                           (pocketseg.engine_build, "engine_build"), (pocketseg.benchmarks, "benchmarks")):
+        assert Path(module.__file__).resolve().parent == ROOT / folder
+
+
+@pytest.mark.slow
+def test_wheel_puts_only_pocketseg_at_the_top_of_site_packages(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                          str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    wheel = next(tmp_path.glob("pocketseg-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        tops = {name.split("/")[0] for name in zf.namelist()}
+        names = set(zf.namelist())
+    assert tops == {"pocketseg", next(t for t in tops if t.endswith(".dist-info"))}
+    for module in ("pocketseg/runtime/__init__.py", "pocketseg/trainer/__init__.py", "pocketseg/engine_build/__init__.py",
+                   "pocketseg/benchmarks/__init__.py", "pocketseg/synth/phantom.py", "pocketseg/cli.py"):
+        assert module in names

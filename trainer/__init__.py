@@ -1,0 +1,1 @@
+"""pocketseg.trainer: the Pocket U-Net, preprocessing, data loading and training loops."""
