@@ -17,7 +17,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/pocketseg synth demo-output/dataset --full 2 --partial 2 --unlabeled 1 --seed 0 --preview --overwrite
+	$(BIN)/pocketseg synth demo-output/dataset --full 2 --partial 2 --unlabeled 1 --seed 0 --preview --workers 2 --overwrite
 
 test: venv
 	$(BIN)/python -m pytest

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", type=int, default=None, help="in-plane matrix size (default 512, or 128 with --small)")
     p.add_argument("--preview", action="store_true", help="write a PNG preview per case (axial/coronal/sagittal)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument("--workers", type=int, default=1, help="cases synthesized in parallel processes [1]")
     p.set_defaults(handler=_cmd_synth)
 
     p = sub.add_parser("info", help="show geometry and intensity range of a NIfTI file or DICOM series",

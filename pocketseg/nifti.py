@@ -1,8 +1,9 @@
 """NIfTI-1/2 reading and label-map writing.
 
-Reading decompresses the whole ``.nii.gz`` in one call with ISA-L (``isal``),
-several times faster than the ``gzip`` module nibabel streams through, then
-interprets the bytes in place. Writing is atomic (see :mod:`pocketseg.atomic`).
+Reading decompresses a ``.nii.gz`` with ISA-L (``isal``), 2-3x faster than the
+zlib-based ``gzip`` module nibabel streams through, straight into one writable
+buffer that then becomes the voxel array without further copies (falling back
+to ``gzip`` where isal or its C reader is missing). Writing is atomic (see :mod:`pocketseg.atomic`).
 """
 
 from __future__ import annotations
@@ -44,13 +45,6 @@ def have_isal() -> bool:
     return _igzip is not None
 
 
-def gunzip(payload: bytes) -> bytes:
-    """Decompress a (possibly multi-member) gzip payload, with ISA-L when installed."""
-    if _igzip is not None:
-        return _igzip.decompress(payload)
-    return gzip.decompress(payload)
-
-
 def gzip_bytes(payload: bytes) -> bytes:
     if _igzip is not None:
         return _igzip.compress(payload, compresslevel=GZIP_LEVEL)
@@ -68,7 +62,7 @@ def _gzip_reader(handle):
     reader_class = getattr(_isal_zlib, "_GzipReader", None) if _isal_zlib is not None else None
     if reader_class is not None:  # ISA-L's C reader: decompresses straight into the caller's buffer
         return reader_class(handle, _READ_CHUNK)
-    return gzip.GzipFile(fileobj=handle, mode="rb")  # pragma: no cover - isal without _GzipReader
+    return gzip.GzipFile(fileobj=handle, mode="rb")  # isal missing or without _GzipReader
 
 
 def _readinto_all(reader, buf: np.ndarray) -> int:
@@ -128,8 +122,6 @@ def _read_payload(path: Path) -> np.ndarray:
                 raise InputError(path, f"is truncated or corrupt gzip data ({exc})") from None
     except IsADirectoryError:
         raise InputError(path, "is a folder, expected a NIfTI file") from None
-    except InputError:
-        raise
     except OSError as exc:
         raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
 
@@ -313,9 +305,6 @@ def write_nifti(
     # affine=None: the image takes its geometry from the header untouched (an
     # affine here would make nibabel rewrite the sform and its code).
     image = image_class(np.asarray(data, dtype=out_dtype), None, header=header)
-    for name in GEOMETRY_FIELDS:  # guard: the constructor must not have altered them
-        if not np.array_equal(image.header[name], header[name]):
-            raise RuntimeError(f"nibabel changed header field {name} while building the image")  # pragma: no cover
     payload = image.to_bytes()
     if target.name.lower().endswith(".gz"):
         payload = gzip_bytes(payload)

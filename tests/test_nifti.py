@@ -267,6 +267,19 @@ def test_read_gzip_whose_trailer_size_hint_is_wrong(tmp_path):
     np.testing.assert_array_equal(read_nifti(short_hint).data, ramp(dtype=np.int32))
 
 
+def test_read_without_isal_reader_uses_gzip_module(tmp_path, monkeypatch):
+    """Where isal (or its C reader) is missing, the stdlib decompressor gives the same result and errors."""
+    monkeypatch.setattr(pocketseg.nifti, "_isal_zlib", None)
+    path = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(ramp(dtype=np.float32), make_affine("LAS")), path)
+    assert_same_as_nibabel(path)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(InputError) as excinfo:
+        read_nifti(cut)
+    assert_single_input_error(excinfo, cut, "truncated")
+
+
 def test_read_returns_independent_writeable_arrays(tmp_path):
     path = tmp_path / "img.nii.gz"
     nib.save(nib.Nifti1Image(ramp(), make_affine("RAS")), path)

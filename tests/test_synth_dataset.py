@@ -75,6 +75,17 @@ def test_case_content_depends_only_on_seed_and_index(tmp_path, small_set):
     assert c.shape != a.shape or not np.array_equal(np.asanyarray(c.dataobj), np.asanyarray(a.dataobj))
 
 
+def test_parallel_workers_give_identical_data(tmp_path):
+    D.synthesize_dataset(tmp_path / "a", full=1, partial=1, seed=8, small=True, slices=24, progress=False)
+    D.synthesize_dataset(tmp_path / "b", full=1, partial=1, seed=8, small=True, slices=24, workers=2, progress=False)
+    meta_a = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    meta_b = json.loads((tmp_path / "b" / "dataset.json").read_text())
+    assert meta_a == meta_b
+    for rel in ("imagesTr/FLARESyn_0002_0000.nii.gz", "labelsTr/FLARESyn_0002.nii.gz"):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "a" / rel).dataobj),
+                                      np.asanyarray(nib.load(tmp_path / "b" / rel).dataobj))
+
+
 def test_refuses_non_empty_folder_and_bad_counts(tmp_path):
     out = tmp_path / "taken"
     out.mkdir()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,29 @@ def annotated_classes(seed: int, index: int) -> list[int]:
     return sorted(ids)
 
 
+def _write_case(folder: Path, index: int, subset: str, seed: int, slices: int | None, small: bool,
+                matrix: int | None, preview: bool) -> tuple[str, str, dict[str, Any], list[int] | None]:
+    """Synthesize and write case ``index`` into ``folder``; returns (name, subset, meta, annotated classes)."""
+    name = case_name(index)
+    ph = make_phantom(case_seed(seed, index), slices=slices, small=small, matrix=matrix)
+    image_dir = "imagesUnlabeled" if subset == "unlabeled" else "imagesTr"
+    write_nifti(ph.image, folder / image_dir / f"{name}_0000.nii.gz", affine=ph.affine, dtype=np.int16)
+    labels, keep = ph.labels, None
+    if subset == "partial":
+        keep = annotated_classes(seed, index)
+        labels = np.where(np.isin(labels, keep), labels, 0).astype(np.uint8)
+    if subset != "unlabeled":
+        write_nifti(labels, folder / "labelsTr" / f"{name}.nii.gz", affine=ph.affine, dtype=np.uint8)
+    if preview:
+        from pocketseg.synth.preview import write_preview
+
+        title = (f"{name} ({subset})  {ph.meta['phase']}  {'x'.join(map(str, ph.meta['shape']))} vox  "
+                 f"{' x '.join(f'{s:.2f}' for s in ph.meta['spacing_mm'])} mm  {ph.meta['orientation']}")
+        write_preview(folder / "previews" / f"{name}.png", ph.image, ph.affine,
+                      None if subset == "unlabeled" else labels, title=title)
+    return name, subset, ph.meta, keep
+
+
 def synthesize_dataset(
     out_dir: str | os.PathLike,
     *,
@@ -81,13 +105,15 @@ def synthesize_dataset(
     matrix: int | None = None,
     preview: bool = False,
     overwrite: bool = False,
+    workers: int = 1,
     progress: bool = True,
 ) -> Path:
     """Synthesize ``full`` fully labelled, ``partial`` partially labelled and ``unlabeled`` cases.
 
     Cases are numbered full first, then partial, then unlabelled; case ``n`` is
-    the same for a given ``seed`` whatever the counts. The folder appears only
-    when complete; an existing non-empty folder is replaced only with ``overwrite``.
+    the same for a given ``seed`` whatever the counts and ``workers``. The folder
+    appears only when complete; an existing non-empty folder is replaced only
+    with ``overwrite``. ``workers`` > 1 synthesizes cases in parallel processes.
     """
     counts = {"full": full, "partial": partial, "unlabeled": unlabeled}
     for name, value in counts.items():
@@ -98,6 +124,10 @@ def synthesize_dataset(
         raise InputError(None, "nothing to synthesize: full, partial and unlabeled are all 0")
     if slices is not None and not 1 <= slices <= 2000:
         raise InputError(None, f"slices must be between 1 and 2000, got {slices}")
+    if matrix is not None and not 16 <= matrix <= 2048:
+        raise InputError(None, f"matrix must be between 16 and 2048, got {matrix}")
+    if workers < 1:
+        raise InputError(None, f"workers must be >= 1, got {workers}")
 
     target = Path(out_dir)
     subsets = ["full"] * full + ["partial"] * partial + ["unlabeled"] * unlabeled
@@ -106,30 +136,25 @@ def synthesize_dataset(
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
         for folder in ("imagesTr", "labelsTr") + (("imagesUnlabeled",) if unlabeled else ()) + (("previews",) if preview else ()):
             (tmp / folder).mkdir()
-        bar = tqdm(total=total, desc="synth", unit="case", disable=not progress)
-        for index, subset in enumerate(subsets):
-            name = case_name(index)
-            ph = make_phantom(case_seed(seed, index), slices=slices, small=small, matrix=matrix)
-            image_dir = "imagesUnlabeled" if subset == "unlabeled" else "imagesTr"
-            write_nifti(ph.image, tmp / image_dir / f"{name}_0000.nii.gz", affine=ph.affine, dtype=np.int16)
-            labels = ph.labels
-            if subset == "partial":
-                keep = annotated_classes(seed, index)
-                record["annotated_classes"][name] = keep
-                labels = np.where(np.isin(labels, keep), labels, 0).astype(np.uint8)
-            if subset != "unlabeled":
-                write_nifti(labels, tmp / "labelsTr" / f"{name}.nii.gz", affine=ph.affine, dtype=np.uint8)
-            if preview:
-                from pocketseg.synth.preview import write_preview
-
-                shown = None if subset == "unlabeled" else labels
-                title = (f"{name} ({subset})  {ph.meta['phase']}  {'x'.join(map(str, ph.meta['shape']))} vox  "
-                         f"{' x '.join(f'{s:.2f}' for s in ph.meta['spacing_mm'])} mm  {ph.meta['orientation']}")
-                write_preview(tmp / "previews" / f"{name}.png", ph.image, ph.affine, shown, title=title)
+        jobs = [(tmp, index, subset, seed, slices, small, matrix, preview) for index, subset in enumerate(subsets)]
+        with tqdm(total=total, desc="synth", unit="case", disable=not progress) as bar:
+            if workers == 1:
+                results = []
+                for job in jobs:
+                    results.append(_write_case(*job))
+                    bar.update(1)
+            else:
+                with ProcessPoolExecutor(max_workers=min(workers, total)) as pool:
+                    futures = [pool.submit(_write_case, *job) for job in jobs]
+                    for future in as_completed(futures):
+                        future.result()  # surface a failure at once
+                        bar.update(1)
+                    results = [future.result() for future in futures]
+        for name, subset, meta, keep in results:
             record["subsets"][subset].append(name)
-            record["cases"][name] = {"subset": subset, **ph.meta}
-            bar.update(1)
-        bar.close()
+            record["cases"][name] = {"subset": subset, **meta}
+            if keep is not None:
+                record["annotated_classes"][name] = keep
         dataset = {
             "name": "FLARE23Synthetic",
             "description": "Synthetic FLARE 2023-like abdominal CT made by pocketseg synth (not patient data)",
