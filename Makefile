@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Extras the demo and the tests need on a CPU machine (see README, "Dependencies").
-EXTRAS := dicom,viz,test
+# Extras the demo and the tests need (see README, "Dependencies").
+EXTRAS := dicom,viz,train,test
+# torch is pinned explicitly first: a loose requirement would pull a multi-GB CUDA build onto
+# machines without a GPU. Override on a CUDA machine, e.g. `make test TORCH_SPEC="torch>=2.1,<3"`.
+TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test bench clean
 
@@ -13,6 +16,7 @@ venv: $(STAMP)
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 

@@ -40,7 +40,7 @@ EXTRAS = {
     "dicom": ["pydicom>=2.4", "pillow>=10", "pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0"],
     "viz": ["matplotlib>=3.7"],
     "runtime": ["onnxruntime>=1.17", "connected-components-3d>=3.12"],
-    "train": ["torch>=2.1,<3", "safetensors>=0.4"],
+    "train": ["torch>=2.1,<3", "safetensors>=0.4", "batchgeneratorsv2>=0.3", "matplotlib>=3.7"],
     "export": ["onnx>=1.15", "onnx-graphsurgeon>=0.5", "onnxruntime>=1.17", "safetensors>=0.4"],
     "gpu": [
         "cupy-cuda12x>=13",

@@ -45,6 +45,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from pocketseg.trainer.presets import model_info
+
+    rows = model_info(**_kwargs(args))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'preset':<12} {'stage':<7} {'params':>10} {'GFLOP/patch':>12}  {'spacing mm (z,y,x)':<20} {'patch (z,y,x)':<15} description")
+    for r in rows:
+        sp = "x".join(f"{v:g}" for v in r["spacing_mm_zyx"])
+        patch = "x".join(map(str, r["patch_zyx"]))
+        gflops = f"{r['gflops_per_patch']:.1f}" if "gflops_per_patch" in r else "-"
+        print(f"{r['name']:<12} {r['stage']:<7} {r['params'] / 1e6:>9.3f}M {gflops:>12}  {sp:<20} {patch:<15} {r['description']}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pocketseg.trainer.train import train
+
+    out = train(**_kwargs(args), progress=not args.quiet)
+    print(out)
+    return 0
+
+
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
 
@@ -82,6 +106,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SeriesInstanceUID to read when a DICOM folder holds several series")
     p.add_argument("--json", action="store_true", help="print JSON with keys shape, spacing_mm, orientation, dtype, min, max")
     p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser("model-info", help="parameters and FLOPs per patch of every network preset",
+                       description="List the network presets with parameter counts and FLOPs per patch.")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects (keys include name and params)")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (faster)")
+    p.set_defaults(handler=_cmd_model_info)
+
+    p = sub.add_parser("train", help="train the ROI or detail net of the cascade on a raw nnU-Net v2 data set",
+                       description="Train one cascade stage (nnU-Net-style preprocessing, augmentation and loss). "
+                                   "Multi-GPU/multi-node: launch with torchrun --nproc_per_node N -m pocketseg train ...")
+    p.add_argument("dataset", metavar="DATASET", help="raw data set folder (dataset.json, imagesTr/, labelsTr/)")
+    p.add_argument("--stage", required=True, choices=["roi", "detail"], help="cascade stage to train")
+    p.add_argument("--preset", required=True, help="network preset (see pocketseg model-info), e.g. detail or detail-cpu")
+    p.add_argument("--epochs", type=int, required=True, help="number of epochs")
+    p.add_argument("--out", "-o", required=True, help="run folder (created; must be new unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device [auto]")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--fold", type=int, default=0, help="validation fold of a fixed 5-fold split [0]")
+    split.add_argument("--val-fraction", dest="val_fraction", type=float, default=None,
+                       help="hold out this fraction of cases for validation instead of a fold")
+    p.add_argument("--iterations", type=int, default=250, help="iterations per epoch [250]")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=2, help="patches per iteration [2]")
+    p.add_argument("--lr", type=float, default=0.01, help="initial learning rate [0.01]")
+    p.add_argument("--schedule", choices=["step", "poly"], default="step",
+                   help="step: halve every 200 epochs (paper); poly: nnU-Net's polynomial decay [step]")
+    p.add_argument("--val-every", dest="val_every", type=int, default=5, help="validate every N epochs [5]")
+    p.add_argument("--workers", type=int, default=None, help="background data-loading processes [auto]")
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--cache", default=None, help="preprocessing cache folder [$POCKETSEG_CACHE or ~/.cache/pocketseg]")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
+    p.set_defaults(handler=_cmd_train)
     return parser
 
 

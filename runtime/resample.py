@@ -1,0 +1,482 @@
+"""Resampling of CT images and label maps to a new voxel spacing, as nnU-Net v2 does it.
+
+The trainer (when it preprocesses cases) and the runtime (when it brings a scan to
+the network's spacing and the prediction back) must resample identically, or the
+network sees at inference a different texture than in training. Both therefore call
+this one module.
+
+What "as nnU-Net does it" means here:
+
+* **Grid alignment** is skimage.transform.resize's pixel-area alignment: the
+  outer edges of the first and last voxels stay where they were, so output index
+  ``o`` samples input coordinate ``(o + 0.5) * n_in / n_out - 0.5``. This is
+  ``scipy.ndimage.zoom(..., grid_mode=True)``; we use ``affine_transform`` with a
+  diagonal matrix, which computes exactly that and has a CuPy twin.
+* **Boundaries** extend the edge voxel (``mode='nearest'``, skimage's ``'edge'``).
+* **Images** use cubic splines (order 3), no anti-aliasing.
+* **Anisotropic volumes** (thick slices) are resampled in-plane with ``order``
+  and along the thick axis with ``order_z`` (0, nearest, by default), so the
+  spline does not invent structure between slices 5 mm apart.
+* **Labels** use nnU-Net's "order 1 per label": each label's binary mask is
+  linearly interpolated and thresholded at 0.5, which keeps organ volumes and
+  shapes far better than nearest-neighbour interpolation of the label map.
+
+All array code takes the array module ``xp`` (NumPy or CuPy) and the matching
+``ndi`` (``scipy.ndimage`` or ``cupyx.scipy.ndimage``) so the same code runs on
+the GPU; nothing here imports CuPy. Arrays are ``(z, y, x)`` and spacings are in
+millimetres in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+import scipy.ndimage
+
+__all__ = [
+    "ANISOTROPY_THRESHOLD",
+    "resample_image",
+    "resample_labels",
+    "resample_to_spacing",
+    "separate_z_axis",
+    "target_shape",
+]
+
+logger = logging.getLogger(__name__)
+
+#: nnU-Net's ANISO_THRESHOLD: a spacing ratio (max / min) above this counts as anisotropic.
+ANISOTROPY_THRESHOLD = 3.0
+
+# Edge padding before the spline prefilter, per axis; SciPy's own value for mode='nearest'
+# (its filter has no exact 'nearest' boundary, so it pads and filters the padding instead).
+_SPLINE_PAD = 12
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _check_shape3(shape: Any, name: str) -> tuple[int, int, int]:
+    """Three positive ints, or a ValueError naming the argument."""
+    try:
+        values = tuple(shape)
+    except TypeError:
+        raise ValueError(f"{name} must be 3 positive integers (z, y, x), got {shape!r}") from None
+    if len(values) != 3:
+        raise ValueError(f"{name} must be 3 positive integers (z, y, x), got {shape!r}")
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+            raise ValueError(f"{name} must be 3 positive integers (z, y, x), got {shape!r}")
+        out.append(int(v))
+    return (out[0], out[1], out[2])
+
+
+def _check_spacing3(spacing: Any, name: str) -> tuple[float, float, float]:
+    """Three finite positive spacings in mm, or a ValueError naming the argument."""
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 3 positive spacings in mm (z, y, x), got {spacing!r}") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{name} must be 3 finite positive spacings in mm (z, y, x), got {spacing!r}")
+    return (values[0], values[1], values[2])
+
+
+def _check_order(order: Any, name: str) -> int:
+    if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or not 0 <= order <= 5:
+        raise ValueError(f"{name} must be a spline order from 0 to 5, got {order!r}")
+    return int(order)
+
+
+def _check_axis(separate_z: Any) -> int | None:
+    if separate_z is None:
+        return None
+    if isinstance(separate_z, (bool, np.bool_)) or not isinstance(separate_z, (int, np.integer)):
+        raise ValueError(f"separate_z must be None or an axis 0, 1 or 2, got {separate_z!r}")
+    if not 0 <= separate_z <= 2:
+        raise ValueError(f"separate_z must be None or an axis 0, 1 or 2, got {separate_z!r}")
+    return int(separate_z)
+
+
+def _check_volume(array: Any, name: str) -> None:
+    if getattr(array, "ndim", None) != 3:
+        raise ValueError(f"{name} must be a 3D (z, y, x) array, got shape {getattr(array, 'shape', None)}")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def target_shape(
+    shape_zyx: Sequence[int],
+    spacing_mm_zyx: Sequence[float],
+    new_spacing_mm_zyx: Sequence[float],
+) -> tuple[int, int, int]:
+    """The shape that covers the same physical extent at the new spacing.
+
+    ``round(shape * spacing / new_spacing)`` per axis, computed in nnU-Net's order
+    (``spacing / new_spacing * shape``, Python's round-half-to-even) so that trainer,
+    runtime and an nnU-Net baseline agree to the voxel; at least 1 per axis.
+    """
+    shape = _check_shape3(shape_zyx, "shape_zyx")
+    old = _check_spacing3(spacing_mm_zyx, "spacing_mm_zyx")
+    new = _check_spacing3(new_spacing_mm_zyx, "new_spacing_mm_zyx")
+    out = [max(1, int(round(o / n * s))) for s, o, n in zip(shape, old, new)]
+    return (out[0], out[1], out[2])
+
+
+def _lowres_axis(spacing: tuple[float, float, float]) -> int | None:
+    """The axis of the largest spacing, or None when two or three axes share it."""
+    largest = max(spacing)
+    axes = [i for i, s in enumerate(spacing) if s == largest]
+    return axes[0] if len(axes) == 1 else None
+
+
+def separate_z_axis(
+    spacing_mm_zyx: Sequence[float],
+    new_spacing_mm_zyx: Sequence[float],
+    threshold: float = ANISOTROPY_THRESHOLD,
+) -> int | None:
+    """The axis to resample separately (nearest), or None: nnU-Net's rule.
+
+    Thick-slice scans are interpolated in-plane only, and slice-wise along the thick
+    axis, because a spline across 5 mm gaps invents structure. The thick axis is
+    decided by the original spacing when it is anisotropic (max/min > threshold),
+    otherwise by the target spacing when that is. When the largest spacing is shared
+    by two axes there is no single thick axis and nnU-Net does not separate: None.
+    """
+    old = _check_spacing3(spacing_mm_zyx, "spacing_mm_zyx")
+    new = _check_spacing3(new_spacing_mm_zyx, "new_spacing_mm_zyx")
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number > 1, got {threshold!r}") from None
+    if not (math.isfinite(threshold) and threshold >= 1.0):
+        raise ValueError(f"threshold must be a finite number >= 1, got {threshold!r}")
+    if max(old) / min(old) > threshold:
+        return _lowres_axis(old)
+    if max(new) / min(new) > threshold:
+        return _lowres_axis(new)
+    return None
+
+
+# --------------------------------------------------------------------------- core transform
+
+
+def _grid_map(n_in: int, n_out: int) -> tuple[float, float]:
+    """(scale, offset) so that output index o samples input coordinate scale * o + offset."""
+    scale = n_in / n_out
+    return scale, 0.5 * scale - 0.5
+
+
+def _spline_coefficients(x: Any, order: int, axes: Sequence[int], xp: ModuleType, ndi: ModuleType) -> Any:
+    """B-spline coefficients along ``axes``, float32, edge-padded by _SPLINE_PAD on those axes.
+
+    SciPy's own prefilter would allocate a float64 copy of the padded volume (about a
+    gigabyte for a 512x512x400 CT); filtering into float32 halves that at ~1e-7
+    relative error. The padding reproduces SciPy's treatment of mode='nearest'.
+    """
+    pad = [(_SPLINE_PAD, _SPLINE_PAD) if ax in axes else (0, 0) for ax in range(x.ndim)]
+    coef = xp.ascontiguousarray(xp.pad(x, pad, mode="edge"), dtype=xp.float32)
+    for ax in axes:
+        if coef.shape[ax] > 1:
+            ndi.spline_filter1d(coef, order=order, axis=ax, output=coef, mode="mirror")
+    return coef
+
+
+def _transform(
+    x: Any,
+    scales: Sequence[float],
+    offsets: Sequence[float],
+    out_shape: Sequence[int],
+    order: int,
+    xp: ModuleType,
+    ndi: ModuleType,
+) -> Any:
+    """float32 ``out[o] = x(scales * o + offsets)`` with spline ``order`` on every axis, edges extended."""
+    offsets = [float(v) for v in offsets]
+    if order > 1:
+        x = _spline_coefficients(x, order, range(x.ndim), xp, ndi)
+        offsets = [v + _SPLINE_PAD for v in offsets]
+    return ndi.affine_transform(
+        x,
+        xp.asarray(scales, dtype=xp.float64),
+        offset=offsets,
+        output_shape=tuple(int(s) for s in out_shape),
+        output=xp.float32,
+        order=order,
+        mode="nearest",
+        prefilter=False,
+    )
+
+
+def _resample_axes(x: Any, new_shape: Sequence[int], axes: Sequence[int], order: int, xp: ModuleType, ndi: ModuleType) -> Any:
+    """Resample ``axes`` to ``new_shape`` with one spline order; the other axes keep their size."""
+    scales, offsets, out_shape = [], [], []
+    for ax, n_in in enumerate(x.shape):
+        if ax in axes and new_shape[ax] != n_in:
+            scale, offset = _grid_map(n_in, new_shape[ax])
+            scales.append(scale)
+            offsets.append(offset)
+            out_shape.append(new_shape[ax])
+        else:
+            # Identity: exact for order 0 and 1, an interpolating spline at its knots otherwise.
+            scales.append(1.0)
+            offsets.append(0.0)
+            out_shape.append(n_in)
+    if tuple(out_shape) == tuple(x.shape):
+        return x
+    return _transform(x, scales, offsets, out_shape, order, xp, ndi)
+
+
+def _resample_in_plane(x: Any, new_shape: Sequence[int], axis: int, order: int, xp: ModuleType, ndi: ModuleType) -> Any:
+    """Resample the two axes other than ``axis`` with ``order``, each slice on its own.
+
+    For order <= 1 one 3D call with an identity along ``axis`` is exact (the weights at
+    integer coordinates are exactly 1 and 0). A spline of higher order would also touch
+    the neighbouring slices through the 3D prefilter, so then the coefficients are
+    computed in-plane only and each slice is evaluated in 2D, as nnU-Net does.
+    """
+    plane = [ax for ax in range(3) if ax != axis]
+    if all(new_shape[ax] == x.shape[ax] for ax in plane):
+        return x
+    if order <= 1:
+        return _resample_axes(x, new_shape, plane, order, xp, ndi)
+    moved = xp.moveaxis(x, axis, 0)
+    coef = _spline_coefficients(moved, order, (1, 2), xp, ndi)
+    maps = [_grid_map(moved.shape[ax], new_shape[plane[ax - 1]]) for ax in (1, 2)]
+    scales = xp.asarray([m[0] for m in maps], dtype=xp.float64)
+    offsets = [m[1] + _SPLINE_PAD for m in maps]
+    out_plane = (new_shape[plane[0]], new_shape[plane[1]])
+    out = xp.empty((moved.shape[0],) + out_plane, dtype=xp.float32)
+    for i in range(moved.shape[0]):
+        out[i] = ndi.affine_transform(
+            coef[i], scales, offset=offsets, output_shape=out_plane, output=xp.float32,
+            order=order, mode="nearest", prefilter=False,
+        )
+    return xp.moveaxis(out, 0, axis)
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Input index picked by nearest-neighbour resampling for each output index.
+
+    Computed from nnU-Net's coordinate map (``scale * (o + 0.5) - 0.5``, rounded half
+    up, clamped to the volume) on the host, so that an image and its label map, cropped
+    or not, always pick the same slice even where a coordinate falls on a .5 tie.
+    """
+    scale = n_in / n_out
+    coords = scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5
+    return np.clip(np.floor(coords + 0.5), 0, n_in - 1).astype(np.int64)
+
+
+def _resample_along(x: Any, n_out: int, axis: int, order: int, xp: ModuleType, ndi: ModuleType) -> Any:
+    """Resample one axis to ``n_out``; order 0 is a plain gather of slices."""
+    if x.shape[axis] == n_out:
+        return x
+    if order == 0:
+        return xp.take(x, xp.asarray(_nearest_indices(x.shape[axis], n_out)), axis=axis)
+    new_shape = list(x.shape)
+    new_shape[axis] = n_out
+    return _resample_axes(x, new_shape, (axis,), order, xp, ndi)
+
+
+def _resample_float(
+    x: Any,
+    new_shape: tuple[int, int, int],
+    order: int,
+    separate_z: int | None,
+    order_z: int,
+    xp: ModuleType,
+    ndi: ModuleType,
+) -> Any:
+    """float32 3D -> float32 3D of new_shape (not necessarily contiguous)."""
+    if separate_z is None:
+        return _resample_axes(x, new_shape, (0, 1, 2), order, xp, ndi)
+    a = separate_z
+    # The two passes act on different axes and are linear, so they commute; running the
+    # one that shrinks the volume first does less work (exactly equal for order_z 0, a
+    # pure selection of slices; equal up to float rounding otherwise).
+    if new_shape[a] < x.shape[a]:
+        x = _resample_along(x, new_shape[a], a, order_z, xp, ndi)
+        return _resample_in_plane(x, new_shape, a, order, xp, ndi)
+    x = _resample_in_plane(x, new_shape, a, order, xp, ndi)
+    return _resample_along(x, new_shape[a], a, order_z, xp, ndi)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def resample_image(
+    image: Any,
+    new_shape: Sequence[int],
+    *,
+    order: int = 3,
+    separate_z: int | None = None,
+    order_z: int = 0,
+    xp: ModuleType = np,
+    ndi: ModuleType = scipy.ndimage,
+) -> Any:
+    """Resample a (z, y, x) image to ``new_shape``; float32 on ``xp``.
+
+    Cubic (``order``) splines with skimage/nnU-Net voxel alignment and edge extension.
+    With ``separate_z=a`` axis ``a`` is resampled with ``order_z`` (nnU-Net: 0, nearest)
+    and the two other axes with ``order``; pick ``a`` with :func:`separate_z_axis`.
+    The result is a new array even when the shape is unchanged.
+    """
+    _check_volume(image, "image")
+    new_shape = _check_shape3(new_shape, "new_shape")
+    order = _check_order(order, "order")
+    order_z = _check_order(order_z, "order_z")
+    separate_z = _check_axis(separate_z)
+    kind = getattr(getattr(image, "dtype", None), "kind", None)
+    if kind not in ("b", "i", "u", "f"):
+        raise ValueError(f"image must have a real numeric dtype, got {getattr(image, 'dtype', None)}")
+    x = xp.asarray(image, dtype=xp.float32)
+    if tuple(x.shape) == new_shape:
+        return x.copy()
+    logger.debug("resample_image %s -> %s order=%d separate_z=%s order_z=%d", tuple(x.shape), new_shape, order, separate_z, order_z)
+    out = _resample_float(x, new_shape, order, separate_z, order_z, xp, ndi)
+    return xp.ascontiguousarray(out)
+
+
+def _true_extent(mask_any: Any, xp: ModuleType) -> tuple[int, int]:
+    """[first, last + 1) of the True entries of a 1-D mask (known to hold one)."""
+    idx = xp.flatnonzero(mask_any)
+    return int(idx[0]), int(idx[-1]) + 1
+
+
+class _Window(NamedTuple):
+    """Where one label is resampled: input crop, output crop, and the cropped grid map."""
+
+    in_lo: int
+    in_hi: int
+    out_lo: int
+    out_hi: int
+    scale: float
+    offset: float
+
+
+def _label_window(lo: int, hi: int, n_in: int, n_out: int) -> _Window:
+    """The crop of one axis that resamples only near a label's box [lo, hi).
+
+    With linear or nearest interpolation, output o can be non-zero only if its input
+    coordinate t(o) lies in (lo - 1, hi). The input is cropped with two zero voxels of
+    margin (or at the true border), so edge extension at the crop sees the same zeros
+    (or the same border voxel) as the full volume would: the result is unchanged.
+    """
+    scale, offset = _grid_map(n_in, n_out)
+    o_lo = max(0, math.floor((lo - 1 - offset) / scale) - 1)
+    o_hi = min(n_out, math.floor((hi - offset) / scale) + 2)
+    i_lo = max(0, lo - 2)
+    i_hi = min(n_in, hi + 2)
+    return _Window(i_lo, i_hi, o_lo, o_hi, scale, scale * o_lo + offset - i_lo)
+
+
+def _label_pass(
+    sub: Any, windows: Sequence[_Window], axes: Sequence[int], xp: ModuleType, ndi: ModuleType
+) -> Any:
+    """Linearly resample ``axes`` of a cropped mask to their output crop; the other axes stay."""
+    scales = [w.scale if ax in axes else 1.0 for ax, w in enumerate(windows)]
+    offsets = [w.offset if ax in axes else 0.0 for ax, w in enumerate(windows)]
+    shape = [w.out_hi - w.out_lo if ax in axes else sub.shape[ax] for ax, w in enumerate(windows)]
+    return _transform(sub, scales, offsets, shape, 1, xp, ndi)
+
+
+def _label_select(sub: Any, window: _Window, n_in: int, n_out: int, axis: int, xp: ModuleType) -> Any:
+    """Nearest-neighbour pass along ``axis`` of a cropped mask, picking the slices the full volume would."""
+    idx = _nearest_indices(n_in, n_out)[window.out_lo : window.out_hi] - window.in_lo
+    # Indices outside the crop fall on zeros (the crop keeps two empty voxels of margin)
+    # or on the true border voxel, which the clamp reproduces.
+    idx = np.clip(idx, 0, window.in_hi - window.in_lo - 1)
+    return xp.take(sub, xp.asarray(idx), axis=axis)
+
+
+def resample_labels(
+    labels: Any,
+    new_shape: Sequence[int],
+    *,
+    separate_z: int | None = None,
+    xp: ModuleType = np,
+    ndi: ModuleType = scipy.ndimage,
+) -> Any:
+    """Resample a (z, y, x) label map to ``new_shape``; uint8 on ``xp``.
+
+    nnU-Net's "order 1 per label": each label ``c > 0`` present is interpolated as a
+    float mask (linear; nearest along ``separate_z`` when given) and set where the
+    result is >= 0.5, labels in increasing order so a later label wins a tie. Only
+    values present in the input appear in the output, 255 ("ignore") included.
+    Each mask is resampled only around its bounding box, which gives the same result
+    as the whole volume at a fraction of the cost for small organs.
+    """
+    _check_volume(labels, "labels")
+    new_shape = _check_shape3(new_shape, "new_shape")
+    separate_z = _check_axis(separate_z)
+    kind = getattr(getattr(labels, "dtype", None), "kind", None)
+    if kind not in ("b", "i", "u"):
+        raise ValueError(f"labels must have an integer or bool dtype, got {getattr(labels, 'dtype', None)}")
+    lab = xp.asarray(labels)
+    if kind != "b" and lab.size:
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"labels must lie in 0..255 to fit uint8, got values from {lo} to {hi}")
+    lab = lab.astype(xp.uint8)
+    if tuple(lab.shape) == new_shape:
+        return lab.copy()
+    out = xp.zeros(new_shape, dtype=xp.uint8)
+    values = [int(v) for v in xp.unique(lab).tolist() if int(v) != 0]
+    logger.debug("resample_labels %s -> %s separate_z=%s labels=%s", tuple(lab.shape), new_shape, separate_z, values)
+    for c in values:
+        mask = lab == c
+        windows = [
+            _label_window(*_true_extent(mask.any(axis=tuple(o for o in range(3) if o != ax)), xp), lab.shape[ax], new_shape[ax])
+            for ax in range(3)
+        ]
+        sub = mask[tuple(slice(w.in_lo, w.in_hi) for w in windows)].astype(xp.float32)
+        if separate_z is None:
+            res = _label_pass(sub, windows, (0, 1, 2), xp, ndi)
+        else:
+            # Nearest along the thick axis (a selection of slices) commutes exactly with
+            # linear in-plane interpolation; do the pass that shrinks the mask first.
+            a = separate_z
+            plane = tuple(ax for ax in range(3) if ax != a)
+            if new_shape[a] < lab.shape[a]:
+                res = _label_select(sub, windows[a], lab.shape[a], new_shape[a], a, xp)
+                res = _label_pass(res, windows, plane, xp, ndi)
+            else:
+                res = _label_pass(sub, windows, plane, xp, ndi)
+                res = _label_select(res, windows[a], lab.shape[a], new_shape[a], a, xp)
+        out_sl = tuple(slice(w.out_lo, w.out_hi) for w in windows)
+        region = out[out_sl]
+        region[res >= 0.5] = c
+    return out
+
+
+def resample_to_spacing(
+    image: Any,
+    spacing_mm_zyx: Sequence[float],
+    new_spacing_mm_zyx: Sequence[float],
+    *,
+    is_labels: bool = False,
+    order: int = 3,
+    order_z: int = 0,
+    threshold: float = ANISOTROPY_THRESHOLD,
+    xp: ModuleType = np,
+    ndi: ModuleType = scipy.ndimage,
+) -> Any:
+    """Resample a (z, y, x) image or label map from one spacing to another, nnU-Net style.
+
+    Computes the target shape with :func:`target_shape` and the thick axis with
+    :func:`separate_z_axis`, then calls :func:`resample_labels` (uint8) when
+    ``is_labels`` else :func:`resample_image` (float32). ``order``/``order_z`` apply
+    to images only; labels always use nnU-Net's order 1 per label.
+    """
+    _check_volume(image, "image")
+    new_shape = target_shape(tuple(image.shape), spacing_mm_zyx, new_spacing_mm_zyx)
+    axis = separate_z_axis(spacing_mm_zyx, new_spacing_mm_zyx, threshold)
+    if is_labels:
+        return resample_labels(image, new_shape, separate_z=axis, xp=xp, ndi=ndi)
+    return resample_image(image, new_shape, order=order, separate_z=axis, order_z=order_z, xp=xp, ndi=ndi)

@@ -1,0 +1,228 @@
+"""Tiled (sliding-window) inference over a (z, y, x) volume, as nnU-Net v2 does it.
+
+A 3D network sees a fixed patch; a CT volume is larger, so it is cut into
+overlapping tiles whose logits are blended back: each tile's logits are weighted
+(uniformly, or by a Gaussian that trusts the tile centre more than its border)
+and the weighted sum is divided by the summed weights. The network is just a
+callable ``infer(batch) -> logits``, so the same code drives PyTorch during
+training validation, ONNX Runtime on CPU and TensorRT/CuPy on the GPU.
+
+Array code takes the array module ``xp`` (NumPy or CuPy); nothing here imports
+CuPy or torch. Arrays are ``(z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+__all__ = [
+    "compute_steps",
+    "count_tiles",
+    "gaussian_importance_map",
+    "sliding_window_predict",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if not _is_int(value) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_patch(patch_zyx: Any, name: str = "patch_zyx") -> tuple[int, int, int]:
+    try:
+        values = tuple(patch_zyx)
+    except TypeError:
+        raise ValueError(f"{name} must be 3 positive integers (z, y, x), got {patch_zyx!r}") from None
+    if len(values) != 3 or not all(_is_int(v) and int(v) >= 1 for v in values):
+        raise ValueError(f"{name} must be 3 positive integers (z, y, x), got {patch_zyx!r}")
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
+def _check_step_fraction(step_fraction: Any) -> float:
+    try:
+        value = float(step_fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"step_fraction must be a number in (0, 1], got {step_fraction!r}") from None
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+def compute_steps(size: int, tile: int, step_fraction: float) -> list[int]:
+    """Start indices of the tiles along one axis of length ``size``: nnU-Net's rule.
+
+    The number of tiles is the fewest whose stride does not exceed
+    ``tile * step_fraction``; their starts are then spread evenly from 0 to
+    ``size - tile`` so the last tile ends exactly at the border (overlap is shared
+    out instead of piling up at the end). A volume no larger than the tile gets one
+    tile at 0 (the caller pads it to the tile size).
+    """
+    size = _check_positive_int(size, "size")
+    tile = _check_positive_int(tile, "tile")
+    step_fraction = _check_step_fraction(step_fraction)
+    if size <= tile:
+        return [0]
+    target_step = tile * step_fraction
+    num_steps = int(math.ceil((size - tile) / target_step)) + 1
+    actual_step = (size - tile) / (num_steps - 1)
+    return [int(round(actual_step * i)) for i in range(num_steps)]
+
+
+def count_tiles(shape_zyx: Sequence[int], patch_zyx: Sequence[int], step_fraction: float) -> int:
+    """How many tiles (network calls at batch size 1) :func:`sliding_window_predict` runs.
+
+    Axes smaller than the patch are padded to it and hold one tile.
+    """
+    shape = _check_patch(shape_zyx, "shape_zyx")
+    patch = _check_patch(patch_zyx)
+    step_fraction = _check_step_fraction(step_fraction)
+    return math.prod(len(compute_steps(max(s, p), p, step_fraction)) for s, p in zip(shape, patch))
+
+
+def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 / 8, xp: ModuleType = np) -> Any:
+    """Per-voxel blending weight of a tile: a Gaussian on the patch centre, max 1; float32.
+
+    Logits near a tile's border see less context and are less reliable, so overlapping
+    tiles are blended with weights that fall off from the centre (nnU-Net's choice:
+    sigma = patch * sigma_scale per axis). Differences from nnU-Net, on purpose: the
+    centre is the geometric centre ``(p - 1) / 2`` (nnU-Net uses ``p // 2``, off by
+    half a voxel for even patches), so the map is mirror-symmetric; the Gaussian is
+    evaluated analytically rather than by filtering an impulse, so it is not truncated
+    at 4 sigma. Zeros (underflow for tiny sigmas) are replaced by the smallest non-zero
+    weight so that no voxel can end up with a zero weight sum.
+    """
+    patch = _check_patch(patch_zyx)
+    try:
+        sigma_scale = float(sigma_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"sigma_scale must be a positive number, got {sigma_scale!r}") from None
+    if not (math.isfinite(sigma_scale) and sigma_scale > 0):
+        raise ValueError(f"sigma_scale must be a positive number, got {sigma_scale!r}")
+    profiles = []
+    for p in patch:
+        offsets = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        profiles.append(np.exp(-0.5 * (offsets / (p * sigma_scale)) ** 2))
+    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    weights = (weights / weights.max()).astype(np.float32)
+    zeros = weights == 0
+    if zeros.all():
+        weights[:] = 1.0
+    elif zeros.any():
+        weights[zeros] = weights[~zeros].min()
+    return xp.asarray(weights)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def sliding_window_predict(
+    image: Any,
+    patch_zyx: Sequence[int],
+    infer: Callable[[Any], Any],
+    num_classes: int,
+    *,
+    step_fraction: float = 1.0,
+    gaussian: bool = False,
+    batch_size: int = 1,
+    xp: ModuleType = np,
+    progress: bool = False,
+    out_dtype: Any = np.float32,
+) -> Any:
+    """Logits (num_classes, z, y, x) for a whole normalised (z, y, x) volume, tile by tile.
+
+    The volume is zero-padded symmetrically up to the patch size where it is smaller,
+    cut into tiles at :func:`compute_steps` positions, and ``infer`` is called on
+    batches of up to ``batch_size`` tiles, shape (B, 1, pz, py, px) float32 on ``xp``;
+    it must return (B, num_classes, pz, py, px) logits (an ``xp`` array or anything
+    ``xp.asarray`` accepts). Overlaps are blended with uniform or Gaussian weights
+    (``gaussian``), and the result is cropped back to the input's shape.
+
+    ``out_dtype`` is also the accumulation dtype (float16 halves the largest buffer on
+    the GPU, as nnU-Net does); the weight sum is kept in float32.
+    """
+    if getattr(image, "ndim", None) != 3:
+        raise ValueError(f"image must be a 3D (z, y, x) array, got shape {getattr(image, 'shape', None)}")
+    patch = _check_patch(patch_zyx)
+    num_classes = _check_positive_int(num_classes, "num_classes")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    step_fraction = _check_step_fraction(step_fraction)
+    if not callable(infer):
+        raise ValueError(f"infer must be callable, got {type(infer).__name__}")
+    try:
+        acc_dtype = np.dtype(out_dtype)
+    except TypeError:
+        raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype!r}") from None
+    if acc_dtype.kind != "f":
+        raise ValueError(f"out_dtype must be a floating dtype, got {acc_dtype}")
+
+    volume = xp.asarray(image, dtype=xp.float32)
+    shape = tuple(int(s) for s in volume.shape)
+    if min(shape) < 1:
+        raise ValueError(f"image must not be empty, got shape {shape}")
+
+    # Pad to at least the patch: below = diff // 2, above = the rest (nnU-Net's pad_nd_image).
+    pads = [((max(p - s, 0)) // 2, max(p - s, 0) - (max(p - s, 0)) // 2) for s, p in zip(shape, patch)]
+    if any(lo or hi for lo, hi in pads):
+        volume = xp.pad(volume, pads, mode="constant", constant_values=0)
+    padded = tuple(int(s) for s in volume.shape)
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, shape))
+
+    steps = [compute_steps(s, p, step_fraction) for s, p in zip(padded, patch)]
+    tiles = [
+        tuple(slice(start, start + p) for start, p in zip(corner, patch))
+        for corner in itertools.product(*steps)
+    ]
+    logger.debug(
+        "sliding window: image %s padded %s patch %s step %.3g -> %d tiles (%s per axis), batch %d",
+        shape, padded, patch, step_fraction, len(tiles), "x".join(str(len(s)) for s in steps), batch_size,
+    )
+
+    logits = xp.zeros((num_classes,) + padded, dtype=acc_dtype)
+    weight_sum = xp.zeros(padded, dtype=xp.float32)
+    weights = gaussian_importance_map(patch, xp=xp) if gaussian else None
+    expected = (num_classes,) + patch
+
+    with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
+        for first in range(0, len(tiles), batch_size):
+            batch_tiles = tiles[first : first + batch_size]
+            batch = xp.stack([volume[t] for t in batch_tiles])[:, None]
+            result = xp.asarray(infer(batch))
+            if tuple(result.shape) != (len(batch_tiles),) + expected:
+                raise ValueError(
+                    f"infer returned shape {tuple(result.shape)} for a batch of shape {tuple(batch.shape)}; "
+                    f"expected {(len(batch_tiles),) + expected} (batch, num_classes, pz, py, px)"
+                )
+            for tile, tile_logits in zip(batch_tiles, result):
+                if weights is None:
+                    logits[(slice(None),) + tile] += tile_logits
+                    weight_sum[tile] += 1.0
+                else:
+                    logits[(slice(None),) + tile] += tile_logits * weights
+                    weight_sum[tile] += weights
+            bar.update(len(batch_tiles))
+
+    logits /= weight_sum
+    if padded != shape:
+        return xp.ascontiguousarray(logits[(slice(None),) + crop])
+    return logits

@@ -1,0 +1,323 @@
+"""Tests of pocketseg.runtime.resample: nnU-Net-style resampling of images and label maps.
+
+Most checks run on every backend of the ``backend`` fixture: NumPy/SciPy always,
+CuPy/cupyx (marked ``gpu``) only where CuPy and a CUDA GPU are present.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from pocketseg.runtime.resample import (
+    resample_image,
+    resample_labels,
+    resample_to_spacing,
+    separate_z_axis,
+    target_shape,
+)
+
+
+def _cupy_backend() -> SimpleNamespace:
+    """CuPy + cupyx.scipy.ndimage, or skip with the reason."""
+    try:
+        import cupy
+        import cupyx.scipy.ndimage as cundi
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        pytest.skip(f"CuPy is not usable here: {exc}")
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        pytest.skip(f"no CUDA GPU available: {exc}")
+    if n_gpus < 1:
+        pytest.skip("no CUDA GPU available")
+    return SimpleNamespace(xp=cupy, ndi=cundi, to_np=cupy.asnumpy)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request: pytest.FixtureRequest) -> SimpleNamespace:
+    if request.param == "cupy":
+        return _cupy_backend()
+    return SimpleNamespace(xp=np, ndi=scipy.ndimage, to_np=np.asarray)
+
+
+def _smooth(shape: tuple[int, int, int]) -> np.ndarray:
+    """A smooth (band-limited, well below Nyquist) test volume."""
+    z, y, x = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    return (np.sin(2 * np.pi * z) * np.cos(np.pi * y) + 0.5 * np.sin(np.pi * x)).astype(np.float32)
+
+
+def _sphere(shape: tuple[int, int, int], spacing: tuple[float, float, float], radius_mm: float, value: int) -> np.ndarray:
+    grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
+    mask = sum(g**2 for g in grids) <= radius_mm**2
+    return np.where(mask, value, 0).astype(np.uint8)
+
+
+def _reference_labels(labels: np.ndarray, new_shape: tuple[int, int, int], separate_z: int | None) -> np.ndarray:
+    """nnU-Net's order-1-per-label method on whole volumes, without the bounding-box crop."""
+    out = np.zeros(new_shape, np.uint8)
+    for c in np.unique(labels):
+        if c == 0:
+            continue
+        res = resample_image((labels == c).astype(np.float32), new_shape, order=1, separate_z=separate_z, order_z=0)
+        out[res >= 0.5] = c
+    return out
+
+
+# --------------------------------------------------------------------------- shape and axis rules
+
+
+def test_target_shape_rounds_like_nnunet_and_keeps_at_least_one_voxel() -> None:
+    assert target_shape((5, 7, 9), (1.0, 1.0, 1.0), (3.0, 3.0, 3.0)) == (2, 2, 3)
+    # Python's round: half to even, as nnU-Net's compute_new_shape.
+    assert target_shape((5, 7, 9), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0)) == (2, 4, 4)
+    assert target_shape((100, 512, 512), (2.5, 0.8, 0.8), (4.0, 1.2, 1.2)) == (62, 341, 341)
+    assert target_shape((1, 2, 3), (1.0, 1.0, 1.0), (100.0, 100.0, 100.0)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ((5.0, 1.0, 1.0), (5.0, 1.0, 1.0), 0),  # thick slices
+        ((1.0, 1.0, 5.0), (1.0, 1.0, 1.0), 2),  # thick along x: original spacing decides
+        ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), None),  # isotropic
+        ((1.0, 1.0, 1.0), (4.0, 1.2, 1.2), 0),  # only the target is anisotropic (4/1.2 > 3)
+        ((1.0, 1.0, 1.0), (3.0, 1.0, 1.0), None),  # ratio exactly 3 is not above the threshold
+        ((5.0, 5.0, 1.0), (1.0, 1.0, 1.0), None),  # tie between two thick axes: no separation
+        ((5.0, 1.0, 1.0), (1.0, 1.0, 4.0), 0),  # original spacing wins over the target's
+        ((2.5, 0.8, 0.8), (2.5, 0.8, 0.8), 0),  # the detail net's spacing
+    ],
+)
+def test_separate_z_axis_follows_nnunet_rule(old, new, expected) -> None:
+    assert separate_z_axis(old, new) == expected
+
+
+def test_separate_z_axis_threshold_is_configurable() -> None:
+    assert separate_z_axis((2.5, 0.8, 0.8), (2.5, 0.8, 0.8), threshold=4.0) is None
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_identity_returns_float32_copy(backend: SimpleNamespace) -> None:
+    xp, ndi = backend.xp, backend.ndi
+    image = xp.asarray(np.arange(60, dtype=np.int16).reshape(3, 4, 5))
+    out = resample_to_spacing(image, (2.0, 1.0, 1.0), (2.0, 1.0, 1.0), xp=xp, ndi=ndi)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(backend.to_np(out), np.arange(60).reshape(3, 4, 5))
+    out[0, 0, 0] = 99
+    assert int(image[0, 0, 0]) == 0  # a copy, not a view
+
+
+@pytest.mark.parametrize("new_shape", [(5, 3, 7), (1, 1, 1), (13, 17, 2), (9, 11, 8)])
+def test_exact_output_shapes_for_odd_factors(backend: SimpleNamespace, new_shape) -> None:
+    image = backend.xp.asarray(_smooth((9, 11, 8)))
+    out = resample_image(image, new_shape, xp=backend.xp, ndi=backend.ndi)
+    assert tuple(out.shape) == new_shape
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize(("order", "separate_z"), [(0, None), (1, None), (3, None), (3, 0), (3, 2), (1, 1)])
+def test_constant_image_stays_constant(backend: SimpleNamespace, order: int, separate_z) -> None:
+    image = backend.xp.full((6, 7, 5), -123.5, dtype=backend.xp.float32)
+    out = resample_image(image, (11, 4, 9), order=order, separate_z=separate_z, xp=backend.xp, ndi=backend.ndi)
+    np.testing.assert_allclose(backend.to_np(out), -123.5, rtol=0, atol=1e-4)
+
+
+def test_downsample_then_upsample_reconstructs_smooth_volume(backend: SimpleNamespace) -> None:
+    xp, ndi = backend.xp, backend.ndi
+    image = _smooth((24, 24, 24))
+    down = resample_to_spacing(xp.asarray(image), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), xp=xp, ndi=ndi)
+    assert tuple(down.shape) == (12, 12, 12)
+    up = backend.to_np(resample_to_spacing(down, (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), xp=xp, ndi=ndi))
+    assert up.shape == image.shape
+    inner = (slice(2, -2),) * 3  # edge extension bends the border voxels
+    assert np.abs(up[inner] - image[inner]).max() < 0.05
+    assert np.abs(up - image).mean() < 0.02
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_matches_scipy_zoom_grid_mode(backend: SimpleNamespace, order: int) -> None:
+    """skimage.resize / nnU-Net alignment is zoom(grid_mode=True, mode='nearest')."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(7, 9, 11)).astype(np.float32)
+    new_shape = (10, 5, 16)
+    expected = scipy.ndimage.zoom(
+        image.astype(np.float64), [n / o for n, o in zip(new_shape, image.shape)],
+        order=order, mode="nearest", grid_mode=True,
+    )
+    assert expected.shape == new_shape
+    out = resample_image(backend.xp.asarray(image), new_shape, order=order, xp=backend.xp, ndi=backend.ndi)
+    np.testing.assert_allclose(backend.to_np(out), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n_in", "n_out", "order"), [(9, 27, 1), (9, 3, 1), (9, 27, 3), (9, 15, 3), (9, 5, 0)])
+def test_centre_plane_stays_centred(backend: SimpleNamespace, n_in: int, n_out: int, order: int) -> None:
+    image = np.zeros((n_in, 4, 4), np.float32)
+    image[n_in // 2] = 1.0
+    out = backend.to_np(resample_image(backend.xp.asarray(image), (n_out, 4, 4), order=order, xp=backend.xp, ndi=backend.ndi))
+    profile = out[:, 1, 2]
+    np.testing.assert_allclose(profile, profile[::-1], atol=1e-6)  # symmetric about the centre
+    assert int(np.argmax(profile)) == n_out // 2
+    assert profile.max() > 0
+
+
+def test_separate_z_upsampling_duplicates_slices_exactly(backend: SimpleNamespace) -> None:
+    xp, ndi = backend.xp, backend.ndi
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(4, 9, 10)).astype(np.float32)
+    out = backend.to_np(resample_image(xp.asarray(image), (8, 6, 13), order=3, separate_z=0, order_z=0, xp=xp, ndi=ndi))
+    np.testing.assert_array_equal(out[0::2], out[1::2])  # nearest along z: each slice twice
+    for k in range(4):  # ... and each is the 2D cubic resize of one input slice
+        expected = scipy.ndimage.zoom(image[k], (6 / 9, 13 / 10), order=3, mode="nearest", grid_mode=True)
+        np.testing.assert_allclose(out[2 * k], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_separate_z_downsampling_picks_slices_and_uses_order_z(backend: SimpleNamespace, axis: int) -> None:
+    xp, ndi = backend.xp, backend.ndi
+    image = np.moveaxis(np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None], (6, 5, 5)), 0, axis).copy()
+    new_shape = [5, 5, 5]
+    new_shape[axis] = 3
+    nearest = backend.to_np(resample_image(xp.asarray(image), tuple(new_shape), separate_z=axis, order_z=0, xp=xp, ndi=ndi))
+    # Output o samples input coordinate 2 * o + 0.5, a tie rounded up: slices 1, 3, 5.
+    np.testing.assert_array_equal(np.unique(np.moveaxis(nearest, axis, 0)[:, 2, 2]), [1.0, 3.0, 5.0])
+    linear = backend.to_np(resample_image(xp.asarray(image), tuple(new_shape), separate_z=axis, order_z=1, xp=xp, ndi=ndi))
+    np.testing.assert_allclose(np.moveaxis(linear, axis, 0)[:, 2, 2], [0.5, 2.5, 4.5], atol=1e-5)
+
+
+def test_resample_to_spacing_separates_thick_axis_for_images() -> None:
+    image = np.zeros((3, 8, 8), np.float32)
+    image[1] = 1.0
+    out = resample_to_spacing(image, (5.0, 1.0, 1.0), (2.5, 1.0, 1.0))
+    assert out.shape == (6, 8, 8)
+    # Nearest along z: values stay 0 or 1, no spline overshoot between thick slices.
+    np.testing.assert_array_equal(np.unique(out), [0.0, 1.0])
+    np.testing.assert_array_equal(out[:, 4, 4], [0, 0, 1, 1, 0, 0])
+
+
+def test_image_dtypes_accepted_and_output_float32() -> None:
+    for dtype in (np.int16, np.uint8, np.float64, np.bool_):
+        out = resample_image(np.ones((4, 4, 4), dtype=dtype), (2, 3, 5))
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, 1.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_labels_identity_and_dtype() -> None:
+    labels = np.arange(24, dtype=np.int64).reshape(2, 3, 4)
+    out = resample_labels(labels, (2, 3, 4))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, labels)
+    assert resample_labels(labels.astype(bool), (4, 6, 8)).dtype == np.uint8
+
+
+def test_labels_values_preserved_including_ignore_label(backend: SimpleNamespace) -> None:
+    xp, ndi = backend.xp, backend.ndi
+    labels = np.zeros((10, 12, 14), np.uint8)
+    labels[2:7, 3:9, 2:8] = 3
+    labels[5:9, 6:11, 8:13] = 255
+    labels[1:3, 1:3, 10:13] = 14
+    for new_shape in [(7, 9, 19), (20, 24, 28), (5, 6, 7)]:
+        out = backend.to_np(resample_labels(xp.asarray(labels), new_shape, xp=xp, ndi=ndi))
+        assert out.dtype == np.uint8 and out.shape == new_shape
+        assert set(np.unique(out)) <= {0, 3, 14, 255}
+        assert {3, 255} <= set(np.unique(out))
+
+
+@pytest.mark.parametrize(("spacing", "new_spacing"), [(1.0, 2.0), (2.0, 0.8)])
+def test_labels_sphere_volume_preserved(backend: SimpleNamespace, spacing: float, new_spacing: float) -> None:
+    xp, ndi = backend.xp, backend.ndi
+    n = int(round(60 / spacing))
+    sphere = _sphere((n, n, n), (spacing,) * 3, radius_mm=20.0, value=7)
+    volume_in = (sphere == 7).sum() * spacing**3
+    out = backend.to_np(
+        resample_to_spacing(xp.asarray(sphere), (spacing,) * 3, (new_spacing,) * 3, is_labels=True, xp=xp, ndi=ndi)
+    )
+    assert out.dtype == np.uint8
+    volume_out = (out == 7).sum() * new_spacing**3
+    exact = 4 / 3 * np.pi * 20.0**3
+    assert abs(volume_out - volume_in) / volume_in < 0.03
+    assert abs(volume_out - exact) / exact < 0.03
+
+
+def test_labels_halving_is_block_mean_at_least_half() -> None:
+    """Exactly 2x down, linear interpolation samples each 2x2x2 block's mean; >= 0.5 keeps ties.
+
+    This pins nnU-Net's method, including its small outward bias on exact ties (a
+    12 mm sphere centred on a voxel corner gains about 7% volume at 1 -> 2 mm).
+    """
+    sphere = _sphere((40, 40, 40), (1.0, 1.0, 1.0), radius_mm=12.0, value=1)
+    block_mean = sphere.reshape(20, 2, 20, 2, 20, 2).mean(axis=(1, 3, 5))
+    out = resample_labels(sphere, (20, 20, 20))
+    np.testing.assert_array_equal(out, (block_mean >= 0.5).astype(np.uint8))
+    assert (block_mean == 0.5).any()  # the case really contains ties
+
+
+def test_later_label_wins_a_tie() -> None:
+    labels = np.broadcast_to(np.array([1, 1, 1, 2, 2, 2], np.uint8), (2, 2, 6)).copy()
+    # Output x=1 samples input 2.5: both masks are exactly 0.5 there, label 2 comes later.
+    out = resample_labels(labels, (2, 2, 3))
+    np.testing.assert_array_equal(out[0, 0], [1, 2, 2])
+
+
+@pytest.mark.parametrize("separate_z", [None, 0, 2])
+@pytest.mark.parametrize("new_shape", [(7, 17, 9), (19, 8, 13), (4, 4, 30)])
+def test_labels_match_whole_volume_reference(separate_z, new_shape) -> None:
+    """The per-label bounding-box crop gives the same result as resampling whole masks."""
+    rng = np.random.default_rng(3)
+    labels = np.zeros((11, 13, 12), np.uint8)
+    labels[rng.random(labels.shape) < 0.05] = 9  # scattered voxels, some on the borders
+    labels[0:4, 2:9, 3:5] = 1
+    labels[6:11, 8:13, 0:12] = 2
+    labels[5, 5, 5] = 255
+    out = resample_labels(labels, new_shape, separate_z=separate_z)
+    np.testing.assert_array_equal(out, _reference_labels(labels, new_shape, separate_z))
+
+
+def test_labels_separate_z_is_nearest_along_that_axis() -> None:
+    labels = np.zeros((3, 6, 6), np.uint8)
+    labels[1, 1:5, 1:5] = 4
+    out = resample_to_spacing(labels, (5.0, 1.0, 1.0), (2.5, 1.0, 1.0), is_labels=True)
+    assert out.shape == (6, 6, 6)
+    np.testing.assert_array_equal(out[:, 3, 3], [0, 0, 4, 4, 0, 0])
+    np.testing.assert_array_equal(out[2], out[3])
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: resample_image(np.zeros((3, 3)), (2, 2, 2)), "3D"),
+        (lambda: resample_image(np.zeros((3, 3, 3)), (2, 2)), "new_shape"),
+        (lambda: resample_image(np.zeros((3, 3, 3)), (2, 0, 2)), "new_shape"),
+        (lambda: resample_image(np.zeros((3, 3, 3)), (2, 2.5, 2)), "new_shape"),
+        (lambda: resample_image(np.zeros((3, 3, 3)), (2, 2, 2), order=6), "order"),
+        (lambda: resample_image(np.zeros((3, 3, 3)), (2, 2, 2), separate_z=3), "separate_z"),
+        (lambda: resample_image(np.zeros((3, 3, 3), np.complex64), (2, 2, 2)), "dtype"),
+        (lambda: resample_labels(np.zeros((3, 3, 3), np.float32), (2, 2, 2)), "integer"),
+        (lambda: resample_labels(np.full((3, 3, 3), 256, np.int32), (2, 2, 2)), "0..255"),
+        (lambda: resample_labels(np.full((3, 3, 3), -1, np.int32), (2, 2, 2)), "0..255"),
+        (lambda: target_shape((3, 3, 3), (1.0, 0.0, 1.0), (1.0, 1.0, 1.0)), "spacing_mm_zyx"),
+        (lambda: target_shape((3, 3, 3), (1.0, 1.0, 1.0), (1.0, float("nan"), 1.0)), "new_spacing_mm_zyx"),
+        (lambda: separate_z_axis((1.0, 1.0), (1.0, 1.0, 1.0)), "spacing_mm_zyx"),
+        (lambda: separate_z_axis((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), threshold=0.5), "threshold"),
+    ],
+)
+def test_bad_arguments_raise_value_error(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_module_does_not_import_cupy_or_torch() -> None:
+    import pocketseg.runtime.resample as module
+
+    names = {v.__name__ for v in vars(module).values() if isinstance(v, ModuleType)}
+    assert not any(n.split(".")[0] in {"cupy", "cupyx", "torch"} for n in names)

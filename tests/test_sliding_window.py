@@ -1,0 +1,303 @@
+"""Tests of pocketseg.runtime.sliding_window: tiling, Gaussian weights and blended prediction.
+
+The prediction checks run on every backend of the ``backend`` fixture: NumPy always,
+CuPy (marked ``gpu``) only where CuPy and a CUDA GPU are present.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pocketseg.runtime.sliding_window import (
+    compute_steps,
+    count_tiles,
+    gaussian_importance_map,
+    sliding_window_predict,
+)
+
+
+def _cupy_backend() -> SimpleNamespace:
+    """CuPy, or skip with the reason."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        pytest.skip(f"CuPy is not usable here: {exc}")
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        pytest.skip(f"no CUDA GPU available: {exc}")
+    if n_gpus < 1:
+        pytest.skip("no CUDA GPU available")
+    return SimpleNamespace(xp=cupy, to_np=cupy.asnumpy)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request: pytest.FixtureRequest) -> SimpleNamespace:
+    if request.param == "cupy":
+        return _cupy_backend()
+    return SimpleNamespace(xp=np, to_np=np.asarray)
+
+
+class RecordingNet:
+    """A per-voxel 'network': logits = (x, -x, x**2); records every batch it sees."""
+
+    num_classes = 3
+
+    def __init__(self, xp: ModuleType):
+        self.xp = xp
+        self.batches: list[tuple[int, ...]] = []
+
+    def __call__(self, batch):
+        assert batch.dtype == np.float32 and batch.ndim == 5 and batch.shape[1] == 1
+        self.batches.append(tuple(batch.shape))
+        x = batch[:, 0]
+        return self.xp.stack([x, -x, x * x], axis=1)
+
+    @staticmethod
+    def expected(image: np.ndarray) -> np.ndarray:
+        return np.stack([image, -image, image * image])
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@pytest.mark.parametrize(
+    ("size", "tile", "fraction", "expected"),
+    [
+        # n = ceil(68 / 32) + 1 = 4, stride 68 / 3 = 22.67 -> rounded starts
+        (100, 32, 1.0, [0, 23, 45, 68]),
+        # n = ceil(68 / 16) + 1 = 6, stride 13.6
+        (100, 32, 0.5, [0, 14, 27, 41, 54, 68]),
+        (64, 32, 1.0, [0, 32]),  # divisible: tiles touch, no overlap
+        (64, 32, 0.5, [0, 16, 32]),
+        (33, 32, 1.0, [0, 1]),
+        (32, 32, 0.5, [0]),
+        (10, 32, 1.0, [0]),  # smaller than the tile: padded, one tile
+        (20, 7, 1.0 / 3, [0, 2, 4, 6, 9, 11, 13]),  # stride 13 / 6 = 2.17
+    ],
+)
+def test_compute_steps_known_cases(size: int, tile: int, fraction: float, expected: list[int]) -> None:
+    assert compute_steps(size, tile, fraction) == expected
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.75, 0.5, 0.3])
+def test_steps_cover_the_axis_with_bounded_stride(fraction: float) -> None:
+    for size, tile in itertools.product(range(1, 80, 7), (4, 16, 31)):
+        steps = compute_steps(size, tile, fraction)
+        assert steps[0] == 0
+        assert steps[-1] == max(size - tile, 0)  # the last tile ends at the (padded) border
+        assert all(0 < b - a <= tile * fraction + 1 for a, b in zip(steps, steps[1:]))
+
+
+def test_count_tiles_is_the_product_of_steps_and_pads_small_axes() -> None:
+    assert count_tiles((100, 64, 10), (32, 32, 32), 1.0) == 4 * 2 * 1
+    assert count_tiles((100, 64, 10), (32, 32, 32), 0.5) == 6 * 3 * 1
+    assert count_tiles((5, 5, 5), (8, 8, 8), 0.5) == 1
+
+
+# --------------------------------------------------------------------------- gaussian
+
+
+@pytest.mark.parametrize("patch", [(8, 8, 8), (5, 12, 7), (16, 4, 9)])
+def test_gaussian_map_symmetric_max_one_no_zeros(patch: tuple[int, int, int]) -> None:
+    g = gaussian_importance_map(patch)
+    assert g.shape == patch and g.dtype == np.float32
+    assert g.max() == pytest.approx(1.0)
+    assert g.min() > 0
+    for axis in range(3):
+        np.testing.assert_allclose(g, np.flip(g, axis=axis), rtol=1e-6)
+    centre = tuple(p // 2 for p in patch)
+    assert g[centre] == pytest.approx(g.max(), rel=0.05)
+    assert g[0, 0, 0] < 0.01 * g.max()  # sigma = patch / 8: corners weigh very little
+
+
+def test_gaussian_map_follows_sigma_scale() -> None:
+    g = gaussian_importance_map((1, 1, 33), sigma_scale=1 / 8)[0, 0]
+    sigma = 33 / 8
+    np.testing.assert_allclose(g, np.exp(-0.5 * ((np.arange(33) - 16) / sigma) ** 2), rtol=1e-5)
+
+
+def test_gaussian_map_zeros_replaced_by_smallest_nonzero() -> None:
+    g = gaussian_importance_map((1, 1, 41), sigma_scale=0.01)[0, 0]  # far tails underflow to 0
+    raw = np.exp(-0.5 * ((np.arange(41) - 20) / 0.41) ** 2).astype(np.float32)
+    assert (raw == 0).any() and g.min() > 0
+    np.testing.assert_array_equal(g[raw > 0], raw[raw > 0])
+    np.testing.assert_array_equal(g[raw == 0], raw[raw > 0].min())
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@pytest.mark.parametrize("shape", [(20, 17, 23), (5, 7, 6), (8, 12, 10), (9, 3, 25)])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("gaussian", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_prediction_equals_network_on_whole_volume(
+    backend: SimpleNamespace, shape, fraction: float, gaussian: bool, batch_size: int
+) -> None:
+    """A per-voxel network must give the same logits however the volume is tiled.
+
+    Shapes cover: not divisible by the patch, smaller than the patch on every axis
+    (padding path), equal to it, and mixed.
+    """
+    xp = backend.xp
+    patch = (8, 6, 10)
+    image = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
+    net = RecordingNet(xp)
+    out = sliding_window_predict(
+        xp.asarray(image), patch, net, net.num_classes,
+        step_fraction=fraction, gaussian=gaussian, batch_size=batch_size, xp=xp,
+    )
+    assert out.shape == (3,) + shape and out.dtype == np.float32
+    np.testing.assert_allclose(backend.to_np(out), net.expected(image), rtol=1e-5, atol=1e-5)
+    n_tiles = count_tiles(shape, patch, fraction)
+    assert sum(b[0] for b in net.batches) == n_tiles
+    assert len(net.batches) == -(-n_tiles // batch_size)
+    assert all(b[2:] == patch and b[0] <= batch_size for b in net.batches)
+
+
+def test_every_tile_position_is_visited_once() -> None:
+    shape, patch = (20, 17, 23), (8, 6, 10)
+    image = np.zeros(shape, np.float32)
+    visits = np.zeros(shape, np.int32)
+    corners = []
+
+    def probe(batch):
+        # The tile content tells where the tile was cut: the image holds voxel ids.
+        for tile in batch[:, 0]:
+            first = int(tile[0, 0, 0])
+            corners.append(np.unravel_index(first, shape))
+            visits[np.unravel_index(tile.astype(np.int64).ravel(), shape)] += 1
+        return np.zeros((batch.shape[0], 1) + patch, np.float32)
+
+    image[...] = np.arange(image.size).reshape(shape)
+    sliding_window_predict(image, patch, probe, 1, step_fraction=1.0, batch_size=2)
+    expected = list(itertools.product(*[compute_steps(s, p, 1.0) for s, p in zip(shape, patch)]))
+    assert sorted(tuple(int(v) for v in c) for c in corners) == sorted(expected)
+    assert visits.min() >= 1  # every voxel is covered
+
+
+def test_gaussian_blending_weights_overlap() -> None:
+    """Where two tiles overlap, the logits are their Gaussian-weighted mean."""
+    shape, patch = (4, 4, 12), (4, 4, 8)  # x steps [0, 4] at step 0.5
+    calls = []
+
+    def constant_per_tile(batch):
+        calls.append(len(calls))
+        return np.full((batch.shape[0], 1) + patch, float(len(calls) - 1), np.float32)
+
+    out = sliding_window_predict(np.zeros(shape, np.float32), patch, constant_per_tile, 1, step_fraction=0.5, gaussian=True)
+    w = gaussian_importance_map(patch)[0, 0]
+    got = out[0, 0, 0]
+    np.testing.assert_allclose(got[:4], 0.0, atol=1e-6)
+    np.testing.assert_allclose(got[8:], 1.0, atol=1e-6)
+    np.testing.assert_allclose(got[4:8], w[:4] / (w[4:] + w[:4]), rtol=1e-5)
+    assert got[4] < 0.5 < got[7]  # the nearer centre dominates
+
+
+def test_uniform_blending_is_plain_mean() -> None:
+    shape, patch = (4, 4, 12), (4, 4, 8)
+    counter = iter(range(100))
+
+    def constant_per_tile(batch):
+        return np.full((batch.shape[0], 1) + patch, float(next(counter)), np.float32)
+
+    out = sliding_window_predict(np.zeros(shape, np.float32), patch, constant_per_tile, 1, step_fraction=0.5)
+    np.testing.assert_allclose(out[0, 0, 0], [0] * 4 + [0.5] * 4 + [1] * 4)
+
+
+def test_float16_output_and_progress_bar(backend: SimpleNamespace) -> None:
+    xp = backend.xp
+    image = np.random.default_rng(0).normal(size=(9, 9, 9)).astype(np.float32)
+    net = RecordingNet(xp)
+    out = sliding_window_predict(
+        xp.asarray(image), (4, 4, 4), net, 3, step_fraction=0.5, gaussian=True,
+        xp=xp, progress=True, out_dtype=np.float16,
+    )
+    assert out.dtype == np.float16
+    np.testing.assert_allclose(backend.to_np(out).astype(np.float32), net.expected(image), rtol=2e-2, atol=2e-2)
+
+
+def test_logs_tile_count_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    net = RecordingNet(np)
+    with caplog.at_level(logging.DEBUG, logger="pocketseg.runtime.sliding_window"):
+        sliding_window_predict(np.zeros((20, 17, 23), np.float32), (8, 6, 10), net, 3)
+    assert f"-> {count_tiles((20, 17, 23), (8, 6, 10), 1.0)} tiles" in caplog.text
+
+
+def test_infer_may_return_plain_lists_of_numbers() -> None:
+    def as_list(batch):
+        return np.concatenate([batch, batch + 1], axis=1).tolist()
+
+    image = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    out = sliding_window_predict(image, (2, 2, 2), as_list, 2)
+    np.testing.assert_allclose(out, np.stack([image, image + 1]))
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _net(batch):
+    return np.zeros((batch.shape[0], 2) + batch.shape[2:], np.float32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(image=np.zeros((4, 4))), "3D"),
+        (dict(patch_zyx=(4, 4)), "patch_zyx"),
+        (dict(patch_zyx=(4, 0, 4)), "patch_zyx"),
+        (dict(patch_zyx=(4, 4.0, 4)), "patch_zyx"),
+        (dict(step_fraction=0.0), "step_fraction"),
+        (dict(step_fraction=1.5), "step_fraction"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(out_dtype=np.int32), "out_dtype"),
+        (dict(infer="not callable"), "infer"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs: dict, match: str) -> None:
+    args = dict(image=np.zeros((6, 6, 6), np.float32), patch_zyx=(4, 4, 4), infer=_net, num_classes=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        sliding_window_predict(**args)
+
+
+@pytest.mark.parametrize(
+    "bad_output",
+    [
+        lambda b: np.zeros((b.shape[0], 3) + b.shape[2:], np.float32),  # wrong class count
+        lambda b: np.zeros((b.shape[0], 2, 4, 4, 3), np.float32),  # wrong patch size
+        lambda b: np.zeros((2,) + b.shape[2:], np.float32),  # no batch axis
+    ],
+)
+def test_wrong_infer_output_shape_is_a_clear_error(bad_output) -> None:
+    with pytest.raises(ValueError, match=r"infer returned shape .* expected \(1, 2, 4, 4, 4\)"):
+        sliding_window_predict(np.zeros((6, 6, 6), np.float32), (4, 4, 4), bad_output, 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: compute_steps(0, 4, 1.0), "size"),
+        (lambda: compute_steps(10, 0, 1.0), "tile"),
+        (lambda: compute_steps(10, 4, 0.0), "step_fraction"),
+        (lambda: count_tiles((10, 10), (4, 4, 4), 1.0), "shape_zyx"),
+        (lambda: gaussian_importance_map((4, 4, 4), sigma_scale=0.0), "sigma_scale"),
+    ],
+)
+def test_bad_helper_arguments_raise_value_error(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_module_does_not_import_cupy_or_torch() -> None:
+    import pocketseg.runtime.sliding_window as module
+
+    names = {v.__name__ for v in vars(module).values() if isinstance(v, ModuleType)}
+    assert not any(n.split(".")[0] in {"cupy", "cupyx", "torch"} for n in names)

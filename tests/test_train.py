@@ -1,0 +1,171 @@
+"""Training: the loss falls, resume is exact, a killed run resumes, 2-process DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pocketseg.errors import InputError, OutputError
+from pocketseg.synth.dataset import synthesize_dataset
+from pocketseg.trainer import checkpoint as ckpt
+from pocketseg.trainer.train import split_cases, train
+
+QUICK = dict(iterations=3, batch_size=2, val_every=1, workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "ds"
+    synthesize_dataset(root, full=4, partial=1, seed=5, small=True, slices=40, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(run / ckpt.LATEST)["model"]
+
+
+def test_loss_falls_on_the_tiny_preset(dataset, cache, tmp_path):
+    run = train(dataset, stage="detail", preset="detail-tiny", epochs=4, out=tmp_path / "run", cache=cache,
+                **{**QUICK, "iterations": 12, "val_every": 4})
+    history = json.loads((run / "history.json").read_text())
+    losses = [h["train_loss"] for h in history]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert "liver" in history[-1]["val_dice"] and 0 <= history[-1]["val_mean_dice"] <= 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["stage"] == "detail" and config["preset"]["name"] == "detail-tiny"
+    assert set(config["intensity"]) == {"mean", "std", "percentile_00_5", "percentile_99_5"}
+    assert set(config["val_cases"]).isdisjoint(config["train_cases"])
+    assert "FLARESyn_0005" not in config["train_cases"] + config["val_cases"]  # the partial case is not used
+    assert (run / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / ckpt.BEST).is_file()
+    assert "epoch 4/4" in (run / "training_log.txt").read_text()
+
+
+def test_resume_continues_exactly(dataset, cache, tmp_path):
+    straight = train(dataset, stage="roi", preset="roi-tiny", epochs=2, out=tmp_path / "a", cache=cache, **QUICK)
+    part = train(dataset, stage="roi", preset="roi-tiny", epochs=1, out=tmp_path / "b", cache=cache, **QUICK)
+    torch.manual_seed(999)  # disturb the global RNG: resume must restore what it needs
+    np.random.seed(999)
+    resumed = train(dataset, stage="roi", preset="roi-tiny", epochs=2, out=part, resume=True, cache=cache, **QUICK)
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ha = json.loads((straight / "history.json").read_text())
+    hb = json.loads((resumed / "history.json").read_text())
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+
+
+def test_killed_run_keeps_a_good_checkpoint_and_resumes(dataset, cache, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pocketseg", "-q", "train", str(dataset), "--stage", "roi", "--preset", "roi-tiny",
+           "--epochs", "4", "--iterations", "15", "--out", str(run), "--cache", str(cache), "--workers", "0",
+           "--val-every", "10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "history.json").is_file():
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()
+    time.sleep(0.3)  # now somewhere inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = ckpt.load_checkpoint(run / ckpt.LATEST)
+    assert 1 <= state["epoch"] < 4 and not state["finished"]
+    assert not list(run.glob(".*.part")) or all(p.suffix == ".part" for p in run.glob(".*.part"))
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    final = ckpt.load_checkpoint(run / ckpt.LATEST)
+    assert final["epoch"] == 4 and final["finished"]
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_gloo(dataset, cache, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pocketseg",
+           "-q", "train", str(dataset), "--stage", "roi", "--preset", "roi-tiny", "--epochs", "2", "--iterations", "2",
+           "--out", str(run), "--cache", str(cache), "--workers", "0", "--device", "cpu", "--val-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["world_size"] == 2 and h["ranks_in_sync"] for h in history)
+    assert ckpt.load_checkpoint(run / ckpt.LATEST)["finished"]
+
+
+def test_split_is_fixed_and_disjoint():
+    names = [f"c{i}" for i in range(11)]
+    folds = [split_cases(names, fold=f) for f in range(5)]
+    assert sorted(sum((v for _, v in folds), [])) == sorted(names)
+    for tr, va in folds:
+        assert set(tr).isdisjoint(va) and set(tr) | set(va) == set(names)
+    assert split_cases(names, fold=2) == split_cases(list(reversed(names)), fold=2)
+    tr, va = split_cases(names, val_fraction=0.3)
+    assert len(va) == 3
+    with pytest.raises(InputError):
+        split_cases(names, fold=7)
+
+
+def _copy(dataset: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "ds"
+    shutil.copytree(dataset, dst)
+    return dst
+
+
+def _rewrite_label(path: Path, fn) -> None:
+    img = nib.load(path)
+    data = fn(np.asanyarray(img.dataobj))
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+
+
+def test_bad_input_is_reported_before_training(dataset, cache, tmp_path):
+    args = dict(stage="roi", preset="roi-tiny", epochs=1, cache=cache, **QUICK)
+    ds = _copy(dataset, tmp_path)
+    (ds / "labelsTr" / "FLARESyn_0002.nii.gz").unlink()
+    with pytest.raises(InputError, match="FLARESyn_0002"):
+        train(ds, out=tmp_path / "r1", **args)
+    assert not (tmp_path / "r1").exists()
+
+    ds = _copy(dataset, tmp_path / "b")
+    _rewrite_label(ds / "labelsTr" / "FLARESyn_0003.nii.gz", lambda a: np.where(a == 1, 17, a).astype(np.uint8))
+    _rewrite_label(ds / "labelsTr" / "FLARESyn_0001.nii.gz", lambda a: a[:, :, :-1])
+    with pytest.raises(InputError) as err:
+        train(ds, out=tmp_path / "r2", **args)
+    assert "FLARESyn_0003" in str(err.value) and "17" in str(err.value)
+    assert "FLARESyn_0001" in str(err.value) and "shape" in str(err.value)
+
+    empty = tmp_path / "empty"
+    (empty / "imagesTr").mkdir(parents=True)
+    (empty / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "labels": {}}))
+    with pytest.raises(InputError, match="no usable cases"):
+        train(empty, out=tmp_path / "r3", **args)
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        train(dataset, out=busy, **args)
+    with pytest.raises(InputError, match="resume"):
+        train(dataset, out=tmp_path / "nothing", resume=True, **args)
+    with pytest.raises(OutputError, match="cannot create"):
+        train(dataset, out=busy / "notes.txt" / "run", **args)  # a file where a folder must go
+    with pytest.raises(InputError, match="not detail"):
+        train(dataset, out=tmp_path / "r4", **{**args, "stage": "detail"})

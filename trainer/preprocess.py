@@ -1,0 +1,246 @@
+"""Dataset fingerprint and CT preprocessing as nnU-Net v2 does it, with an on-disk cache.
+
+Per case: reorient to the canonical RAS grid and switch to (z, y, x); crop to the
+body (CT is -1000 HU outside the patient, so nnU-Net's crop-to-nonzero would
+keep the whole field of view); normalise as nnU-Net's CTNormalization (clip to
+the 0.5/99.5 percentiles of foreground intensities pooled over the training
+set, then z-score with the foreground mean and std); resample to the stage's
+target spacing (image: cubic spline, labels: linear per label, nnU-Net's
+separate-z rule for anisotropic data — see :mod:`pocketseg.runtime.resample`).
+
+Preprocessed cases are cached as ``.npy`` files that training opens
+memory-mapped, so epochs never redo this work. The cache key covers the input
+files (size and mtime), the target spacing, the intensity statistics and the
+preprocessing version; a stale cache is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
+
+from pocketseg.errors import InputError
+from pocketseg.geometry import spacing_from_affine
+from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
+from pocketseg.trainer.dataset import CaseRecord
+from pocketseg.volume import Volume, load_volume
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_VERSION = 1
+#: Foreground voxels sampled per case for the intensity statistics (nnU-Net samples 10,000).
+FOREGROUND_SAMPLES = 10_000
+#: Voxel positions kept per class for foreground oversampling.
+LOCATIONS_PER_CLASS = 2_000
+#: HU above which a voxel counts as body when cropping (air is about -1000 HU, fat about -100 HU).
+BODY_THRESHOLD_HU = -500.0
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    """CT normalisation statistics of the training set's foreground voxels; they travel with the model."""
+
+    mean: float
+    std: float
+    percentile_00_5: float
+    percentile_99_5: float
+
+    def normalize(self, image, xp=np):
+        out = xp.clip(xp.asarray(image, dtype=xp.float32), self.percentile_00_5, self.percentile_99_5)
+        out -= xp.float32(self.mean)
+        out /= xp.float32(max(self.std, 1e-8))
+        return out
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def canonical_zyx(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The volume on the nearest RAS grid as a (z, y, x) array, with its spacing in the same order."""
+    ornt = nib.orientations.io_orientation(volume.affine)
+    ras = nib.orientations.apply_orientation(volume.data, ornt)
+    spacing_ijk = spacing_from_affine(volume.affine)
+    spacing_ras = [0.0, 0.0, 0.0]
+    for src, (dst, _) in enumerate(ornt):
+        spacing_ras[int(dst)] = spacing_ijk[src]
+    return ras.transpose(2, 1, 0), (spacing_ras[2], spacing_ras[1], spacing_ras[0])
+
+
+def body_bbox(image_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU, margin: int = 2) -> tuple[slice, slice, slice]:
+    """Bounding box of the largest connected region above ``threshold`` (the patient, not the table)."""
+    step = 4  # a 4x-subsampled mask finds the body at a fraction of the cost
+    coarse = image_zyx[::step, ::step, ::step] > threshold
+    lab, n = ndi.label(coarse)
+    if n == 0:
+        return tuple(slice(0, s) for s in image_zyx.shape)  # type: ignore[return-value]
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    idx = np.argwhere(lab == int(np.argmax(sizes)))
+    lo = np.maximum(idx.min(axis=0) * step - margin * step, 0)
+    hi = np.minimum((idx.max(axis=0) + 1) * step + margin * step, image_zyx.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def _load_pair(case: CaseRecord) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    from pocketseg.nifti import read_nifti
+
+    image = load_volume(case.image)
+    img_zyx, spacing = canonical_zyx(image)
+    seg_zyx = None
+    if case.label is not None:
+        seg_zyx, _ = canonical_zyx(read_nifti(case.label))
+        seg_zyx = seg_zyx.astype(np.uint8)
+    return img_zyx, seg_zyx, spacing
+
+
+def _foreground_sample(case: CaseRecord, seed: int) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
+    img, seg, spacing = _load_pair(case)
+    values = img[seg > 0] if seg is not None else np.empty(0, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    if values.size > FOREGROUND_SAMPLES:
+        values = rng.choice(values, FOREGROUND_SAMPLES, replace=False)
+    return values.astype(np.float32), spacing, img.shape
+
+
+def compute_fingerprint(cases: list[CaseRecord], *, workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Intensity statistics of the foreground (label > 0) pooled over ``cases``, plus spacings and shapes."""
+    seeds = [int.from_bytes(hashlib.sha256(c.name.encode()).digest()[:4], "little") for c in cases]
+    with _pool(workers) as pool:
+        results = list(tqdm(pool.map(_foreground_sample, cases, seeds), total=len(cases), desc="fingerprint",
+                            unit="case", disable=not progress))
+    pooled = np.concatenate([r[0] for r in results]) if results else np.empty(0)
+    if pooled.size == 0:
+        raise InputError(None, "no foreground voxels in the training labels: cannot compute CT normalisation statistics")
+    stats = IntensityStats(mean=float(pooled.mean()), std=float(pooled.std()),
+                           percentile_00_5=float(np.percentile(pooled, 0.5)),
+                           percentile_99_5=float(np.percentile(pooled, 99.5)))
+    return {"intensity": stats.to_dict(), "spacings_mm_zyx": [list(r[1]) for r in results],
+            "shapes_zyx": [list(r[2]) for r in results], "cases": [c.name for c in cases]}
+
+
+def class_locations(seg: np.ndarray, rng: np.random.Generator, per_class: int = LOCATIONS_PER_CLASS) -> dict[str, list]:
+    """Up to ``per_class`` voxel positions (z, y, x) of every label present, for foreground oversampling."""
+    out = {}
+    for c in np.unique(seg):
+        if c == 0:
+            continue
+        idx = np.flatnonzero(seg == c)
+        if idx.size > per_class:
+            idx = rng.choice(idx, per_class, replace=False)
+        out[str(int(c))] = np.stack(np.unravel_index(np.sort(idx), seg.shape), axis=1).tolist()
+    return out
+
+
+def preprocess_case(case: CaseRecord, stats: IntensityStats, spacing_mm_zyx: tuple[float, float, float]
+                    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Canonical orientation, body crop, CT normalisation, resampling of one case."""
+    img, seg, spacing = _load_pair(case)
+    box = body_bbox(img)
+    img = img[box]
+    seg = seg[box] if seg is not None else None
+    new_shape = target_shape(img.shape, spacing, spacing_mm_zyx)
+    sep = separate_z_axis(spacing, spacing_mm_zyx)
+    data = resample_image(stats.normalize(img), new_shape, order=3, separate_z=sep)
+    if seg is not None:
+        seg = resample_labels(seg, new_shape, separate_z=sep)
+    props: dict[str, Any] = {
+        "case": case.name, "original_spacing_mm_zyx": list(spacing), "original_shape_zyx": list(img.shape),
+        "body_bbox_zyx": [[s.start, s.stop] for s in box], "shape_zyx": list(new_shape),
+        "spacing_mm_zyx": list(spacing_mm_zyx), "annotated": list(case.annotated),
+    }
+    if seg is not None:
+        fg = np.argwhere(seg > 0)
+        props["fg_bbox_zyx"] = ([[int(a), int(b) + 1] for a, b in zip(fg.min(axis=0), fg.max(axis=0))]
+                                if fg.size else None)
+        seed = int.from_bytes(hashlib.sha256(case.name.encode()).digest()[:4], "little")
+        props["class_locations"] = class_locations(seg, np.random.default_rng(seed))
+    return data.astype(np.float32), seg, props
+
+
+def cache_key(cases: list[CaseRecord], stats: IntensityStats, spacing_mm_zyx) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": PREPROCESS_VERSION, "stats": stats.to_dict(), "spacing": list(spacing_mm_zyx)}).encode())
+    for c in sorted(cases, key=lambda c: c.name):
+        for p in (c.image, c.label):
+            if p is not None:
+                st = p.stat()
+                h.update(f"{c.name}|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{c.annotated}".encode())
+    return h.hexdigest()[:16]
+
+
+def _write_case(folder: Path, case: CaseRecord, stats: IntensityStats, spacing) -> str:
+    data, seg, props = preprocess_case(case, stats, spacing)
+    _atomic_npy(folder / f"{case.name}.npy", data)
+    if seg is not None:
+        _atomic_npy(folder / f"{case.name}_seg.npy", seg)
+    tmp = folder / f".{case.name}.json.part"
+    tmp.write_text(json.dumps(props))
+    os.replace(tmp, folder / f"{case.name}.json")  # written last: marks the case complete
+    return case.name
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+
+
+class _InlinePool:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, *iterables):
+        return map(fn, *iterables)
+
+
+def _pool(workers: int):
+    return ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InlinePool()
+
+
+def preprocess_cases(cases: list[CaseRecord], stats: IntensityStats, spacing_mm_zyx, cache_root: Path, *,
+                     workers: int = 1, progress: bool = True) -> Path:
+    """Preprocess ``cases`` into ``cache_root/<key>/`` (skipping complete ones); returns that folder."""
+    folder = Path(cache_root) / cache_key(cases, stats, spacing_mm_zyx)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in cases if not (folder / f"{c.name}.json").is_file()]
+    if todo:
+        log.info("preprocessing %d case(s) into %s", len(todo), folder)
+        n = len(todo)
+        with _pool(workers) as pool:
+            for _ in tqdm(pool.map(_write_case, [folder] * n, todo, [stats] * n, [tuple(spacing_mm_zyx)] * n),
+                          total=n, desc="preprocess", unit="case", disable=not progress):
+                pass
+    return folder
+
+
+@dataclass(frozen=True, eq=False)
+class PreprocessedCase:
+    """One cached case, opened memory-mapped."""
+
+    name: str
+    image: np.ndarray  # float32 (z, y, x), normalised
+    seg: np.ndarray | None  # uint8 (z, y, x), FLARE ids
+    props: dict[str, Any]
+
+
+def load_preprocessed(folder: Path, name: str) -> PreprocessedCase:
+    props = json.loads((folder / f"{name}.json").read_text())
+    image = np.load(folder / f"{name}.npy", mmap_mode="r")
+    seg_path = folder / f"{name}_seg.npy"
+    seg = np.load(seg_path, mmap_mode="r") if seg_path.is_file() else None
+    return PreprocessedCase(name, image, seg, props)
