@@ -45,7 +45,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require(module: str, feature: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        from pocketseg.errors import MissingDependencyError
+
+        raise MissingDependencyError(module, feature, extra)
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
+    _require("torch", "Network presets", "train")
     from pocketseg.trainer.presets import model_info
 
     rows = model_info(**_kwargs(args))
@@ -62,6 +72,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _require("torch", "Training", "train")
     from pocketseg.trainer.train import train
 
     out = train(**_kwargs(args), progress=not args.quiet)

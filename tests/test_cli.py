@@ -77,3 +77,18 @@ def test_synth_cli_writes_a_data_set(tmp_path):
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["numTraining"] == 1 and meta["pocketseg"]["seed"] == 2
     assert (out / "imagesUnlabeled" / "FLARESyn_0002_0000.nii.gz").is_file()
+
+
+def test_model_info_json_lists_presets_with_params(capsys):
+    assert main(["model-info", "--json", "--no-flops"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_name = {r["name"]: r for r in rows}
+    assert {"roi", "detail", "roi-unet", "detail-unet", "roi-cpu", "detail-cpu", "roi-tiny", "detail-tiny"} <= set(by_name)
+    assert abs(by_name["roi"]["params"] / 5.76e6 - 1) < 0.02 and abs(by_name["detail"]["params"] / 7.97e6 - 1) < 0.02
+
+
+def test_train_cli_reports_bad_dataset_in_one_line(tmp_path):
+    res = run_cli("train", str(tmp_path / "missing"), "--stage", "roi", "--preset", "roi-tiny", "--epochs", "1",
+                  "--out", str(tmp_path / "run"))
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()

@@ -93,3 +93,16 @@ def test_extract_pads_outside_and_stage_target():
     seg = np.array([0, 3, 14, IGNORE_INDEX], dtype=np.uint8)
     assert stage_target(seg, "roi").tolist() == [0, 1, 1, IGNORE_INDEX]
     assert stage_target(seg, "detail").tolist() == seg.tolist()
+
+
+def test_partial_case_background_is_unknown(folder):
+    ds = PatchDataset(folder, ["FLARESyn_0001"], config("detail", augment=False, roi_jitter_mm=0.0), seed=0)
+    case = ds.case("FLARESyn_0001")
+    seg = torch.from_numpy(np.asarray(case.seg)[None].copy())
+    kept = torch.where(torch.isin(seg, torch.tensor([1, 14])), seg, torch.zeros_like(seg))
+    partial = type(case)(case.name, case.image, kept.numpy()[0], {**case.props, "annotated": [1, 14]})
+    target, mask = ds.known_classes(partial, kept)
+    assert set(torch.unique(target).tolist()) <= {1, 14, IGNORE_INDEX}
+    assert mask.tolist() == [c in (1, 14) for c in range(15)]
+    full_target, full_mask = ds.known_classes(case, seg)
+    assert torch.equal(full_target, seg) and bool(full_mask.all())

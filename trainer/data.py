@@ -24,7 +24,7 @@ import torch
 
 from pocketseg import labels as L
 from pocketseg.trainer.augment import initial_patch_size, training_transforms
-from pocketseg.trainer.loss import IGNORE_INDEX, deep_supervision_scales, downsample_target
+from pocketseg.trainer.loss import IGNORE_INDEX, deep_supervision_scales, downsample_target, partial_label_target
 from pocketseg.trainer.preprocess import PreprocessedCase, load_preprocessed
 
 #: nnU-Net's default share of patches forced to contain foreground.
@@ -123,30 +123,26 @@ class PatchDataset(torch.utils.data.Dataset):
         torch.manual_seed(int(ss.generate_state(2, dtype=np.uint64)[1] % (2**63)))
         c = self.case(self.names[int(rng.integers(len(self.names)))])
         image, seg = self.sample_patch(c, rng)
-        class_mask = self.class_mask(c)
+        seg_t, class_mask = self.known_classes(c, torch.from_numpy(seg[None]))
         if self.cfg.augment:
             if self._transforms is None:
                 self._transforms = training_transforms(self.cfg.patch_zyx)
-            out = self._transforms(image=torch.from_numpy(image[None]), segmentation=torch.from_numpy(seg[None].astype(np.int16)))
+            out = self._transforms(image=torch.from_numpy(image[None]), segmentation=seg_t.to(torch.int16))
             image_t, seg_t = out["image"], out["segmentation"].long()
         else:
-            image_t, seg_t = torch.from_numpy(image[None]), torch.from_numpy(seg[None].astype(np.int64))
+            image_t, seg_t = torch.from_numpy(image[None]), seg_t.long()
         targets = downsample_target(seg_t[None], self._ds_scales)
         return {"image": image_t.float(), "targets": [t[0] for t in targets], "class_mask": class_mask}
 
-    def class_mask(self, c: PreprocessedCase) -> torch.Tensor:
-        """Which classes this case annotates (all for full cases; ROI: background and foreground)."""
-        mask = torch.zeros(self.cfg.num_classes, dtype=torch.bool)
+    def known_classes(self, c: PreprocessedCase, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target with unknown voxels set to IGNORE_INDEX, and the classes the case annotates.
+
+        ROI: every case used is fully labelled. Detail: a partially labelled case's background may hide
+        unannotated organs (see :func:`pocketseg.trainer.loss.partial_label_target`).
+        """
         if self.cfg.stage == "roi":
-            mask[:] = True
-            return mask
-        annotated = set(c.props.get("annotated", L.FOREGROUND_IDS))
-        full = annotated >= set(L.FOREGROUND_IDS)
-        mask[0] = full
-        for k in annotated:
-            if k < self.cfg.num_classes:
-                mask[k] = True
-        return mask
+            return seg, torch.ones(self.cfg.num_classes, dtype=torch.bool)
+        return partial_label_target(seg, c.props.get("annotated", L.FOREGROUND_IDS), num_classes=self.cfg.num_classes)
 
     def sample_patch(self, c: PreprocessedCase, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.cfg
@@ -186,11 +182,6 @@ class PatchDataset(torch.utils.data.Dataset):
                 outside |= (pos < lo[axis]) | (pos >= hi[axis])
             image[outside] = 0
             seg[outside] = IGNORE_INDEX
-        annotated = set(c.props.get("annotated", L.FOREGROUND_IDS))
-        if cfg.stage == "detail" and not annotated >= set(L.FOREGROUND_IDS):
-            # Partial annotation: a voxel labelled 0 may belong to an unannotated organ, so it is unknown.
-            seg = seg.copy()
-            seg[seg == 0] = IGNORE_INDEX
         return image.astype(np.float32), seg
 
 

@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        description="detail topology, channels doubling per stage"),
     _p("roi-cpu", "roi", 16, ((1, 3, 3),) + ((3, 3, 3),) * 3, ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
        (6.0, 3.0, 3.0), (32, 96, 96), description="narrow ROI net for CPU-only machines"),
-    _p("detail-cpu", "detail", 32, ((1, 3, 3),) + ((3, 3, 3),) * 4, ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+    _p("detail-cpu", "detail", 16, ((1, 3, 3),) + ((3, 3, 3),) * 4, ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
        (3.0, 1.5, 1.5), (32, 128, 128), description="narrow detail net for CPU-only machines"),
     _p("roi-tiny", "roi", 8, ((3, 3, 3),) * 3, ((1, 1, 1), (1, 2, 2), (2, 2, 2)), (8.0, 6.0, 6.0), (16, 32, 32),
        description="test-sized ROI net"),
