@@ -47,6 +47,8 @@ EXTRAS = {
         "nvidia-ml-py>=12",
         "cucim-cu12>=24.2; platform_machine == 'x86_64' and sys_platform == 'linux'",
     ],
+    # TensorRT wheels exist for x86_64 Linux; on Jetson it comes from JetPack (python3-libnvinfer).
+    "tensorrt": ["tensorrt>=8.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     "test": ["pytest>=7.4"],
 }
 EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export") for dep in EXTRAS[name]})

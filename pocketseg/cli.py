@@ -80,6 +80,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    _require("torch", "Export", "export")
+    from pocketseg.engine_build.export import export_package
+
+    print(export_package(**_kwargs(args)))
+    return 0
+
+
+def _cmd_build_engine(args: argparse.Namespace) -> int:
+    from pocketseg.engine_build.tensorrt_build import build_package_engines
+
+    manifest = build_package_engines(**_kwargs(args), progress=not args.quiet)
+    for stage in manifest.stages.values():
+        for engine in stage.engines:
+            print(f"{stage.name}: {engine.file} (TensorRT {engine.tensorrt_version}, sm {engine.compute_capability})")
+    return 0
+
+
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
 
@@ -149,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="preprocessing cache folder [$POCKETSEG_CACHE or ~/.cache/pocketseg]")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
     p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("export", help="export a ROI run and a detail run to a model package (ONNX, fp16 ONNX, weights)",
+                       description="Write a model package: manifest.json with checksums, fp32 and mixed-precision fp16 "
+                                   "ONNX of both nets and safetensors weights, checked against PyTorch.")
+    p.add_argument("--roi", required=True, help="run folder of the ROI net (pocketseg train --stage roi)")
+    p.add_argument("--detail", required=True, help="run folder of the detail net (pocketseg train --stage detail)")
+    p.add_argument("-o", "--out", required=True, help="package folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 ONNX")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the parity and fp16 agreement checks")
+    p.add_argument("--strict", action="store_true", help="fail if the fp16 ONNX agrees with fp32 on < 99.9 %% of voxels")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17) [17]")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("build-engine", help="build TensorRT FP16 engines for this GPU into a model package",
+                       description="Build TensorRT engines from a package's ONNX files (needs TensorRT and a GPU); "
+                                   "records them in manifest.json and prints the equivalent trtexec command.")
+    p.add_argument("package_dir", metavar="PKG_DIR", help="model package folder (pocketseg export)")
+    p.add_argument("--workspace-gb", dest="workspace_gb", type=float, default=4.0, help="builder workspace [4 GB]")
+    p.add_argument("--timing-cache", dest="timing_cache", default=None, help="timing cache file to reuse and update")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=1, help="largest batch of the profile [1]")
+    p.set_defaults(handler=_cmd_build_engine)
     return parser
 
 

@@ -1,0 +1,570 @@
+"""TensorRT FP16 engines from a model package's ONNX files, for the GPU this runs on.
+
+Two ways to get an FP16 engine, chosen from the installed TensorRT version:
+
+``strongly-typed`` (TensorRT >= 10.0; the only way from 11.0)
+    Parse the mixed-precision ONNX (``onnx-fp16``: fp16 weights and activations,
+    InstanceNormalization in fp32 between Casts) into a network created with
+    ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``. Precision comes from the
+    graph's types; no precision builder flag is set. TensorRT 11 removed
+    ``BuilderFlag.FP16`` and the precision-constraint flags, and every network is
+    strongly typed there (the creation flag is deprecated and ignored, so none is
+    passed).
+
+``fp16-flag`` (TensorRT 8.6 .. 9.x, e.g. JetPack 6.0's 8.6)
+    Parse the fp32 ONNX (``onnx-fp32``) into an explicit-batch network, set
+    ``BuilderFlag.FP16`` and pin the InstanceNormalization layers (native
+    normalization layers, or the ``InstanceNormalization_TRT`` plugin that the 8.6
+    ONNX parser uses by default) to fp32 with ``layer.precision`` /
+    ``set_output_type`` and ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``.
+
+Engines are specific to the GPU (compute capability) and the TensorRT version,
+so their file names carry both (``roi_fp16_sm87_trt10.8.engine``) and the
+runtime only uses an engine whose record matches (:func:`select_engine`).
+
+Equivalent ``trtexec`` command lines are logged for every build
+(:func:`trtexec_command`); the workspace is given in MiB without a suffix there,
+which TensorRT 8.6's trtexec (MiB only) and 10.x (MiB by default) both read.
+
+TensorRT is imported lazily; nothing here needs it at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pocketseg.atomic import atomic_write_bytes, check_writable_target
+from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
+from pocketseg.manifest import MANIFEST_NAME, EngineRecord, Manifest, Stage, load_package
+
+log = logging.getLogger(__name__)
+
+STRONGLY_TYPED = "strongly-typed"
+FP16_FLAG = "fp16-flag"
+MIN_VERSION = (8, 6)
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+TARGET_FP32 = "onnx-fp32"
+TARGET_FP16 = "onnx-fp16"
+PRECISION = "fp16"
+
+INSTALL_HINT = (
+    "TensorRT comes from NVIDIA, not from pocketseg's dependencies: on Jetson it is JetPack's "
+    "python3-libnvinfer (apt install python3-libnvinfer; a virtualenv needs --system-site-packages to see it), "
+    "on x86_64 NVIDIA's 'tensorrt' wheel (pip install tensorrt; older releases need "
+    "--extra-index-url https://pypi.nvidia.com), matching the installed CUDA"
+)
+
+
+class TensorRTNotInstalledError(MissingDependencyError):
+    """``import tensorrt`` failed; the message says where TensorRT comes from."""
+
+    def __init__(self, cause: str | None = None):
+        super().__init__("tensorrt", "Building TensorRT engines", "tensorrt")
+        message = f"{self.args[0]}. {INSTALL_HINT}."
+        if cause:
+            message += f" (import error: {cause})"
+        self.args = (message,)
+        self.msg = message  # ImportError's str() shows .msg
+
+
+class EngineBuildError(PocketsegError, RuntimeError):
+    """TensorRT could not build an engine, or this machine cannot build one (version, GPU)."""
+
+
+# --------------------------------------------------------------------------------------------------- import, version
+
+def import_tensorrt():
+    """The ``tensorrt`` module; :class:`TensorRTNotInstalledError` when it cannot be imported."""
+    try:
+        return importlib.import_module("tensorrt")
+    except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not loadable
+        raise TensorRTNotInstalledError(str(exc)) from None
+
+
+def tensorrt_available() -> bool:
+    """Whether ``import tensorrt`` works here (it does not on CPU-only or non-NVIDIA machines)."""
+    try:
+        import_tensorrt()
+    except MissingDependencyError:
+        return False
+    return True
+
+
+def parse_version(version: str | Sequence[int]) -> tuple[int, int]:
+    """``(major, minor)`` of a TensorRT version such as ``"10.3.0.30"`` or ``"8.6.2"``."""
+    if not isinstance(version, str):
+        parts = tuple(int(v) for v in version)
+        if len(parts) < 2:
+            raise InputError(None, f"TensorRT version {version!r} needs a major and a minor number")
+        return parts[0], parts[1]
+    match = re.match(r"\s*(\d+)\.(\d+)", version)
+    if not match:
+        raise InputError(None, f"cannot read the TensorRT version {version!r} (expected e.g. '10.3.0')")
+    return int(match.group(1)), int(match.group(2))
+
+
+def build_mode(version: str | Sequence[int]) -> str:
+    """``"strongly-typed"`` for TensorRT >= 10.0 (required from 11.0), ``"fp16-flag"`` for 8.6 .. 9.x."""
+    major, minor = parse_version(version)
+    if (major, minor) < MIN_VERSION:
+        raise EngineBuildError(f"TensorRT {major}.{minor} is too old: pocketseg builds engines with TensorRT "
+                               f"{MIN_VERSION[0]}.{MIN_VERSION[1]} (JetPack 6.0) or newer")
+    return STRONGLY_TYPED if major >= 10 else FP16_FLAG
+
+
+def _version_tag(version: str) -> str:
+    major, minor = parse_version(version)
+    return f"{major}.{minor}"
+
+
+# ----------------------------------------------------------------------------------------------------- GPU identity
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    name: str
+    compute_capability: str  # "8.7"
+
+    @property
+    def sm(self) -> str:
+        """``"sm87"`` for compute capability 8.7, ``"sm100"`` for 10.0."""
+        return "sm" + self.compute_capability.replace(".", "")
+
+
+def normalize_compute_capability(value: str | Sequence[int]) -> str:
+    """``"8.7"`` from ``"8.7"``, ``(8, 7)``, ``"87"`` (CuPy's form) or ``"sm87"``."""
+    if not isinstance(value, str):
+        major, minor = (int(v) for v in value)
+        return f"{major}.{minor}"
+    text = value.strip().lower().removeprefix("sm_").removeprefix("sm")
+    if re.fullmatch(r"\d+\.\d+", text):
+        major, minor = text.split(".")
+        return f"{int(major)}.{int(minor)}"
+    if re.fullmatch(r"\d{2,3}", text):  # CuPy: "87", "90", "100", "120"; the last digit is the minor
+        return f"{int(text[:-1])}.{int(text[-1])}"
+    raise ValueError(f"not a compute capability: {value!r}")
+
+
+def _decode_name(raw: Any) -> str:
+    if isinstance(raw, (bytes, bytearray)):
+        raw = bytes(raw).split(b"\0", 1)[0].decode("utf-8", errors="replace")
+    return str(raw).strip()
+
+
+def _probe_cuda_python(device: int) -> GpuIdentity:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        with warnings.catch_warnings():  # the old module path warns about its deprecation on newer releases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from cuda import cudart  # type: ignore[no-redef]
+    ok = cudart.cudaError_t.cudaSuccess
+
+    def call(result):
+        err, value = result[0], result[1]
+        if err != ok:
+            raise RuntimeError(f"CUDA runtime error {err}")
+        return value
+
+    attr = cudart.cudaDeviceAttr
+    major = call(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device))
+    minor = call(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device))
+    props = call(cudart.cudaGetDeviceProperties(device))
+    return GpuIdentity(_decode_name(props.name), f"{int(major)}.{int(minor)}")
+
+
+def parse_nvidia_smi(text: str, device: int = 0) -> GpuIdentity:
+    """The GPU from ``nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader`` output.
+
+    nvidia-smi numbers GPUs in PCI order, CUDA (and TensorRT) by default fastest first and after
+    ``CUDA_VISIBLE_DEVICES``; so with several GPUs of different compute capability the answer is
+    refused rather than guessed.
+    """
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, _, cap = line.rpartition(",")
+        try:
+            gpus.append(GpuIdentity(name.strip(), normalize_compute_capability(cap)))
+        except ValueError:
+            raise ValueError(f"nvidia-smi reported no compute capability ({line.strip()!r})") from None
+    if not gpus:
+        raise ValueError("nvidia-smi listed no GPU")
+    if len({g.compute_capability for g in gpus}) > 1:
+        raise ValueError(f"nvidia-smi lists GPUs of different compute capability ({gpus}); it cannot tell which "
+                         f"one CUDA calls device {device}")
+    return gpus[device] if device < len(gpus) else gpus[0]
+
+
+def _probe_nvidia_smi(device: int) -> GpuIdentity:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        raise FileNotFoundError("nvidia-smi is not on PATH")
+    done = subprocess.run([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr or done.stdout).strip() or f"exit status {done.returncode}")
+    return parse_nvidia_smi(done.stdout, device)
+
+
+def _probe_torch(device: int) -> GpuIdentity:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch sees no CUDA device")
+    major, minor = torch.cuda.get_device_capability(device)
+    return GpuIdentity(torch.cuda.get_device_name(device), f"{major}.{minor}")
+
+
+def _probe_cupy(device: int) -> GpuIdentity:
+    import cupy
+
+    cap = cupy.cuda.Device(device).compute_capability  # a string such as "87"
+    name = cupy.cuda.runtime.getDeviceProperties(device)["name"]
+    return GpuIdentity(_decode_name(name), normalize_compute_capability(cap))
+
+
+GPU_PROBES: tuple[tuple[str, Callable[[int], GpuIdentity]], ...] = (
+    ("cuda-python", _probe_cuda_python),
+    ("nvidia-smi", _probe_nvidia_smi),
+    ("torch", _probe_torch),
+    ("cupy", _probe_cupy),
+)
+
+
+def gpu_identity(device: int = 0, *, probes: Iterable[tuple[str, Callable[[int], GpuIdentity]]] | None = None
+                 ) -> GpuIdentity:
+    """Name and compute capability of CUDA device ``device``: cuda-python, else nvidia-smi, else torch, else CuPy."""
+    failures = []
+    for label, probe in GPU_PROBES if probes is None else probes:
+        try:
+            gpu = probe(device)
+        except Exception as exc:  # noqa: BLE001 - every probe may fail in its own way; the next one is tried
+            failures.append(f"{label}: {type(exc).__name__}: {exc}")
+            continue
+        log.debug("GPU %d from %s: %s, compute capability %s", device, label, gpu.name, gpu.compute_capability)
+        return gpu
+    raise EngineBuildError(f"cannot identify CUDA device {device}, which TensorRT engines are built for ("
+                           + "; ".join(failures) + "); install cuda-python (pip install cuda-python) "
+                           "or put nvidia-smi on PATH")
+
+
+# --------------------------------------------------------------------------------------------------------- trtexec
+
+def _workspace_mib(workspace_gb: float) -> int:
+    if not workspace_gb > 0:
+        raise InputError(None, f"workspace_gb must be positive, got {workspace_gb}")
+    return max(1, int(round(workspace_gb * 1024)))
+
+
+def _check_shape_args(patch_zyx: Sequence[int], max_batch: int) -> tuple[int, int, int]:
+    patch = tuple(int(v) for v in patch_zyx)
+    if len(patch) != 3 or min(patch) < 1:
+        raise InputError(None, f"patch_zyx must be three positive sizes, got {tuple(patch_zyx)}")
+    if int(max_batch) < 1:
+        raise InputError(None, f"max_batch must be at least 1, got {max_batch}")
+    return patch  # type: ignore[return-value]
+
+
+def trtexec_command(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, patch_zyx: Sequence[int],
+                    max_batch: int, workspace_gb: float, timing_cache: str | os.PathLike | None,
+                    strongly_typed: bool, fp32_layers: Sequence[str] = ()) -> str:
+    """The ``trtexec`` command line that builds the same engine as :func:`build_engine`.
+
+    ``fp32_layers`` (weakly typed builds only) are the layer names pinned to fp32; they become
+    ``--precisionConstraints=obey --layerPrecisions=...:fp32 --layerOutputTypes=...:fp32``.
+    """
+    z, y, x = _check_shape_args(patch_zyx, max_batch)
+
+    def shape(batch: int) -> str:
+        return f"{INPUT_NAME}:{batch}x1x{z}x{y}x{x}"
+
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+            f"--minShapes={shape(1)}", f"--optShapes={shape(max_batch)}", f"--maxShapes={shape(max_batch)}",
+            # MiB without a suffix: 8.6 reads the number as MiB (a "G" suffix would be dropped, giving 4 MiB),
+            # 10.x accepts suffixes and defaults to MiB.
+            f"--memPoolSize=workspace:{_workspace_mib(workspace_gb)}"]
+    if timing_cache is not None:
+        args.append(f"--timingCacheFile={timing_cache}")
+    if strongly_typed:
+        args.append("--stronglyTyped")
+    else:
+        args.append("--fp16")
+        if fp32_layers:
+            args += ["--precisionConstraints=obey",
+                     "--layerPrecisions=" + ",".join(f"{name}:fp32" for name in fp32_layers),
+                     "--layerOutputTypes=" + ",".join(f"{name}:fp32" for name in fp32_layers)]
+    args.append("--skipInference")
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+# ---------------------------------------------------------------------------------------------------------- build
+
+_LOGGERS: dict[Any, Any] = {}  # keyed by the module object itself (kept alive), never by a reusable id()
+
+
+def _logger(trt):
+    """One ``trt.Logger`` per TensorRT module: TensorRT keeps the first logger it was given process-wide."""
+    if trt not in _LOGGERS:
+        _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[trt]
+
+
+def _network_flags(trt, mode: str, version: str) -> int:
+    flags = trt.NetworkDefinitionCreationFlag
+    if mode == FP16_FLAG:
+        return 1 << int(flags.EXPLICIT_BATCH)  # required for ONNX in 8.x; deprecated and ignored from 10.0
+    if parse_version(version)[0] >= 11:
+        return 0  # always strongly typed; STRONGLY_TYPED is deprecated and ignored in 11.0
+    if not hasattr(flags, "STRONGLY_TYPED"):
+        raise EngineBuildError(f"TensorRT {version} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED")
+    return 1 << int(flags.STRONGLY_TYPED)
+
+
+def _parse(trt, network, logger, source: Path) -> None:
+    parser = trt.OnnxParser(network, logger)
+    if parser.parse_from_file(str(source)):
+        return
+    problems = []
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        problems.append(f"node {error.node()}: {error.desc()}")
+    raise InputError(source, "TensorRT's ONNX parser refused it: " + ("; ".join(problems) or "no details given"))
+
+
+def _check_input(trt, network, source: Path, mode: str, patch: tuple[int, int, int], max_batch: int) -> None:
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    by_name = {t.name: t for t in tensors}
+    if INPUT_NAME not in by_name or len(tensors) != 1:
+        raise InputError(source, f"has inputs {sorted(by_name)}; a pocketseg network has the one input {INPUT_NAME!r}")
+    tensor = by_name[INPUT_NAME]
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) != 5 or shape[1] != 1 or shape[2:] != patch:
+        raise InputError(source, f"input {INPUT_NAME!r} has shape {shape}, expected (batch, 1, {', '.join(map(str, patch))}) "
+                                 "from the stage's patch_zyx")
+    if shape[0] != -1 and shape[0] < max_batch:
+        raise InputError(source, f"has a fixed batch of {shape[0]}; max_batch {max_batch} needs a dynamic batch")
+    want = trt.float16 if mode == STRONGLY_TYPED else trt.float32
+    if tensor.dtype != want:
+        detail = ("the mixed-precision ONNX (onnx-fp16) is needed: a strongly typed network keeps the file's types"
+                  if mode == STRONGLY_TYPED else
+                  "TensorRT before 10.0 builds FP16 engines from the fp32 ONNX (onnx-fp32) with the FP16 flag")
+        raise InputError(source, f"input {INPUT_NAME!r} is {tensor.dtype}, expected {want}: {detail}")
+
+
+def _pin_instance_norm_fp32(trt, network) -> list[str]:
+    """Pin normalization layers (and the 8.6 parser's InstanceNormalization_TRT plugin layers) to fp32.
+
+    The pocketseg networks have no other plugin layers; any plugin layer is pinned, which is safe (fp32).
+    """
+    kinds = [getattr(trt.LayerType, name) for name in ("NORMALIZATION", "PLUGIN_V2", "PLUGIN_V3")
+             if hasattr(trt.LayerType, name)]
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in kinds:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned.append(layer.name)
+    return pinned
+
+
+def _attach_timing_cache(config, path: Path | None):
+    """Load ``path`` (if it exists) into a timing cache attached to ``config``; returns the cache (keep it alive).
+
+    A cache made on another GPU or TensorRT version is refused by TensorRT (``ignore_mismatch=False``);
+    the build then starts from an empty cache, which replaces the file afterwards.
+    """
+    if path is None:
+        return None
+    data = path.read_bytes() if path.is_file() else b""
+    problem = None
+    try:
+        cache = config.create_timing_cache(data)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            problem = "was made for another GPU or TensorRT version"
+    except Exception as exc:  # noqa: BLE001 - a corrupt cache file must not stop the build
+        problem = f"is unreadable ({exc})"
+    if problem is None:
+        return cache
+    if data:
+        log.warning("timing cache %s %s; starting a new one", path, problem)
+        cache = config.create_timing_cache(b"")
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+    raise EngineBuildError(f"TensorRT refused a new, empty timing cache for {path}")
+
+
+def _build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, patch_zyx: Sequence[int], max_batch: int,
+           workspace_gb: float, timing_cache: str | os.PathLike | None, fp32_onnx: str | os.PathLike | None,
+           trt, gpu: GpuIdentity | None, overwrite: bool, shown_engine_path: str | os.PathLike, verbose: bool
+           ) -> EngineRecord:
+    patch = _check_shape_args(patch_zyx, max_batch)
+    max_batch = int(max_batch)
+    workspace_bytes = _workspace_mib(workspace_gb) * (1 << 20)
+    trt = import_tensorrt() if trt is None else trt
+    version = str(trt.__version__)
+    mode = build_mode(version)
+    if mode == STRONGLY_TYPED:
+        source = Path(onnx_path)
+    else:
+        source = Path(fp32_onnx if fp32_onnx is not None else onnx_path)
+    if not source.is_file():
+        raise InputError(source, "ONNX file not found")
+    engine_path = check_writable_target(engine_path, overwrite=overwrite)
+    cache_path = None if timing_cache is None else check_writable_target(timing_cache, overwrite=True)
+    gpu = gpu_identity() if gpu is None else gpu
+
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt, mode, version))
+    _parse(trt, network, logger, source)
+    _check_input(trt, network, source, mode, patch, max_batch)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    pinned: list[str] = []
+    if mode == FP16_FLAG:
+        config.set_flag(trt.BuilderFlag.FP16)
+        pinned = _pin_instance_norm_fp32(trt, network)
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        else:
+            log.warning("%s: no InstanceNormalization layer found to keep in fp32", source)
+
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, min=(1, 1, *patch), opt=(max_batch, 1, *patch), max=(max_batch, 1, *patch))
+    config.add_optimization_profile(profile)
+    cache = _attach_timing_cache(config, cache_path)
+
+    command = trtexec_command(source, shown_engine_path, patch_zyx=patch, max_batch=max_batch,
+                              workspace_gb=workspace_gb, timing_cache=cache_path,
+                              strongly_typed=mode == STRONGLY_TYPED, fp32_layers=pinned)
+    log.log(logging.INFO if verbose else logging.DEBUG,
+            "building a TensorRT %s %s engine for %s (%s); equivalent command:\n  %s",
+            version, mode, gpu.name, gpu.sm, command)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT {version} could not build an engine from {source} (its log above says why); "
+                               f"nothing was written to {shown_engine_path}")
+    atomic_write_bytes(engine_path, memoryview(serialized), overwrite=overwrite)
+    if cache_path is not None and cache is not None:
+        built_cache = config.get_timing_cache()
+        if built_cache is not None:
+            atomic_write_bytes(cache_path, memoryview(built_cache.serialize()), overwrite=True)
+    return EngineRecord(file=Path(shown_engine_path).name, precision=PRECISION, tensorrt_version=version,
+                        compute_capability=gpu.compute_capability, gpu_name=gpu.name, max_batch=max_batch)
+
+
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, patch_zyx: Sequence[int],
+                 max_batch: int = 1, workspace_gb: float = 4.0, timing_cache: str | os.PathLike | None = None,
+                 fp32_onnx: str | os.PathLike | None = None, trt=None, gpu: GpuIdentity | None = None,
+                 overwrite: bool = True) -> EngineRecord:
+    """Build an FP16 engine for this GPU and write it atomically to ``engine_path``.
+
+    ``onnx_path`` is the mixed-precision ONNX (used by TensorRT >= 10); ``fp32_onnx`` the fp32 ONNX that
+    TensorRT 8.6/9.x builds from with the FP16 flag (``onnx_path`` is used when it is not given).
+    The profile covers batches 1 .. ``max_batch`` (optimised for ``max_batch``) at the fixed patch size.
+    ``timing_cache`` is read when it exists and rewritten after a successful build.
+    ``trt`` replaces the ``tensorrt`` module and ``gpu`` the probed GPU identity (tests).
+    Nothing is written when the build fails.
+    """
+    return _build(onnx_path, engine_path, patch_zyx=patch_zyx, max_batch=max_batch, workspace_gb=workspace_gb,
+                  timing_cache=timing_cache, fp32_onnx=fp32_onnx, trt=trt, gpu=gpu, overwrite=overwrite,
+                  shown_engine_path=engine_path, verbose=True)
+
+
+def engine_file_name(stage: str, gpu: GpuIdentity, tensorrt_version: str) -> str:
+    """``roi_fp16_sm87_trt10.8.engine``: engines only run on the GPU kind and TensorRT version they were built by."""
+    return f"{stage}_{PRECISION}_{gpu.sm}_trt{_version_tag(tensorrt_version)}.engine"
+
+
+def engine_matches(record: EngineRecord, tensorrt_version: str, compute_capability: str) -> bool:
+    """Whether the engine of ``record`` runs here: same TensorRT major.minor and same compute capability.
+
+    (TensorRT engines are not portable across TensorRT versions unless built version-compatible,
+    which pocketseg does not do, nor across compute capabilities.)
+    """
+    try:
+        return (parse_version(record.tensorrt_version) == parse_version(tensorrt_version)
+                and normalize_compute_capability(record.compute_capability)
+                == normalize_compute_capability(compute_capability))
+    except ValueError:  # InputError is a ValueError too: a malformed record never matches
+        return False
+
+
+def select_engine(stage: Stage, tensorrt_version: str, compute_capability: str) -> EngineRecord | None:
+    """The engine record of ``stage`` usable with this TensorRT and GPU (the last one recorded), or None."""
+    usable = [e for e in stage.engines if engine_matches(e, tensorrt_version, compute_capability)]
+    return usable[-1] if usable else None
+
+
+def build_package_engines(package_dir: str | os.PathLike, *, workspace_gb: float = 4.0,
+                          timing_cache: str | os.PathLike | None = None, max_batch: int = 1, progress: bool = True,
+                          trt=None, gpu: GpuIdentity | None = None) -> Manifest:
+    """Build an engine per stage of a model package for this GPU and record them in its manifest.
+
+    The package is verified first (checksums). Engines are built to temporary files and only renamed into
+    place once every stage built; records for the same compute capability and TensorRT major.minor are
+    replaced, records for other GPUs or versions kept. Returns the new manifest (also written to manifest.json).
+    """
+    folder = Path(package_dir)
+    manifest = load_package(folder)
+    check_writable_target(folder / MANIFEST_NAME, overwrite=True)
+    trt = import_tensorrt() if trt is None else trt
+    version = str(trt.__version__)
+    mode = build_mode(version)
+    gpu = gpu_identity() if gpu is None else gpu
+    level = logging.INFO if progress else logging.DEBUG
+
+    plans = []
+    for stage in manifest.stages.values():
+        fp16, fp32 = stage.files.get(TARGET_FP16), stage.files.get(TARGET_FP32)
+        if mode == STRONGLY_TYPED and fp16 is None:
+            raise InputError(folder, f"stage {stage.name} has no {TARGET_FP16} file, which TensorRT {version} "
+                                     "(strongly typed) builds FP16 engines from; export the package with fp16 ONNX")
+        if mode == FP16_FLAG and fp32 is None:
+            raise InputError(folder, f"stage {stage.name} has no {TARGET_FP32} file, which TensorRT {version} "
+                                     "builds FP16 engines from")
+        plans.append((stage, fp16, fp32, engine_file_name(stage.name, gpu, version)))
+
+    built: list[tuple[Stage, Path, str, EngineRecord]] = []
+    try:
+        for n, (stage, fp16, fp32, name) in enumerate(plans, 1):
+            log.log(level, "[%d/%d] %s stage: building %s", n, len(plans), stage.name, name)
+            temporary = folder / f".{name}.building"
+            built.append((stage, temporary, name, _build(
+                folder / (fp16 if mode == STRONGLY_TYPED else fp32), temporary, patch_zyx=stage.patch_zyx,
+                max_batch=max_batch, workspace_gb=workspace_gb, timing_cache=timing_cache,
+                fp32_onnx=None if fp32 is None else folder / fp32, trt=trt, gpu=gpu, overwrite=True,
+                shown_engine_path=folder / name, verbose=progress)))
+        for _, temporary, name, _ in built:
+            os.replace(temporary, folder / name)
+    except BaseException:
+        for _, temporary, _, _ in built:
+            temporary.unlink(missing_ok=True)
+        raise
+
+    stages = dict(manifest.stages)
+    for stage, _, name, record in built:
+        kept = tuple(e for e in stage.engines
+                     if e.file != name and not engine_matches(e, version, gpu.compute_capability))
+        stages[stage.name] = replace(stage, engines=kept + (record,))
+    new = replace(manifest, stages=stages).with_checksums(folder)
+    atomic_write_bytes(folder / MANIFEST_NAME, new.to_json().encode("utf-8"), overwrite=True)
+    log.log(level, "recorded %d engine(s) for %s (compute capability %s, TensorRT %s) in %s",
+            len(built), gpu.name, gpu.compute_capability, version, folder / MANIFEST_NAME)
+    return new

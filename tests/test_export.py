@@ -1,0 +1,150 @@
+"""Export to a model package: ONNX parity with PyTorch, fp16 agreement, package contents, bad runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pocketseg.engine_build.export import PARITY_TOL, check_parity, export_onnx, export_package, load_run, parity_patch
+from pocketseg.errors import InputError, OutputError
+from pocketseg.manifest import load_package
+from pocketseg.trainer import checkpoint as ckpt
+from pocketseg.trainer.network import PocketUNet
+from pocketseg.trainer.presets import get_preset
+from pocketseg.trainer.train import RunConfig
+
+pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'export') is not installed")
+INTENSITY = {"mean": 80.0, "std": 70.0, "percentile_00_5": -110.0, "percentile_99_5": 320.0}
+
+
+def make_run(folder: Path, stage: str, preset_name: str, seed: int = 0) -> Path:
+    """A run folder as `pocketseg train` leaves it (config + checkpoint), with He-initialised weights."""
+    preset = get_preset(preset_name, stage)
+    folder.mkdir(parents=True)
+    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=INTENSITY, dataset="synthetic", train_cases=["a"],
+                    val_cases=["b"], epochs=1, iterations=1, batch_size=2, lr=0.01, schedule="step", seed=seed)
+    (folder / "config.json").write_text(json.dumps(asdict(cfg)))
+    torch.manual_seed(seed)
+    net = PocketUNet(preset.unet_config(), deep_supervision=True)
+    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": net.state_dict(), "stage": stage, "preset": preset.name,
+                                                "epoch": 1, "finished": True})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return make_run(root / "roi", "roi", "roi-tiny"), make_run(root / "detail", "detail", "detail-tiny", seed=1)
+
+
+def test_export_writes_a_verified_package(runs, tmp_path):
+    out = export_package(*runs, tmp_path / "pkg", fp16=False)
+    manifest = load_package(out)  # checksums verified
+    report = json.loads((out / "export_report.json").read_text())
+    for stage in ("roi", "detail"):
+        assert report[stage]["fp32_max_abs_logit_diff"] <= PARITY_TOL
+        files = manifest.stages[stage].files
+        assert files == {"torch": f"{stage}.safetensors", "onnx-fp32": f"{stage}.onnx"}
+    assert manifest.roi.num_classes == 2 and manifest.detail.num_classes == 15
+    assert manifest.detail.intensity.mean == INTENSITY["mean"] and manifest.detail.patch_zyx == (16, 32, 32)
+    # safetensors weights reload into the network without pickle and reproduce the checkpoint.
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "detail.safetensors"))
+    reference = ckpt.load_checkpoint(runs[1] / ckpt.LATEST)["model"]
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_onnx_has_dynamic_batch_and_matches_torch(runs, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    _, preset, net, _ = load_run(runs[1], "detail")
+    path = tmp_path / "detail.onnx"
+    export_onnx(net, preset.patch_zyx, path)
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version >= 17
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [1, 16, 32, 32]
+    patch = parity_patch(INTENSITY, preset.spacing_mm_zyx, preset.patch_zyx)
+    assert patch.shape == (16, 32, 32) and -3 < patch.mean() < 3 and patch.std() > 0.1  # real CT, normalised
+    assert check_parity(net, path, patch) <= PARITY_TOL
+    batch = np.stack([patch, patch[::-1].copy()])[:, None].astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": batch})[0]
+    with torch.no_grad():
+        ref = net(torch.from_numpy(batch)).numpy()
+    assert got.shape == (2, 15, 16, 32, 32) and np.abs(got - ref).max() <= PARITY_TOL
+
+
+def test_fp16_graph_is_in_the_package_and_checked(runs, tmp_path):
+    import onnx
+
+    from pocketseg.engine_build.fp16 import fp16_summary
+
+    out = export_package(*runs, tmp_path / "pkg")
+    manifest = load_package(out)
+    report = json.loads((out / "export_report.json").read_text())
+    for stage in ("roi", "detail"):
+        assert manifest.stages[stage].files["onnx-fp16"] == f"{stage}_fp16.onnx"
+        summary = fp16_summary(onnx.load(str(out / f"{stage}_fp16.onnx")))
+        assert set(summary["float32_ops"]) == {"InstanceNormalization"}
+        assert summary["inputs"] == {"image": "float16"} and summary["outputs"] == {"logits": "float16"}
+        info = report[stage]
+        assert info["onnx_fp16_bytes"] < 0.8 * info["onnx_fp32_bytes"]
+        # Untrained (He-initialised) nets have near-tied logits; fp16 rounding flips only a few of them.
+        assert info["fp16_argmax_agreement"] > 0.99
+        assert info["fp16_verified"] == (info["fp16_argmax_agreement"] >= 0.999)
+
+
+def test_strict_export_refuses_fp16_disagreement(runs, tmp_path, monkeypatch):
+    import pocketseg.engine_build.export as E
+
+    monkeypatch.setattr(E, "check_fp16", lambda *a, **k: {"argmax_agreement": 0.98, "max_abs_logit_diff": 0.5})
+    with pytest.raises(RuntimeError, match="fp16 ONNX agrees"):
+        export_package(*runs, tmp_path / "pkg", strict=True)
+    assert not (tmp_path / "pkg").exists()
+    assert export_package(*runs, tmp_path / "pkg2").is_dir()  # the default keeps the package, with a warning
+
+
+def test_bad_runs_and_outputs(runs, tmp_path):
+    roi, detail = runs
+    with pytest.raises(InputError, match="'detail' run, but the roi net"):
+        export_package(detail, detail, tmp_path / "a", fp16=False)
+    empty = tmp_path / "norun"
+    empty.mkdir()
+    with pytest.raises(InputError, match="not a pocketseg training run"):
+        export_package(roi, empty, tmp_path / "b", fp16=False)
+    nockpt = make_run(tmp_path / "nockpt", "detail", "detail-tiny")
+    (nockpt / ckpt.LATEST).unlink()
+    with pytest.raises(InputError, match="has no checkpoint"):
+        export_package(roi, nockpt, tmp_path / "c", fp16=False)
+    wrong = make_run(tmp_path / "wrong", "detail", "detail-tiny")
+    state = ckpt.load_checkpoint(wrong / ckpt.LATEST)
+    ckpt.save_checkpoint(wrong / ckpt.LATEST, {**state, "preset": "detail-cpu"})
+    with pytest.raises(InputError, match="expected detail/detail-tiny"):
+        export_package(roi, wrong, tmp_path / "d", fp16=False)
+    mismatch = make_run(tmp_path / "mismatch", "detail", "detail-tiny")
+    state = ckpt.load_checkpoint(mismatch / ckpt.LATEST)
+    big = PocketUNet(get_preset("detail-cpu").unet_config(), deep_supervision=True).state_dict()
+    ckpt.save_checkpoint(mismatch / ckpt.LATEST, {**state, "model": big})
+    with pytest.raises(InputError, match="do not fit preset"):
+        export_package(roi, mismatch, tmp_path / "e", fp16=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError):
+        export_package(roi, detail, blocker / "pkg", fp16=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mismatch", "nockpt", "norun", "wrong"]
+
+
+def test_failed_check_leaves_nothing(runs, tmp_path, monkeypatch):
+    import pocketseg.engine_build.export as E
+
+    monkeypatch.setattr(E, "check_parity", lambda *a, **k: 1.0)
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        export_package(*runs, tmp_path / "pkg", fp16=False)
+    assert list(tmp_path.iterdir()) == []

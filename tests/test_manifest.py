@@ -1,0 +1,72 @@
+"""Model package manifest: round trip, checksum verification, refusal of tampered packages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pocketseg.errors import InputError
+from pocketseg.manifest import (FORMAT_VERSION, MANIFEST_NAME, EngineRecord, Intensity, Manifest, Network, Stage,
+                                load_package, read_manifest)
+
+
+def _stage(name: str, classes: int) -> Stage:
+    return Stage(name=name, preset=f"{name}-tiny", network=Network(8, ((3, 3, 3),) * 3, ((1, 1, 1), (1, 2, 2), (2, 2, 2))),
+                 num_classes=classes, spacing_mm_zyx=(5.0, 4.0, 4.0), patch_zyx=(16, 32, 32),
+                 intensity=Intensity(50.0, 60.0, -100.0, 300.0),
+                 files={"onnx-fp32": f"{name}.onnx", "torch": f"{name}.safetensors"},
+                 engines=(EngineRecord(f"{name}_fp16_sm87_trt10.3.engine", "fp16", "10.3.0", "8.7", "Orin", 1),)
+                 if name == "roi" else ())
+
+
+@pytest.fixture
+def package(tmp_path):
+    manifest = Manifest(stages={"roi": _stage("roi", 2), "detail": _stage("detail", 15)})
+    for name in manifest.files():
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    manifest = manifest.with_checksums(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(manifest.to_json())
+    return tmp_path, manifest
+
+
+def test_round_trip_is_exact(package):
+    folder, manifest = package
+    loaded = load_package(folder)
+    assert loaded == manifest
+    assert loaded.roi.patch_zyx == (16, 32, 32) and loaded.detail.num_classes == 15
+    assert loaded.roi.engines[0].compute_capability == "8.7"
+    assert loaded.labels["tumor"] == 14 and loaded.axis_order == "zyx" and loaded.format_version == FORMAT_VERSION
+    assert set(loaded.checksums) == set(manifest.files())
+
+
+def test_tampered_missing_and_unlisted_files_are_refused(package):
+    folder, manifest = package
+    (folder / "detail.onnx").write_bytes(b"evil")
+    with pytest.raises(InputError, match="detail.onnx does not match its SHA-256"):
+        load_package(folder)
+    (folder / "detail.onnx").unlink()
+    with pytest.raises(InputError, match="detail.onnx is missing"):
+        load_package(folder)
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["checksums"].pop("roi.onnx")
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(InputError, match="roi.onnx has no checksum"):
+        load_package(folder)
+
+
+def test_bad_manifests(tmp_path, package):
+    with pytest.raises(InputError, match="not a pocketseg model package"):
+        read_manifest(tmp_path / "nowhere")
+    folder, _ = package
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).write_text(json.dumps({**data, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(InputError, match="newer"):
+        read_manifest(folder)
+    del data["stages"]["roi"]["patch_zyx"]
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(InputError, match="malformed"):
+        read_manifest(folder)
+    (folder / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_manifest(folder)
