@@ -1,5 +1,9 @@
 """Shared fixtures.
 
+``backend``: the array modules of the two devices, NumPy/SciPy and CuPy/cupyx
+(the CuPy variant is marked ``gpu`` and skipped, with the reason, where CuPy or
+a GPU is missing).
+
 ``ct_examples``: the folder of small real CT volumes (see its NOTICE.md). It is
 not part of the repository: it sits beside the clone at
 ``../shared/data/ct_examples`` and can be pointed elsewhere with the
@@ -12,8 +16,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import scipy.ndimage
 
 CT_EXAMPLES_ENV = "POCKETSEG_CT_EXAMPLES"
 
@@ -33,3 +40,27 @@ def ct_examples() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real CT examples not found at {folder} (set {CT_EXAMPLES_ENV} to their folder)")
     return folder
+
+
+def _cupy_backend() -> SimpleNamespace:
+    """CuPy + cupyx.scipy.ndimage, or skip with the reason."""
+    try:
+        import cupy
+        import cupyx.scipy.ndimage as cundi
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        pytest.skip(f"CuPy is not usable here: {exc}")
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        pytest.skip(f"no CUDA GPU available: {exc}")
+    if n_gpus < 1:
+        pytest.skip("no CUDA GPU available")
+    return SimpleNamespace(xp=cupy, ndi=cundi, to_np=cupy.asnumpy)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request: pytest.FixtureRequest) -> SimpleNamespace:
+    """xp/ndi of one device: the same test body runs on NumPy here and on CuPy where a GPU is lent."""
+    if request.param == "cupy":
+        return _cupy_backend()
+    return SimpleNamespace(xp=np, ndi=scipy.ndimage, to_np=np.asarray)

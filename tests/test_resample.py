@@ -21,29 +21,6 @@ from pocketseg.runtime.resample import (
 )
 
 
-def _cupy_backend() -> SimpleNamespace:
-    """CuPy + cupyx.scipy.ndimage, or skip with the reason."""
-    try:
-        import cupy
-        import cupyx.scipy.ndimage as cundi
-    except Exception as exc:  # ImportError, or a CUDA library that fails to load
-        pytest.skip(f"CuPy is not usable here: {exc}")
-    try:
-        n_gpus = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        pytest.skip(f"no CUDA GPU available: {exc}")
-    if n_gpus < 1:
-        pytest.skip("no CUDA GPU available")
-    return SimpleNamespace(xp=cupy, ndi=cundi, to_np=cupy.asnumpy)
-
-
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def backend(request: pytest.FixtureRequest) -> SimpleNamespace:
-    if request.param == "cupy":
-        return _cupy_backend()
-    return SimpleNamespace(xp=np, ndi=scipy.ndimage, to_np=np.asarray)
-
-
 def _smooth(shape: tuple[int, int, int]) -> np.ndarray:
     """A smooth (band-limited, well below Nyquist) test volume."""
     z, y, x = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")

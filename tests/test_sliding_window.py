@@ -21,28 +21,6 @@ from pocketseg.runtime.sliding_window import (
 )
 
 
-def _cupy_backend() -> SimpleNamespace:
-    """CuPy, or skip with the reason."""
-    try:
-        import cupy
-    except Exception as exc:  # ImportError, or a CUDA library that fails to load
-        pytest.skip(f"CuPy is not usable here: {exc}")
-    try:
-        n_gpus = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        pytest.skip(f"no CUDA GPU available: {exc}")
-    if n_gpus < 1:
-        pytest.skip("no CUDA GPU available")
-    return SimpleNamespace(xp=cupy, to_np=cupy.asnumpy)
-
-
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def backend(request: pytest.FixtureRequest) -> SimpleNamespace:
-    if request.param == "cupy":
-        return _cupy_backend()
-    return SimpleNamespace(xp=np, to_np=np.asarray)
-
-
 class RecordingNet:
     """A per-voxel 'network': logits = (x, -x, x**2); records every batch it sees."""
 

@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from pocketseg import labels as L
 from pocketseg.synth.canvas import Canvas
 from pocketseg.synth.shapes import Ellipsoid, Tube, Wobble, jitter, rotation
-from pocketseg.synth.tissues import BONE, PHASES, SOFT, Tissue, hu_table
+from pocketseg.synth.tissues import PHASES, SOFT, Tissue, hu_table
 
 log = logging.getLogger(__name__)
 T = Tissue
