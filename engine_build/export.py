@@ -6,7 +6,8 @@ dynamic batch, input ``image`` / output ``logits``), clean the graph with
 onnx-graphsurgeon (fold constants, clean up, topological sort), and check it
 against PyTorch on a real synthetic-CT patch prepared exactly as the runtime
 would (canonical orientation, CT normalisation with the run's statistics,
-resampling to the stage spacing): max |Δlogit| must be <= 1e-3 in fp32. The
+resampling to the stage spacing): max |Δlogit| must be <= 1e-3 in fp32, scaled
+by the largest |logit| when that exceeds 1 (see :func:`parity_tolerance`). The
 fp16 graph is checked with ONNX Runtime: argmax agreement with fp32 should be
 >= 99.9 % of voxels (a warning below, an error with ``strict``; ONNX Runtime on
 CPU has no fp16 kernels, so this measures the rounding of weights and I/O). Everything is written into a temporary folder that is
@@ -137,15 +138,26 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def check_parity(net, onnx_path: Path, patch: np.ndarray) -> float:
-    """max |logit(ONNX Runtime) - logit(PyTorch)| on one patch, fp32."""
+def parity_tolerance(max_abs_logit: float) -> float:
+    """Allowed max |Δlogit| between ONNX Runtime and PyTorch in fp32.
+
+    1e-3 for logits of order 1, growing with the largest logit: torch (oneDNN) and ONNX Runtime (MLAS)
+    accumulate in different orders, and a paper-size net (2.6-7.7 TFLOP per patch, 10-12
+    InstanceNorms) differs by a few 1e-4 of its logit scale for that reason alone.
+    """
+    return PARITY_TOL * max(1.0, max_abs_logit)
+
+
+def check_parity(net, onnx_path: Path, patch: np.ndarray) -> dict[str, float]:
+    """ONNX Runtime vs PyTorch on one patch, fp32: max |Δlogit|, largest |logit| and argmax agreement."""
     import torch
 
     x = np.ascontiguousarray(patch[None, None], dtype=np.float32)
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     got = _ort_session(onnx_path).run(["logits"], {"image": x})[0]
-    return float(np.abs(got - ref).max())
+    return {"max_abs_logit_diff": float(np.abs(got - ref).max()), "max_abs_logit": float(np.abs(ref).max()),
+            "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean())}
 
 
 def check_fp16(fp32_path: Path, fp16_path: Path, patch: np.ndarray) -> dict[str, float]:
@@ -168,10 +180,12 @@ def _stage_files(stage: str, folder: Path, net, weights, preset, config, *, fp16
     info: dict[str, Any] = {"onnx_fp32_bytes": (folder / files["onnx-fp32"]).stat().st_size}
     patch = parity_patch(config["intensity"], preset.spacing_mm_zyx, preset.patch_zyx) if check or fp16 else None
     if check:
-        diff = check_parity(net, folder / files["onnx-fp32"], patch)
-        info["fp32_max_abs_logit_diff"] = diff
-        if diff > PARITY_TOL:
-            raise RuntimeError(f"{stage}: ONNX export differs from PyTorch by {diff:.3g} > {PARITY_TOL} (max |logit|)")
+        parity = check_parity(net, folder / files["onnx-fp32"], patch)
+        info.update({f"fp32_{k}": v for k, v in parity.items()})
+        tol = parity_tolerance(parity["max_abs_logit"])
+        if parity["max_abs_logit_diff"] > tol:
+            raise RuntimeError(f"{stage}: ONNX export differs from PyTorch by {parity['max_abs_logit_diff']:.3g} "
+                               f"> {tol:.3g} (max |Δlogit|; largest |logit| {parity['max_abs_logit']:.3g})")
     if fp16:
         onnx = _require("onnx", "ONNX export")
         from pocketseg.engine_build.fp16 import convert_to_mixed_fp16
