@@ -27,13 +27,18 @@ from typing import Any
 import numpy as np
 
 from pocketseg.atomic import atomic_output_dir
-from pocketseg.errors import InputError, MissingDependencyError
+from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
 from pocketseg.manifest import MANIFEST_NAME, Intensity, Manifest, Network, PostProcess, Stage
 from pocketseg.engine_build.targets import file_name
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+MAX_OPSET = 20  # the highest opset torch's TorchScript exporter writes
+
+
+class ExportCheckError(PocketsegError, RuntimeError):
+    """The exported graph failed a parity or precision check; nothing was written."""
 PARITY_TOL = 1e-3
 FP16_AGREEMENT_MIN = 0.999
 
@@ -61,7 +66,13 @@ def load_run(run_dir: str | os.PathLike, stage: str):
     config_path = run / "config.json"
     if not config_path.is_file():
         raise InputError(run, "is not a pocketseg training run (no config.json)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(config_path, f"is not valid JSON ({exc})") from None
+    if not (isinstance(config.get("preset"), dict) and "name" in config["preset"]
+            and isinstance(config.get("intensity"), dict)):
+        raise InputError(config_path, "is not a pocketseg run config (no preset name or intensity statistics)")
     if config.get("stage") != stage:
         raise InputError(run, f"is a {config.get('stage')!r} run, but the {stage} net was asked for")
     preset = get_preset(config["preset"]["name"], stage)
@@ -84,7 +95,7 @@ def load_run(run_dir: str | os.PathLike, stage: str):
 
 def parity_patch(intensity: dict[str, float], spacing_mm_zyx, patch_zyx, *, seed: int = 0) -> np.ndarray:
     """A normalised synthetic-CT patch at the stage's spacing, centred on the abdomen, as the runtime prepares it."""
-    from pocketseg.runtime.resample import resample_image
+    from pocketseg.runtime.resample import resample_image, separate_z_axis
     from pocketseg.synth.phantom import make_phantom
     from pocketseg.trainer.preprocess import IntensityStats, canonical_zyx
     from pocketseg.volume import Volume
@@ -98,7 +109,8 @@ def parity_patch(intensity: dict[str, float], spacing_mm_zyx, patch_zyx, *, seed
     hi = np.minimum(np.round(centre + half).astype(int), image.shape)
     crop = image[tuple(slice(a, b) for a, b in zip(lo, hi))]
     stats = IntensityStats(**intensity)
-    return resample_image(stats.normalize(crop), tuple(patch_zyx), order=3)
+    return resample_image(stats.normalize(crop), tuple(patch_zyx), order=3,
+                          separate_z=separate_z_axis(spacing, spacing_mm_zyx))
 
 
 def export_onnx(net, patch_zyx, path: Path, opset: int = OPSET) -> None:
@@ -184,7 +196,7 @@ def _stage_files(stage: str, folder: Path, net, weights, preset, config, *, fp16
         info.update({f"fp32_{k}": v for k, v in parity.items()})
         tol = parity_tolerance(parity["max_abs_logit"])
         if parity["max_abs_logit_diff"] > tol:
-            raise RuntimeError(f"{stage}: ONNX export differs from PyTorch by {parity['max_abs_logit_diff']:.3g} "
+            raise ExportCheckError(f"{stage}: ONNX export differs from PyTorch by {parity['max_abs_logit_diff']:.3g} "
                                f"> {tol:.3g} (max |Δlogit|; largest |logit| {parity['max_abs_logit']:.3g})")
     if fp16:
         onnx = _require("onnx", "ONNX export")
@@ -203,7 +215,7 @@ def _stage_files(stage: str, folder: Path, net, weights, preset, config, *, fp16
                 message = (f"{stage}: fp16 ONNX agrees with fp32 on {100 * info['fp16_argmax_agreement']:.3f} % of voxels "
                            f"(< {100 * FP16_AGREEMENT_MIN:.1f} %); check accuracy before deploying fp16")
                 if strict:
-                    raise RuntimeError(message)
+                    raise ExportCheckError(message)
                 log.warning(message)
     report[stage] = info
     log.info("%s: %s", stage, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
@@ -226,8 +238,9 @@ def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str |
     ``strict`` also refuses a package whose fp16 graph agrees with fp32 on fewer than 99.9 % of voxels
     (otherwise a warning, recorded in ``export_report.json``).
     """
-    if opset < 17:
-        raise InputError(None, f"opset must be >= 17 (InstanceNormalization and dynamic batch as TensorRT needs), got {opset}")
+    if not OPSET <= opset <= MAX_OPSET:
+        raise InputError(None, f"opset must be {OPSET}-{MAX_OPSET} (TensorRT needs >= 17; the exporter writes <= {MAX_OPSET}), "
+                               f"got {opset}")
     runs = {"roi": load_run(roi, "roi"), "detail": load_run(detail, "detail")}
     report: dict[str, Any] = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

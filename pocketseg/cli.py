@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the ROI or detail net of the cascade on a raw nnU-Net v2 data set",
                        description="Train one cascade stage (nnU-Net-style preprocessing, augmentation and loss). "
-                                   "Multi-GPU/multi-node: launch with torchrun --nproc_per_node N -m pocketseg train ...")
+                                   "Multi-GPU/multi-node: launch with torchrun --nproc_per_node N -m pocketseg train ... "
+                                   "(across nodes the run folder and cache must be on a shared filesystem).")
     p.add_argument("dataset", metavar="DATASET", help="raw data set folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument("--stage", required=True, choices=["roi", "detail"], help="cascade stage to train")
     p.add_argument("--preset", required=True, help="network preset (see pocketseg model-info), e.g. detail or detail-cpu")

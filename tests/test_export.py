@@ -107,7 +107,7 @@ def test_strict_export_refuses_fp16_disagreement(runs, tmp_path, monkeypatch):
     import pocketseg.engine_build.export as E
 
     monkeypatch.setattr(E, "check_fp16", lambda *a, **k: {"argmax_agreement": 0.98, "max_abs_logit_diff": 0.5})
-    with pytest.raises(RuntimeError, match="fp16 ONNX agrees"):
+    with pytest.raises(E.ExportCheckError, match="fp16 ONNX agrees"):
         export_package(*runs, tmp_path / "pkg", strict=True)
     assert not (tmp_path / "pkg").exists()
     assert export_package(*runs, tmp_path / "pkg2").is_dir()  # the default keeps the package, with a warning
@@ -143,11 +143,17 @@ def test_bad_runs_and_outputs(runs, tmp_path):
     ckpt.save_checkpoint(mismatch / ckpt.LATEST, {**state, "model": big})
     with pytest.raises(InputError, match="do not fit preset"):
         export_package(roi, mismatch, tmp_path / "e", fp16=False)
+    broken = make_run(tmp_path / "broken", "detail", "detail-tiny")
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="not a pocketseg run config"):
+        export_package(roi, broken, tmp_path / "f", fp16=False)
+    with pytest.raises(InputError, match="opset"):
+        export_package(roi, detail, tmp_path / "g", opset=99)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OutputError):
         export_package(roi, detail, blocker / "pkg", fp16=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mismatch", "nockpt", "norun", "wrong"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "file", "mismatch", "nockpt", "norun", "wrong"]
 
 
 def test_failed_check_leaves_nothing(runs, tmp_path, monkeypatch):
@@ -155,6 +161,6 @@ def test_failed_check_leaves_nothing(runs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "check_parity", lambda *a, **k: {"max_abs_logit_diff": 0.5, "max_abs_logit": 20.0,
                                                             "argmax_agreement": 1.0})
-    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+    with pytest.raises(E.ExportCheckError, match="differs from PyTorch"):
         export_package(*runs, tmp_path / "pkg", fp16=False)
     assert list(tmp_path.iterdir()) == []

@@ -63,7 +63,9 @@ def test_resume_continues_exactly(dataset, cache, tmp_path):
     part = train(dataset, stage="roi", preset="roi-tiny", epochs=1, out=tmp_path / "b", cache=cache, **QUICK)
     torch.manual_seed(999)  # disturb the global RNG: resume must restore what it needs
     np.random.seed(999)
-    resumed = train(dataset, stage="roi", preset="roi-tiny", epochs=2, out=part, resume=True, cache=cache, **QUICK)
+    # Changed settings on the command line do not alter a resumed run: it continues with its own.
+    resumed = train(dataset, stage="roi", preset="roi-tiny", epochs=2, out=part, resume=True, cache=cache,
+                    **{**QUICK, "iterations": 7, "lr": 0.5, "seed": 3})
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
@@ -165,6 +167,10 @@ def test_bad_input_is_reported_before_training(dataset, cache, tmp_path):
         train(dataset, out=busy, **args)
     with pytest.raises(InputError, match="resume"):
         train(dataset, out=tmp_path / "nothing", resume=True, **args)
+    with pytest.raises(OutputError, match="not a folder"):
+        train(dataset, out=busy / "notes.txt", **args)
+    with pytest.raises(InputError, match="lr must be"):
+        train(dataset, out=tmp_path / "r5", **{**args, "lr": float("nan")})
     with pytest.raises(OutputError, match="cannot create"):
         train(dataset, out=busy / "notes.txt" / "run", **args)  # a file where a folder must go
     with pytest.raises(InputError, match="not detail"):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
-from pocketseg.errors import InputError
+from pocketseg.errors import InputError, OutputError
 from pocketseg.geometry import spacing_from_affine
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
 from pocketseg.trainer.dataset import CaseRecord
@@ -146,6 +147,7 @@ def preprocess_case(case: CaseRecord, stats: IntensityStats, spacing_mm_zyx: tup
                     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Canonical orientation, body crop, CT normalisation, resampling of one case."""
     img, seg, spacing = _load_pair(case)
+    original_shape = img.shape
     box = body_bbox(img)
     img = img[box]
     seg = seg[box] if seg is not None else None
@@ -155,7 +157,7 @@ def preprocess_case(case: CaseRecord, stats: IntensityStats, spacing_mm_zyx: tup
     if seg is not None:
         seg = resample_labels(seg, new_shape, separate_z=sep)
     props: dict[str, Any] = {
-        "case": case.name, "original_spacing_mm_zyx": list(spacing), "original_shape_zyx": list(img.shape),
+        "case": case.name, "original_spacing_mm_zyx": list(spacing), "original_shape_zyx": list(original_shape),
         "body_bbox_zyx": [[s.start, s.stop] for s in box], "shape_zyx": list(new_shape),
         "spacing_mm_zyx": list(spacing_mm_zyx), "annotated": list(case.annotated),
     }
@@ -184,17 +186,25 @@ def _write_case(folder: Path, case: CaseRecord, stats: IntensityStats, spacing) 
     _atomic_npy(folder / f"{case.name}.npy", data)
     if seg is not None:
         _atomic_npy(folder / f"{case.name}_seg.npy", seg)
-    tmp = folder / f".{case.name}.json.part"
-    tmp.write_text(json.dumps(props))
+    fd, tmp = tempfile.mkstemp(prefix=f".{case.name}.json.", suffix=".part", dir=folder)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(props))
     os.replace(tmp, folder / f"{case.name}.json")  # written last: marks the case complete
     return case.name
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array))
-    os.replace(tmp, path)
+    # A unique temporary name: two runs filling the same cache must not write into one file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class _InlinePool:
@@ -216,7 +226,10 @@ def preprocess_cases(cases: list[CaseRecord], stats: IntensityStats, spacing_mm_
                      workers: int = 1, progress: bool = True) -> Path:
     """Preprocess ``cases`` into ``cache_root/<key>/`` (skipping complete ones); returns that folder."""
     folder = Path(cache_root) / cache_key(cases, stats, spacing_mm_zyx)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(cache_root, f"cannot create the preprocessing cache ({exc.strerror or exc})") from None
     todo = [c for c in cases if not (folder / f"{c.name}.json").is_file()]
     if todo:
         log.info("preprocessing %d case(s) into %s", len(todo), folder)

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,8 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         if not latest.is_file():
             raise InputError(out, f"--resume given but there is no {ckpt.LATEST} to resume from")
         return
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise OutputError(out, "is not empty; pass --resume to continue that run or choose a new folder")
     try:
@@ -252,6 +255,10 @@ def train(
         if value < low:
             raise InputError(None, f"{name} must be >= {low}, got {value}")
     learning_rate(0, epochs, lr, schedule)  # validates the schedule name
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(None, f"lr must be a positive number, got {lr}")
+    if workers is not None and workers < 0:
+        raise InputError(None, f"workers must be >= 0, got {workers}")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -259,7 +266,8 @@ def train(
     dev = _resolve_device(device, local_rank)
     distributed = world > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # Rank 0 validates whole cases while the others wait: allow far more than the default timeout.
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
@@ -267,14 +275,13 @@ def train(
     data_root = Path(dataset)
     raw = open_dataset(data_root)
     cases = raw.labelled(full_only=True)
-    if rank == 0:
-        _check_out_dir(out, resume)
+    _on_rank0(lambda: _check_out_dir(out, resume), rank, distributed)
     validate_cases(cases, dataset_root=data_root)
-    _barrier(distributed)
 
     handler = None
     pkg_logger = logging.getLogger("pocketseg")
     old_level = pkg_logger.level
+    old_handler_levels: list[tuple[logging.Handler, int]] = []
     if rank == 0:  # the run folder keeps an INFO-level log whatever the console shows
         handler = logging.FileHandler(out / "training_log.txt")
         handler.setLevel(logging.INFO)
@@ -283,6 +290,7 @@ def train(
         if pkg_logger.getEffectiveLevel() > logging.INFO:
             pkg_logger.setLevel(logging.INFO)
             for h in logging.getLogger().handlers:  # keep the console as quiet as it was
+                old_handler_levels.append((h, h.level))
                 h.setLevel(max(h.level, logging.root.level))
     try:
         return _run(raw.root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fraction, iterations,
@@ -291,6 +299,8 @@ def train(
         if handler is not None:
             pkg_logger.removeHandler(handler)
             pkg_logger.setLevel(old_level)
+            for h, level in old_handler_levels:
+                h.setLevel(level)
             handler.close()
 
 
@@ -299,40 +309,81 @@ def _barrier(distributed: bool) -> None:
         dist.barrier()
 
 
+def _on_rank0(work, rank: int, distributed: bool):
+    """Run ``work`` on rank 0 only; every rank raises if it failed, so none is left waiting in a collective."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below on rank 0, reported on the others
+            error = exc
+    if distributed:
+        flag = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(flag, src=0)
+        if rank != 0 and flag[0] is not None:
+            raise RuntimeError(f"rank 0 failed: {flag[0]}")
+    if error is not None:
+        raise error
+    return result
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, f"missing: the run folder has no {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"{what} is not valid JSON ({exc})") from None
+
+
 def _run(root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fraction, iterations, batch_size, lr,
          schedule, val_every, workers, seed, cache, amp, progress, rank, world) -> Path:
     distributed = world > 1
     config_path = out / "config.json"
     if resume:
-        run_cfg = RunConfig(**json.loads(config_path.read_text()))
+        try:
+            run_cfg = RunConfig(**_read_json(config_path, "config.json"))
+        except TypeError as exc:
+            raise InputError(config_path, f"is not a config.json of this pocketseg ({exc})") from None
         if run_cfg.stage != stage or run_cfg.preset["name"] != net_preset.name:
             raise InputError(out, f"holds a {run_cfg.stage}/{run_cfg.preset['name']} run, not {stage}/{net_preset.name}")
+        # A resumed run continues with the settings it started with; only the number of epochs may change.
+        changed = {k: (getattr(run_cfg, k), v) for k, v in (("iterations", iterations), ("batch_size", batch_size),
+                   ("lr", lr), ("schedule", schedule), ("seed", seed)) if getattr(run_cfg, k) != v}
+        if changed and rank == 0:
+            log.warning("resuming with the run's own settings, not %s",
+                        ", ".join(f"{k}={new} (run: {old})" for k, (old, new) in changed.items()))
+        iterations, batch_size, lr, schedule, seed = (run_cfg.iterations, run_cfg.batch_size, run_cfg.lr,
+                                                      run_cfg.schedule, run_cfg.seed)
         run_cfg.epochs = epochs
         train_names, val_names = run_cfg.train_cases, run_cfg.val_cases
         stats = IntensityStats(**run_cfg.intensity)
     else:
         train_names, val_names = split_cases([c.name for c in cases], fold=fold, val_fraction=val_fraction)
-        if rank == 0:
-            fingerprint = compute_fingerprint(cases, progress=progress)
-            (out / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
-        _barrier(distributed)
-        stats = IntensityStats(**json.loads((out / "fingerprint.json").read_text())["intensity"])
+        _on_rank0(lambda: _write_json(out / "fingerprint.json", compute_fingerprint(cases, progress=progress)),
+                  rank, distributed)
+        stats = IntensityStats(**_read_json(out / "fingerprint.json", "fingerprint.json")["intensity"])
         run_cfg = RunConfig(stage=stage, preset=net_preset.to_dict(), intensity=stats.to_dict(), dataset=str(root),
                             train_cases=train_names, val_cases=val_names, epochs=epochs, iterations=iterations,
                             batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
+    _barrier(distributed)  # every rank has read config.json before rank 0 rewrites it
     if rank == 0:
-        config_path.write_text(json.dumps(asdict(run_cfg), indent=2))
+        _write_json(config_path, asdict(run_cfg))
 
     by_name = {c.name: c for c in cases}
     needed = [by_name[n] for n in sorted(set(train_names) | set(val_names)) if n in by_name]
     if len(needed) != len(set(train_names) | set(val_names)):
-        missing = sorted(set(train_names) | set(val_names) - set(by_name))
+        missing = sorted((set(train_names) | set(val_names)) - set(by_name))
         raise InputError(root, f"cases of the run are missing from the data set: {', '.join(missing)}")
     cache_root = Path(cache) if cache is not None else default_cache_dir()
-    folder = None
-    if rank == 0:
-        folder = preprocess_cases(needed, stats, net_preset.spacing_mm_zyx, cache_root, progress=progress)
-    _barrier(distributed)
+    folder = _on_rank0(lambda: preprocess_cases(needed, stats, net_preset.spacing_mm_zyx, cache_root, progress=progress),
+                       rank, distributed)
     if folder is None:
         from pocketseg.trainer.preprocess import cache_key
 
@@ -350,7 +401,7 @@ def _run(root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fra
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best = int(state["epoch"]), float(state["best"])
-        history = json.loads((out / "history.json").read_text())[:start_epoch] if (out / "history.json").is_file() else []
+        history = _read_json(out / "history.json", "history.json")[:start_epoch] if (out / "history.json").is_file() else []
         ckpt.set_rng_state(state["rng"])
         log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, epochs)
     # The lowest deep-supervision head has loss weight 0 (as in nnU-Net) and never gets a gradient;
@@ -397,7 +448,7 @@ def _run(root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fra
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         mean_loss = float(np.mean(losses))
         if distributed:
-            t = torch.tensor([mean_loss], dtype=torch.float64)
+            t = torch.tensor([mean_loss], dtype=torch.float64, device=dev)  # NCCL reduces device tensors only
             dist.all_reduce(t)
             mean_loss = float(t) / world
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": mean_loss, "lr": epoch_lr,
@@ -416,11 +467,10 @@ def _run(root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fra
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch + 1, "best": best, "rng": ckpt.rng_state(), "stage": stage,
                      "preset": net_preset.name, "finished": epoch + 1 == epochs}
-            (out / ".history.json.part").write_text(json.dumps(history, indent=1))
-            os.replace(out / ".history.json.part", out / "history.json")
-            ckpt.save_checkpoint(out / ckpt.LATEST, state)  # the epoch counts as done once this lands
-            if improved:
+            _write_json(out / "history.json", history)
+            if improved:  # before LATEST: a kill between the two must not leave BEST older than LATEST's "best"
                 ckpt.save_checkpoint(out / ckpt.BEST, state)
+            ckpt.save_checkpoint(out / ckpt.LATEST, state)  # the epoch counts as done once this lands
             _plot_progress(out / "progress.png", history)
             val_text = ""
             if "val_dice" in entry:
@@ -436,7 +486,7 @@ def _run(root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fra
 def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
     """DDP keeps replicas identical; check it once per epoch with a cheap weight checksum."""
     with torch.no_grad():
-        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     gathered = [torch.zeros_like(total) for _ in range(world)]
     dist.all_gather(gathered, total)
     in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
