@@ -55,6 +55,26 @@ def check_writable_target(path: str | os.PathLike, *, overwrite: bool) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator:
+    """A binary handle on a temporary file beside ``path``; flushed, fsynced and renamed over it on success.
+
+    For writers that stream (torch.save, np.save). The file is owner-only, as tempfile makes it.
+    """
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, overwrite: bool = False) -> Path:
     """Write ``payload`` to ``path`` atomically (temporary file + fsync + rename)."""
     target = check_writable_target(path, overwrite=overwrite)

@@ -8,15 +8,14 @@ the previous checkpoint or the new one, never a torn file. Loading uses
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pocketseg.atomic import atomic_open
 from pocketseg.errors import InputError
 
 LATEST = "checkpoint_latest.pt"
@@ -24,17 +23,8 @@ BEST = "checkpoint_best.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

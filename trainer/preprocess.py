@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
+from pocketseg.atomic import atomic_open
 from pocketseg.errors import InputError, OutputError
 from pocketseg.geometry import spacing_from_affine
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
@@ -194,17 +195,9 @@ def _write_case(folder: Path, case: CaseRecord, stats: IntensityStats, spacing) 
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    # A unique temporary name: two runs filling the same cache must not write into one file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A unique temporary name (atomic_open): two runs filling the same cache never write into one file.
+    with atomic_open(path) as handle:
+        np.save(handle, np.ascontiguousarray(array))
 
 
 class _InlinePool:
