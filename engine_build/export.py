@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pocketseg.atomic import atomic_output_dir
+from pocketseg.atomic import atomic_output_dir, chmod_like_new
 from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
 from pocketseg.manifest import MANIFEST_NAME, Intensity, Manifest, Network, PostProcess, Stage
 from pocketseg.engine_build.targets import file_name
@@ -225,12 +225,6 @@ def _stage_files(stage: str, folder: Path, net, weights, preset, config, *, fp16
                  intensity=Intensity(**config["intensity"]), files=files)
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                    fp16: bool = True, check: bool = True, strict: bool = False, opset: int = OPSET) -> Path:
     """Write a complete model package from a ROI run and a detail run; returns the package folder.
@@ -251,7 +245,6 @@ def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str |
         manifest = Manifest(stages=stages, roi_margin_mm=margin, postprocess=PostProcess()).with_checksums(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        mode = 0o666 & ~_umask()
         for path in tmp.iterdir():  # some writers create owner-only files; a package is meant to be shared
-            os.chmod(path, mode)
+            chmod_like_new(path, 0o666)
     return Path(out)

@@ -30,7 +30,7 @@ def _umask() -> int:
     return mask
 
 
-def _chmod_like_new(path: str | os.PathLike | int, base: int) -> None:
+def chmod_like_new(path: str | os.PathLike | int, base: int) -> None:
     """Give a temporary file (0600) or folder (0700) the mode a plain open()/mkdir() would have."""
     mode = base & ~_umask()
     with contextlib.suppress(NotImplementedError, OSError):
@@ -81,7 +81,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; outputs get the usual 0666 & ~umask
-            _chmod_like_new(fd, 0o666)
+            chmod_like_new(fd, 0o666)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -116,7 +116,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     if not os.access(parent, os.W_OK):
         raise OutputError(target, f"parent folder {parent} is not writable")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=parent))
-    _chmod_like_new(tmp, 0o777)  # mkdtemp makes 0700 folders; outputs get the usual 0777 & ~umask
+    chmod_like_new(tmp, 0o777)  # mkdtemp makes 0700 folders; outputs get the usual 0777 & ~umask
     try:
         yield tmp
         if not overwrite and (target.is_file() or (target.is_dir() and any(target.iterdir()))):

@@ -42,3 +42,11 @@ def test_wheel_puts_only_pocketseg_at_the_top_of_site_packages(tmp_path):
     for module in ("pocketseg/runtime/__init__.py", "pocketseg/trainer/__init__.py", "pocketseg/engine_build/__init__.py",
                    "pocketseg/benchmarks/__init__.py", "pocketseg/synth/phantom.py", "pocketseg/cli.py"):
         assert module in names
+
+
+@pytest.mark.parametrize("module", ["pocketseg.runtime.resample", "pocketseg.runtime.sliding_window"])
+def test_runtime_array_code_imports_neither_cupy_nor_torch(module):
+    # Array code takes xp/ndi as arguments: importing it must not pull in a device library.
+    code = (f"import sys, {module}; "
+            "sys.exit(1 if {'cupy', 'cupyx', 'torch'} & {m.split('.')[0] for m in sys.modules} else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

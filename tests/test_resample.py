@@ -6,7 +6,7 @@ CuPy/cupyx (marked ``gpu``) only where CuPy and a CUDA GPU are present.
 
 from __future__ import annotations
 
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -291,10 +291,3 @@ def test_labels_separate_z_is_nearest_along_that_axis() -> None:
 def test_bad_arguments_raise_value_error(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
-
-
-def test_module_does_not_import_cupy_or_torch() -> None:
-    import pocketseg.runtime.resample as module
-
-    names = {v.__name__ for v in vars(module).values() if isinstance(v, ModuleType)}
-    assert not any(n.split(".")[0] in {"cupy", "cupyx", "torch"} for n in names)

@@ -272,10 +272,3 @@ def test_wrong_infer_output_shape_is_a_clear_error(bad_output) -> None:
 def test_bad_helper_arguments_raise_value_error(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
-
-
-def test_module_does_not_import_cupy_or_torch() -> None:
-    import pocketseg.runtime.sliding_window as module
-
-    names = {v.__name__ for v in vars(module).values() if isinstance(v, ModuleType)}
-    assert not any(n.split(".")[0] in {"cupy", "cupyx", "torch"} for n in names)

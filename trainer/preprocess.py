@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,10 +185,8 @@ def _write_case(folder: Path, case: CaseRecord, stats: IntensityStats, spacing) 
     _atomic_npy(folder / f"{case.name}.npy", data)
     if seg is not None:
         _atomic_npy(folder / f"{case.name}_seg.npy", seg)
-    fd, tmp = tempfile.mkstemp(prefix=f".{case.name}.json.", suffix=".part", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(props))
-    os.replace(tmp, folder / f"{case.name}.json")  # written last: marks the case complete
+    with atomic_open(folder / f"{case.name}.json") as handle:  # written last: marks the case complete
+        handle.write(json.dumps(props).encode())
     return case.name
 
 

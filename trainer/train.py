@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from pocketseg import __version__
 from pocketseg import labels as L
+from pocketseg.atomic import atomic_write_bytes
 from pocketseg.errors import InputError, OutputError
 from pocketseg.trainer import checkpoint as ckpt
 from pocketseg.trainer.data import ROI_MARGIN_MM, PatchDataset, RunSampler, SamplingConfig, collate, detail_crop, stage_target
@@ -328,9 +329,7 @@ def _on_rank0(work, rank: int, distributed: bool):
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode(), overwrite=True)
 
 
 def _read_json(path: Path, what: str):
