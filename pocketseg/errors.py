@@ -39,3 +39,11 @@ class MissingDependencyError(PocketsegError, ImportError):
             f"{feature} needs the optional package '{package}'; "
             f"install it with: pip install 'pocketseg[{extra}]'"
         )
+
+
+def require(module: str, feature: str, extra: str) -> None:
+    """Raise :class:`MissingDependencyError` unless ``module`` is importable (without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(module, feature, extra)

@@ -5,10 +5,13 @@ See :mod:`pocketseg.types` for the axis-order conventions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import nibabel as nib
 import numpy as np
 
-from pocketseg.types import Affine, Spacing3
+from pocketseg.types import Affine, Shape3, Spacing3
 
 
 def spacing_from_affine(affine: Affine) -> Spacing3:
@@ -41,3 +44,53 @@ def world_to_voxel(affine: Affine, xyz: np.ndarray) -> np.ndarray:
     """Map RAS mm, shape (..., 3), to (fractional) voxel indices, shape (..., 3)."""
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     return np.asarray(xyz, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+
+@dataclass(frozen=True, eq=False)
+class CanonicalGrid:
+    """How a file's voxel order (i, j, k) maps to the network order (z, y, x) on the nearest RAS grid.
+
+    Only flips and axis permutations (nibabel's ``io_orientation``): no interpolation,
+    so the mapping is exact both ways and, on NumPy or CuPy, returns views.
+    ``ornt[i] = (RAS axis of voxel axis i, +1 or -1)``.
+    """
+
+    ornt: np.ndarray
+    shape_ijk: Shape3
+
+    @property
+    def _perm(self) -> np.ndarray:
+        # For each RAS axis, the (flipped) voxel axis that becomes it (nibabel's apply_orientation).
+        return np.argsort(self.ornt[:, 0]).astype(int)
+
+    @property
+    def shape_zyx(self) -> Shape3:
+        ras = tuple(self.shape_ijk[i] for i in self._perm)
+        return (ras[2], ras[1], ras[0])
+
+    def spacing_zyx(self, affine: Affine) -> Spacing3:
+        ijk = spacing_from_affine(affine)
+        ras = [ijk[i] for i in self._perm]
+        return (ras[2], ras[1], ras[0])
+
+    def to_zyx(self, data_ijk: Any, xp: Any = np) -> Any:
+        """The (z, y, x) view of an (i, j, k) array (same result as nibabel's apply_orientation)."""
+        out = data_ijk
+        for axis, flip in enumerate(self.ornt[:, 1]):
+            if flip == -1:
+                out = xp.flip(out, axis)
+        return out.transpose(tuple(self._perm)).transpose(2, 1, 0)
+
+    def from_zyx(self, data_zyx: Any, xp: Any = np) -> Any:
+        """The (i, j, k) view of a (z, y, x) array: the inverse of :meth:`to_zyx`."""
+        out = data_zyx.transpose(2, 1, 0).transpose(tuple(int(a) for a in self.ornt[:, 0]))
+        for axis, flip in enumerate(self.ornt[:, 1]):
+            if flip == -1:
+                out = xp.flip(out, axis)
+        return out
+
+
+def canonical_grid(affine: Affine, shape_ijk: Shape3) -> CanonicalGrid:
+    """The :class:`CanonicalGrid` of an image with this affine and shape."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    return CanonicalGrid(ornt, tuple(int(s) for s in shape_ijk))  # type: ignore[arg-type]

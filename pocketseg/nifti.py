@@ -272,24 +272,18 @@ def _output_header(reference: Volume | None, affine: np.ndarray, dtype: np.dtype
     return header
 
 
-def write_nifti(
+def nifti_image(
     data: np.ndarray,
-    path: str | os.PathLike,
     *,
     reference: Volume | None = None,
     affine: np.ndarray | None = None,
     dtype: np.dtype | type | str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``data`` (i, j, k order) as NIfTI with the reference's geometry, atomically.
+) -> nib.Nifti1Image:
+    """A nibabel image of ``data`` (i, j, k order) with the reference's geometry (or ``affine``).
 
     Exactly one of ``reference`` or ``affine`` gives the geometry; with a
     reference the shape must match and its qform/sform are copied verbatim.
     """
-    target = Path(path)
-    if not is_nifti_path(target):
-        raise OutputError(target, "output name must end in .nii or .nii.gz")
-    check_writable_target(target, overwrite=overwrite)
     if (reference is None) == (affine is None):
         raise ValueError("give exactly one of reference= or affine=")
     data = np.asanyarray(data)
@@ -304,8 +298,24 @@ def write_nifti(
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     # affine=None: the image takes its geometry from the header untouched (an
     # affine here would make nibabel rewrite the sform and its code).
-    image = image_class(np.asarray(data, dtype=out_dtype), None, header=header)
-    payload = image.to_bytes()
+    return image_class(np.asarray(data, dtype=out_dtype), None, header=header)
+
+
+def write_nifti(
+    data: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    reference: Volume | None = None,
+    affine: np.ndarray | None = None,
+    dtype: np.dtype | type | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``data`` (i, j, k order) as NIfTI with the reference's geometry, atomically (see :func:`nifti_image`)."""
+    target = Path(path)
+    if not is_nifti_path(target):
+        raise OutputError(target, "output name must end in .nii or .nii.gz")
+    check_writable_target(target, overwrite=overwrite)
+    payload = nifti_image(data, reference=reference, affine=affine, dtype=dtype).to_bytes()
     if target.name.lower().endswith(".gz"):
         payload = gzip_bytes(payload)
     return atomic_write_bytes(target, payload, overwrite=overwrite)

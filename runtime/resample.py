@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -55,6 +55,8 @@ ANISOTROPY_THRESHOLD = 3.0
 # Edge padding before the spline prefilter, per axis; SciPy's own value for mode='nearest'
 # (its filter has no exact 'nearest' boundary, so it pads and filters the padding instead).
 _SPLINE_PAD = 12
+#: Slices interpolated per chunk in the slice-wise (separate z) path.
+CHUNK_SLICES = 16
 
 
 # --------------------------------------------------------------------------- arguments
@@ -233,31 +235,37 @@ def _resample_axes(x: Any, new_shape: Sequence[int], axes: Sequence[int], order:
     return _transform(x, scales, offsets, out_shape, order, xp, ndi)
 
 
-def _resample_in_plane(x: Any, new_shape: Sequence[int], axis: int, order: int, xp: ModuleType, ndi: ModuleType) -> Any:
-    """Resample the two axes other than ``axis`` with ``order``, each slice on its own.
+def _resample_in_plane(
+    x: Any, new_shape: Sequence[int], axis: int, order: int, prep: Callable[[Any], Any], xp: ModuleType, ndi: ModuleType
+) -> Any:
+    """Resample the two axes other than ``axis`` with ``order``, each slice on its own; float32.
 
-    For order <= 1 one 3D call with an identity along ``axis`` is exact (the weights at
-    integer coordinates are exactly 1 and 0). A spline of higher order would also touch
-    the neighbouring slices through the 3D prefilter, so then the coefficients are
-    computed in-plane only and each slice is evaluated in 2D, as nnU-Net does.
+    ``prep`` turns raw slices into float32 (and normalises them) just before they are
+    interpolated. For order <= 1 one 3D call with an identity along ``axis`` is exact
+    (the weights at integer coordinates are exactly 1 and 0). A spline of higher order
+    would also touch the neighbouring slices through the 3D prefilter, so then the
+    coefficients are computed in-plane only and each slice is evaluated in 2D, as
+    nnU-Net does; this runs over chunks of :data:`CHUNK_SLICES` slices so the float32
+    copies never cover the whole volume (bounded GPU memory for long scans).
     """
     plane = [ax for ax in range(3) if ax != axis]
     if all(new_shape[ax] == x.shape[ax] for ax in plane):
-        return x
+        return prep(x)
     if order <= 1:
-        return _resample_axes(x, new_shape, plane, order, xp, ndi)
+        return _resample_axes(prep(x), new_shape, plane, order, xp, ndi)
     moved = xp.moveaxis(x, axis, 0)
-    coef = _spline_coefficients(moved, order, (1, 2), xp, ndi)
     maps = [_grid_map(moved.shape[ax], new_shape[plane[ax - 1]]) for ax in (1, 2)]
     scales = xp.asarray([m[0] for m in maps], dtype=xp.float64)
     offsets = [m[1] + _SPLINE_PAD for m in maps]
     out_plane = (new_shape[plane[0]], new_shape[plane[1]])
     out = xp.empty((moved.shape[0],) + out_plane, dtype=xp.float32)
-    for i in range(moved.shape[0]):
-        out[i] = ndi.affine_transform(
-            coef[i], scales, offset=offsets, output_shape=out_plane, output=xp.float32,
-            order=order, mode="nearest", prefilter=False,
-        )
+    for first in range(0, moved.shape[0], CHUNK_SLICES):
+        coef = _spline_coefficients(prep(moved[first : first + CHUNK_SLICES]), order, (1, 2), xp, ndi)
+        for i in range(coef.shape[0]):
+            out[first + i] = ndi.affine_transform(
+                coef[i], scales, offset=offsets, output_shape=out_plane, output=xp.float32,
+                order=order, mode="nearest", prefilter=False,
+            )
     return xp.moveaxis(out, 0, axis)
 
 
@@ -290,20 +298,22 @@ def _resample_float(
     order: int,
     separate_z: int | None,
     order_z: int,
+    prep: Callable[[Any], Any],
     xp: ModuleType,
     ndi: ModuleType,
 ) -> Any:
-    """float32 3D -> float32 3D of new_shape (not necessarily contiguous)."""
+    """3D (raw dtype; ``prep`` makes it float32) -> float32 3D of new_shape (not necessarily contiguous)."""
     if separate_z is None:
-        return _resample_axes(x, new_shape, (0, 1, 2), order, xp, ndi)
+        return _resample_axes(prep(x), new_shape, (0, 1, 2), order, xp, ndi)
     a = separate_z
     # The two passes act on different axes and are linear, so they commute; running the
     # one that shrinks the volume first does less work (exactly equal for order_z 0, a
-    # pure selection of slices; equal up to float rounding otherwise).
+    # pure selection of slices; equal up to float rounding otherwise). A selection of
+    # slices also commutes with the element-wise ``prep``, so it runs on the raw data.
     if new_shape[a] < x.shape[a]:
-        x = _resample_along(x, new_shape[a], a, order_z, xp, ndi)
-        return _resample_in_plane(x, new_shape, a, order, xp, ndi)
-    x = _resample_in_plane(x, new_shape, a, order, xp, ndi)
+        x = _resample_along(x if order_z == 0 else prep(x), new_shape[a], a, order_z, xp, ndi)
+        return _resample_in_plane(x, new_shape, a, order, prep, xp, ndi)
+    x = _resample_in_plane(x, new_shape, a, order, prep, xp, ndi)
     return _resample_along(x, new_shape[a], a, order_z, xp, ndi)
 
 
@@ -317,6 +327,7 @@ def resample_image(
     order: int = 3,
     separate_z: int | None = None,
     order_z: int = 0,
+    prepare: Callable[[Any], Any] | None = None,
     xp: ModuleType = np,
     ndi: ModuleType = scipy.ndimage,
 ) -> Any:
@@ -326,6 +337,11 @@ def resample_image(
     With ``separate_z=a`` axis ``a`` is resampled with ``order_z`` (nnU-Net: 0, nearest)
     and the two other axes with ``order``; pick ``a`` with :func:`separate_z_axis`.
     The result is a new array even when the shape is unchanged.
+
+    ``prepare`` is an element-wise function (e.g. CT normalisation) applied before
+    interpolation; giving it here rather than calling it first gives the same result
+    while the image stays in its own dtype (int16 for CT) until slices are selected,
+    and the float32 copies are made chunk by chunk where the passes allow.
     """
     _check_volume(image, "image")
     new_shape = _check_shape3(new_shape, "new_shape")
@@ -335,11 +351,20 @@ def resample_image(
     kind = getattr(getattr(image, "dtype", None), "kind", None)
     if kind not in ("b", "i", "u", "f"):
         raise ValueError(f"image must have a real numeric dtype, got {getattr(image, 'dtype', None)}")
-    x = xp.asarray(image, dtype=xp.float32)
+    if prepare is None:
+        def prep(a: Any) -> Any:
+            return xp.asarray(a, dtype=xp.float32)
+    else:
+        def prep(a: Any) -> Any:
+            return xp.asarray(prepare(a), dtype=xp.float32)
+    x = xp.asarray(image)
     if tuple(x.shape) == new_shape:
-        return x.copy()
+        out = prep(x)
+        return out.copy() if out is x or out is image else out
     logger.debug("resample_image %s -> %s order=%d separate_z=%s order_z=%d", tuple(x.shape), new_shape, order, separate_z, order_z)
-    out = _resample_float(x, new_shape, order, separate_z, order_z, xp, ndi)
+    out = _resample_float(x, new_shape, order, separate_z, order_z, prep, xp, ndi)
+    if out is x or out is image:
+        return out.copy()
     return xp.ascontiguousarray(out)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "compute_steps",
     "count_tiles",
     "gaussian_importance_map",
+    "sliding_window_labels",
     "sliding_window_predict",
 ]
 
@@ -136,6 +137,69 @@ def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 /
 # --------------------------------------------------------------------------- prediction
 
 
+class _Plan:
+    """Padding and tile corners of one volume; shared by both prediction functions."""
+
+    def __init__(self, shape: tuple[int, int, int], patch: tuple[int, int, int], step_fraction: float):
+        # Pad to at least the patch: below = diff // 2, above = the rest (nnU-Net's pad_nd_image).
+        self.pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(shape, patch)]
+        self.padded = tuple(s + lo + hi for s, (lo, hi) in zip(shape, self.pads))
+        self.crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(self.pads, shape))
+        self.steps = [compute_steps(s, p, step_fraction) for s, p in zip(self.padded, patch)]
+        self.patch = patch
+
+    @property
+    def needs_padding(self) -> bool:
+        return any(lo or hi for lo, hi in self.pads)
+
+    def tiles(self, z_start: int | None = None) -> list[tuple[slice, slice, slice]]:
+        zs = self.steps[0] if z_start is None else [z_start]
+        return [tuple(slice(c, c + p) for c, p in zip(corner, self.patch))  # type: ignore[misc]
+                for corner in itertools.product(zs, self.steps[1], self.steps[2])]
+
+
+def _check_predict_args(image, patch_zyx, infer, num_classes, batch_size, step_fraction, out_dtype):
+    if getattr(image, "ndim", None) != 3:
+        raise ValueError(f"image must be a 3D (z, y, x) array, got shape {getattr(image, 'shape', None)}")
+    patch = _check_patch(patch_zyx)
+    num_classes = _check_positive_int(num_classes, "num_classes")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    step_fraction = _check_step_fraction(step_fraction)
+    if not callable(infer):
+        raise ValueError(f"infer must be callable, got {type(infer).__name__}")
+    try:
+        acc_dtype = np.dtype(out_dtype)
+    except TypeError:
+        raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype!r}") from None
+    if acc_dtype.kind != "f":
+        raise ValueError(f"out_dtype must be a floating dtype, got {acc_dtype}")
+    if min(image.shape) < 1:
+        raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
+    return patch, num_classes, batch_size, step_fraction, acc_dtype
+
+
+def _run_tiles(volume, tiles, infer, batch_size, expected, xp, bar):
+    """Yield (tile, logits of the tile) for ``tiles``, calling ``infer`` on batches."""
+    for first in range(0, len(tiles), batch_size):
+        batch_tiles = tiles[first : first + batch_size]
+        batch = xp.stack([volume[t] for t in batch_tiles])[:, None]
+        result = xp.asarray(infer(batch))
+        if tuple(result.shape) != (len(batch_tiles),) + expected:
+            raise ValueError(
+                f"infer returned shape {tuple(result.shape)} for a batch of shape {tuple(batch.shape)}; "
+                f"expected {(len(batch_tiles),) + expected} (batch, num_classes, pz, py, px)"
+            )
+        yield from zip(batch_tiles, result)
+        bar.update(len(batch_tiles))
+
+
+def _padded_volume(image, plan: _Plan, xp):
+    volume = xp.asarray(image, dtype=xp.float32)
+    if plan.needs_padding:
+        volume = xp.pad(volume, plan.pads, mode="constant", constant_values=0)
+    return volume
+
+
 def sliding_window_predict(
     image: Any,
     patch_zyx: Sequence[int],
@@ -159,70 +223,92 @@ def sliding_window_predict(
     (``gaussian``), and the result is cropped back to the input's shape.
 
     ``out_dtype`` is also the accumulation dtype (float16 halves the largest buffer on
-    the GPU, as nnU-Net does); the weight sum is kept in float32.
+    the GPU, as nnU-Net does); the weight sum is kept in float32. When only the label
+    map is wanted, :func:`sliding_window_labels` needs far less memory.
     """
-    if getattr(image, "ndim", None) != 3:
-        raise ValueError(f"image must be a 3D (z, y, x) array, got shape {getattr(image, 'shape', None)}")
-    patch = _check_patch(patch_zyx)
-    num_classes = _check_positive_int(num_classes, "num_classes")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    step_fraction = _check_step_fraction(step_fraction)
-    if not callable(infer):
-        raise ValueError(f"infer must be callable, got {type(infer).__name__}")
-    try:
-        acc_dtype = np.dtype(out_dtype)
-    except TypeError:
-        raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype!r}") from None
-    if acc_dtype.kind != "f":
-        raise ValueError(f"out_dtype must be a floating dtype, got {acc_dtype}")
-
-    volume = xp.asarray(image, dtype=xp.float32)
-    shape = tuple(int(s) for s in volume.shape)
-    if min(shape) < 1:
-        raise ValueError(f"image must not be empty, got shape {shape}")
-
-    # Pad to at least the patch: below = diff // 2, above = the rest (nnU-Net's pad_nd_image).
-    pads = [((max(p - s, 0)) // 2, max(p - s, 0) - (max(p - s, 0)) // 2) for s, p in zip(shape, patch)]
-    if any(lo or hi for lo, hi in pads):
-        volume = xp.pad(volume, pads, mode="constant", constant_values=0)
-    padded = tuple(int(s) for s in volume.shape)
-    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, shape))
-
-    steps = [compute_steps(s, p, step_fraction) for s, p in zip(padded, patch)]
-    tiles = [
-        tuple(slice(start, start + p) for start, p in zip(corner, patch))
-        for corner in itertools.product(*steps)
-    ]
+    patch, num_classes, batch_size, step_fraction, acc_dtype = _check_predict_args(
+        image, patch_zyx, infer, num_classes, batch_size, step_fraction, out_dtype)
+    shape = tuple(int(s) for s in image.shape)
+    plan = _Plan(shape, patch, step_fraction)
+    volume = _padded_volume(image, plan, xp)
+    tiles = plan.tiles()
     logger.debug(
         "sliding window: image %s padded %s patch %s step %.3g -> %d tiles (%s per axis), batch %d",
-        shape, padded, patch, step_fraction, len(tiles), "x".join(str(len(s)) for s in steps), batch_size,
+        shape, plan.padded, patch, step_fraction, len(tiles), "x".join(str(len(s)) for s in plan.steps), batch_size,
     )
 
-    logits = xp.zeros((num_classes,) + padded, dtype=acc_dtype)
-    weight_sum = xp.zeros(padded, dtype=xp.float32)
+    logits = xp.zeros((num_classes,) + plan.padded, dtype=acc_dtype)
+    weight_sum = xp.zeros(plan.padded, dtype=xp.float32)
     weights = gaussian_importance_map(patch, xp=xp) if gaussian else None
-    expected = (num_classes,) + patch
 
     with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
-        for first in range(0, len(tiles), batch_size):
-            batch_tiles = tiles[first : first + batch_size]
-            batch = xp.stack([volume[t] for t in batch_tiles])[:, None]
-            result = xp.asarray(infer(batch))
-            if tuple(result.shape) != (len(batch_tiles),) + expected:
-                raise ValueError(
-                    f"infer returned shape {tuple(result.shape)} for a batch of shape {tuple(batch.shape)}; "
-                    f"expected {(len(batch_tiles),) + expected} (batch, num_classes, pz, py, px)"
-                )
-            for tile, tile_logits in zip(batch_tiles, result):
-                if weights is None:
-                    logits[(slice(None),) + tile] += tile_logits
-                    weight_sum[tile] += 1.0
-                else:
-                    logits[(slice(None),) + tile] += tile_logits * weights
-                    weight_sum[tile] += weights
-            bar.update(len(batch_tiles))
+        for tile, tile_logits in _run_tiles(volume, tiles, infer, batch_size, (num_classes,) + patch, xp, bar):
+            if weights is None:
+                logits[(slice(None),) + tile] += tile_logits
+                weight_sum[tile] += 1.0
+            else:
+                logits[(slice(None),) + tile] += tile_logits * weights
+                weight_sum[tile] += weights
 
     logits /= weight_sum
-    if padded != shape:
-        return xp.ascontiguousarray(logits[(slice(None),) + crop])
+    if plan.needs_padding:
+        return xp.ascontiguousarray(logits[(slice(None),) + plan.crop])
     return logits
+
+
+def sliding_window_labels(
+    image: Any,
+    patch_zyx: Sequence[int],
+    infer: Callable[[Any], Any],
+    num_classes: int,
+    *,
+    step_fraction: float = 1.0,
+    gaussian: bool = False,
+    batch_size: int = 1,
+    xp: ModuleType = np,
+    progress: bool = False,
+    accumulate_dtype: Any = np.float32,
+) -> Any:
+    """The argmax label map (uint8, z, y, x) of :func:`sliding_window_predict`, streamed along z.
+
+    Tiles run in z order; once every tile covering a band of slices has been added,
+    the band's argmax is written out and its logits are dropped. The logits buffer is
+    therefore one patch deep, (num_classes, pz, Y, X), whatever the number of slices:
+    memory no longer grows with the scan's length beyond the input and the label map.
+    Each voxel receives the same additions in the same order as in
+    :func:`sliding_window_predict`, and the argmax needs no division by the weight sum
+    (a positive factor per voxel), so the labels equal the argmax of its logits.
+    """
+    patch, num_classes, batch_size, step_fraction, acc_dtype = _check_predict_args(
+        image, patch_zyx, infer, num_classes, batch_size, step_fraction, accumulate_dtype)
+    if num_classes > 256:
+        raise ValueError(f"num_classes must be <= 256 for a uint8 label map, got {num_classes}")
+    shape = tuple(int(s) for s in image.shape)
+    plan = _Plan(shape, patch, step_fraction)
+    volume = _padded_volume(image, plan, xp)
+    z_starts = plan.steps[0]
+    n_tiles = len(z_starts) * len(plan.steps[1]) * len(plan.steps[2])
+    logger.debug("streamed sliding window: image %s padded %s patch %s step %.3g -> %d tiles, batch %d",
+                 shape, plan.padded, patch, step_fraction, n_tiles, batch_size)
+    pz = patch[0]
+    band = xp.zeros((num_classes, pz) + plan.padded[1:], dtype=acc_dtype)
+    labels = xp.empty(plan.padded, dtype=xp.uint8)
+    weights = gaussian_importance_map(patch, xp=xp) if gaussian else None
+
+    with tqdm(total=n_tiles, desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
+        for k, z0 in enumerate(z_starts):
+            for tile, tile_logits in _run_tiles(volume, plan.tiles(z0), infer, batch_size, (num_classes,) + patch,
+                                                xp, bar):
+                local = (slice(None), slice(0, pz)) + tile[1:]
+                band[local] += tile_logits if weights is None else tile_logits * weights
+            # Slices before the next tile's start are final; the last band finishes the volume.
+            done = (z_starts[k + 1] if k + 1 < len(z_starts) else z0 + pz) - z0
+            labels[z0 : z0 + done] = xp.argmax(band[:, :done], axis=0).astype(xp.uint8)
+            if done < pz:
+                band[:, : pz - done] = band[:, done:].copy()
+                band[:, pz - done :] = 0
+            else:
+                band[:] = 0
+    if plan.needs_padding:
+        return xp.ascontiguousarray(labels[plan.crop])
+    return labels

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import json
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -64,3 +66,42 @@ def backend(request: pytest.FixtureRequest) -> SimpleNamespace:
     if request.param == "cupy":
         return _cupy_backend()
     return SimpleNamespace(xp=np, ndi=scipy.ndimage, to_np=np.asarray)
+
+
+# ------------------------------------------------------------------------------------------ tiny model packages
+
+INTENSITY = {"mean": 80.0, "std": 70.0, "percentile_00_5": -110.0, "percentile_99_5": 320.0}
+
+
+def make_run(folder: Path, stage: str, preset_name: str, seed: int = 0) -> Path:
+    """A run folder as `pocketseg train` leaves it (config + checkpoint), with He-initialised weights."""
+    import torch
+
+    from pocketseg.trainer import checkpoint as ckpt
+    from pocketseg.trainer.network import PocketUNet
+    from pocketseg.trainer.presets import get_preset
+    from pocketseg.trainer.train import RunConfig
+
+    preset = get_preset(preset_name, stage)
+    folder.mkdir(parents=True)
+    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=INTENSITY, dataset="synthetic", train_cases=["a"],
+                    val_cases=["b"], epochs=1, iterations=1, batch_size=2, lr=0.01, schedule="step", seed=seed)
+    (folder / "config.json").write_text(json.dumps(asdict(cfg)))
+    torch.manual_seed(seed)
+    net = PocketUNet(preset.unet_config(), deep_supervision=True)
+    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": net.state_dict(), "stage": stage, "preset": preset.name,
+                                                "epoch": 1, "finished": True})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory) -> Path:
+    """A verified model package of the tiny presets (random He-initialised weights), fp32 ONNX + safetensors."""
+    pytest.importorskip("torch", reason="torch (extra 'train') is needed to build a test package")
+    pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'runtime') is not installed")
+    from pocketseg.engine_build.export import export_package
+
+    root = tmp_path_factory.mktemp("tiny_package")
+    roi = make_run(root / "roi", "roi", "roi-tiny")
+    detail = make_run(root / "detail", "detail", "detail-tiny", seed=1)
+    return export_package(roi, detail, root / "model", fp16=False, check=False)

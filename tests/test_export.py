@@ -19,21 +19,7 @@ from pocketseg.trainer.presets import get_preset
 from pocketseg.trainer.train import RunConfig
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'export') is not installed")
-INTENSITY = {"mean": 80.0, "std": 70.0, "percentile_00_5": -110.0, "percentile_99_5": 320.0}
-
-
-def make_run(folder: Path, stage: str, preset_name: str, seed: int = 0) -> Path:
-    """A run folder as `pocketseg train` leaves it (config + checkpoint), with He-initialised weights."""
-    preset = get_preset(preset_name, stage)
-    folder.mkdir(parents=True)
-    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=INTENSITY, dataset="synthetic", train_cases=["a"],
-                    val_cases=["b"], epochs=1, iterations=1, batch_size=2, lr=0.01, schedule="step", seed=seed)
-    (folder / "config.json").write_text(json.dumps(asdict(cfg)))
-    torch.manual_seed(seed)
-    net = PocketUNet(preset.unet_config(), deep_supervision=True)
-    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": net.state_dict(), "stage": stage, "preset": preset.name,
-                                                "epoch": 1, "finished": True})
-    return folder
+from conftest import INTENSITY, make_run  # noqa: E402  (shared with the runtime tests)
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,28 @@ def test_volume_properties_use_the_geometry():
     assert all(isinstance(n, int) for n in vol.shape)
     assert vol.spacing_mm == pytest.approx(tuple(ZOOMS))
     assert vol.orientation == "PIL"
+
+
+def test_canonical_grid_matches_nibabel_for_all_48_orientations():
+    import itertools
+
+    import nibabel as nib
+
+    from pocketseg.geometry import canonical_grid
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 100, (3, 4, 5))
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product([1, -1], repeat=3):
+            affine = np.eye(4)
+            affine[:3, :3] = 0
+            for i, (p, f) in enumerate(zip(perm, flips)):
+                affine[p, i] = f * (i + 1.5)  # distinct spacings 1.5, 2.5, 3.5 mm along i, j, k
+            grid = canonical_grid(affine, data.shape)
+            ref = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine)).transpose(2, 1, 0)
+            zyx = grid.to_zyx(data)
+            np.testing.assert_array_equal(zyx, ref)
+            assert zyx.shape == grid.shape_zyx
+            np.testing.assert_array_equal(grid.from_zyx(zyx), data)
+            # spacing follows the axes: world z spacing is the one of the voxel axis mapped to z
+            assert grid.spacing_zyx(affine)[0] == pytest.approx(perm.index(2) + 1.5)

@@ -291,3 +291,29 @@ def test_labels_separate_z_is_nearest_along_that_axis() -> None:
 def test_bad_arguments_raise_value_error(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- prepare (normalise on the way)
+
+@pytest.mark.parametrize("spacing,new_spacing", [
+    ((5.0, 0.8, 0.8), (2.5, 0.8, 0.8)),   # thick slices, z upsampled: in-plane unchanged
+    ((0.8, 0.7, 0.7), (2.5, 0.8, 0.8)),   # z shrinks first, on the raw int16 slices
+    ((1.0, 1.0, 1.0), (1.5, 2.0, 2.0)),   # isotropic: the 3D path
+    ((3.0, 0.9, 0.9), (4.0, 1.2, 1.2)),   # both passes, chunked in-plane spline
+])
+def test_prepare_equals_normalising_first(backend, spacing, new_spacing):
+    from pocketseg.runtime import resample as R
+
+    xp, ndi = backend.xp, backend.ndi
+    rng = np.random.default_rng(0)
+    raw = rng.integers(-1024, 1500, size=(2 * R.CHUNK_SLICES + 5, 23, 21)).astype(np.int16)
+
+    def normalize(a):
+        return (xp.clip(xp.asarray(a, dtype=xp.float32), -100, 300) - 40) / 70
+
+    shape = target_shape(raw.shape, spacing, new_spacing)
+    axis = separate_z_axis(spacing, new_spacing)
+    first = resample_image(normalize(xp.asarray(raw)), shape, separate_z=axis, xp=xp, ndi=ndi)
+    on_the_way = resample_image(xp.asarray(raw), shape, separate_z=axis, prepare=normalize, xp=xp, ndi=ndi)
+    assert on_the_way.dtype == np.float32 and tuple(on_the_way.shape) == shape
+    np.testing.assert_allclose(backend.to_np(on_the_way), backend.to_np(first), rtol=0, atol=1e-5)

@@ -17,6 +17,7 @@ from pocketseg.runtime.sliding_window import (
     compute_steps,
     count_tiles,
     gaussian_importance_map,
+    sliding_window_labels,
     sliding_window_predict,
 )
 
@@ -272,3 +273,57 @@ def test_wrong_infer_output_shape_is_a_clear_error(bad_output) -> None:
 def test_bad_helper_arguments_raise_value_error(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- streamed labels
+
+@pytest.mark.parametrize("shape,patch,step,gaussian,batch", [
+    ((37, 20, 23), (8, 8, 8), 1.0, False, 1),
+    ((37, 20, 23), (8, 8, 8), 0.5, True, 3),
+    ((5, 9, 30), (8, 8, 8), 0.5, False, 2),     # padded axes
+    ((64, 16, 16), (16, 16, 16), 0.25, True, 4),
+    ((8, 8, 8), (8, 8, 8), 1.0, False, 1),      # one tile
+])
+def test_streamed_labels_equal_the_argmax_of_the_logits(backend, shape, patch, step, gaussian, batch):
+    xp = backend.xp
+    rng = np.random.default_rng(1)
+    image = xp.asarray(rng.normal(size=shape).astype(np.float32))
+    weights = xp.asarray(rng.normal(size=(5, 1, 1, 1)).astype(np.float32))
+
+    def infer(b):
+        # position-dependent logits so that overlaps and blending matter
+        return b * weights[None] + xp.sin(b * 3.0) * weights[None, ::-1]
+
+    logits = sliding_window_predict(image, patch, infer, 5, step_fraction=step, gaussian=gaussian, batch_size=batch, xp=xp)
+    labels = sliding_window_labels(image, patch, infer, 5, step_fraction=step, gaussian=gaussian, batch_size=batch, xp=xp)
+    assert labels.dtype == np.uint8 and tuple(labels.shape) == shape
+    np.testing.assert_array_equal(backend.to_np(labels), backend.to_np(xp.argmax(logits, axis=0)))
+
+
+def test_streamed_labels_memory_does_not_grow_with_slices():
+    import tracemalloc
+
+    def infer(b):
+        return np.concatenate([b, -b, b * 0.5, b * 2.0, -b * 3.0, b + 1.0], axis=1)
+
+    peaks = {}
+    for z in (64, 512):
+        image = np.random.default_rng(0).normal(size=(z, 48, 48)).astype(np.float32)
+        tracemalloc.start()
+        sliding_window_labels(image, (16, 24, 24), infer, 6, step_fraction=0.5)
+        peaks[z] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # beyond the input copy (4 B/voxel) and the labels (1 B/voxel), only patch-sized buffers
+        per_volume = image.size * 5
+        full_logits = image.size * 6 * 4
+        assert peaks[z] < per_volume + 6 * 16 * 48 * 48 * 4 * 3 + 2_000_000
+        if z == 512:
+            assert peaks[z] < full_logits / 3
+
+
+def test_streamed_labels_check_arguments():
+    image = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="num_classes"):
+        sliding_window_labels(image, (8, 8, 8), lambda b: b, 300)
+    with pytest.raises(ValueError, match="infer returned shape"):
+        sliding_window_labels(image, (8, 8, 8), lambda b: b, 2)

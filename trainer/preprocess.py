@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pocketseg.atomic import atomic_open
 from pocketseg.errors import InputError, OutputError
-from pocketseg.geometry import spacing_from_affine
+from pocketseg.geometry import canonical_grid
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
 from pocketseg.trainer.dataset import CaseRecord
 from pocketseg.volume import Volume, load_volume
@@ -68,13 +68,8 @@ class IntensityStats:
 
 def canonical_zyx(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The volume on the nearest RAS grid as a (z, y, x) array, with its spacing in the same order."""
-    ornt = nib.orientations.io_orientation(volume.affine)
-    ras = nib.orientations.apply_orientation(volume.data, ornt)
-    spacing_ijk = spacing_from_affine(volume.affine)
-    spacing_ras = [0.0, 0.0, 0.0]
-    for src, (dst, _) in enumerate(ornt):
-        spacing_ras[int(dst)] = spacing_ijk[src]
-    return ras.transpose(2, 1, 0), (spacing_ras[2], spacing_ras[1], spacing_ras[0])
+    grid = canonical_grid(volume.affine, volume.shape)
+    return grid.to_zyx(volume.data), grid.spacing_zyx(volume.affine)
 
 
 def body_bbox(image_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU, margin: int = 2) -> tuple[slice, slice, slice]:

@@ -1,0 +1,144 @@
+"""The array module of a device: NumPy/SciPy on the CPU, CuPy/cupyx on a CUDA GPU.
+
+Every array operation of the runtime is written once against the NumPy/SciPy API
+and receives one :class:`ArrayModule`; only connected-component labelling picks a
+faster library per device (connected-components-3d on the CPU, cuCIM on x86_64
+GPUs), because neither NumPy nor CuPy offers a multi-label labelling.
+
+Nothing here imports CuPy until a GPU module is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import scipy.ndimage
+
+from pocketseg.errors import PocketsegError
+
+__all__ = ["ArrayModule", "DeviceUnavailableError", "array_module", "cuda_available", "cpu_module"]
+
+log = logging.getLogger(__name__)
+
+#: Connectivity of "connected": full 26-neighbourhood in 3D, as nnU-Net's
+#: remove_all_but_largest_component (skimage.measure.label's default, connectivity=ndim).
+CONNECTIVITY = 26
+
+
+class DeviceUnavailableError(PocketsegError, RuntimeError):
+    """The requested device cannot be used on this machine (no GPU, no CuPy, ...)."""
+
+
+@dataclass(frozen=True)
+class ArrayModule:
+    """``xp`` and ``ndi`` of one device, plus the labelling function and host/device transfers."""
+
+    name: str  # "numpy" or "cupy"
+    device: str  # "cpu" or "cuda"
+    xp: ModuleType
+    ndi: ModuleType
+    #: Binary mask -> (int32 component ids 1..n, n), 26-connected.
+    label: Callable[[Any], tuple[Any, int]]
+    label_library: str
+
+    def to_device(self, array: Any) -> Any:
+        return self.xp.asarray(array)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        if self.name == "cupy":
+            return self.xp.asnumpy(array)
+        return np.asarray(array)
+
+    def synchronize(self) -> None:
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def free_cached_memory(self) -> None:
+        """Return cached blocks of CuPy's memory pool to the driver (GPU memory as others see it)."""
+        if self.name == "cupy":
+            self.synchronize()
+            self.xp.get_default_memory_pool().free_all_blocks()
+
+
+def _scipy_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    structure = np.ones((3,) * mask.ndim, dtype=bool)
+    labels, n = scipy.ndimage.label(mask, structure=structure, output=np.int32)
+    return labels, int(n)
+
+
+def _cc3d_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    import cc3d
+
+    # cc3d picks the smallest output dtype that fits; int32 keeps bincount and comparisons uniform.
+    labels, n = cc3d.connected_components(np.ascontiguousarray(mask, dtype=bool), connectivity=CONNECTIVITY,
+                                          return_N=True)
+    return labels.astype(np.int32, copy=False), int(n)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_module() -> ArrayModule:
+    """NumPy + scipy.ndimage; labelling with connected-components-3d when installed (several times faster)."""
+    try:
+        importlib.import_module("cc3d")
+        label, library = _cc3d_label, "connected-components-3d"
+    except ImportError:
+        label, library = _scipy_label, "scipy.ndimage"
+    return ArrayModule("numpy", "cpu", np, scipy.ndimage, label, library)
+
+
+def cuda_available() -> tuple[bool, str]:
+    """(usable, why not): a CUDA GPU that CuPy can use."""
+    try:
+        cupy = importlib.import_module("cupy")
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        return False, f"CuPy is not usable ({type(exc).__name__}: {exc}); install pocketseg[gpu]"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"no CUDA GPU ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return False, "no CUDA GPU"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_module() -> ArrayModule:
+    usable, why = cuda_available()
+    if not usable:
+        raise DeviceUnavailableError(f"device 'cuda' is not available: {why}")
+    cupy = importlib.import_module("cupy")
+    cundi = importlib.import_module("cupyx.scipy.ndimage")
+    try:  # cuCIM (x86_64 only; not on Jetson) labels faster than cupyx
+        measure = importlib.import_module("cucim.skimage.measure")
+
+        def label(mask):
+            out, n = measure.label(mask, connectivity=3, return_num=True)
+            return out.astype(cupy.int32, copy=False), int(n)
+
+        library = "cucim"
+    except Exception:  # ImportError or a cuCIM built for another CUDA
+        structure = cupy.ones((3, 3, 3), dtype=bool)
+
+        def label(mask):
+            out = cupy.empty(mask.shape, dtype=cupy.int32)
+            n = cundi.label(mask, structure=structure, output=out)
+            return out, int(n)
+
+        library = "cupyx.scipy.ndimage"
+    return ArrayModule("cupy", "cuda", cupy, cundi, label, library)
+
+
+def array_module(device: str) -> ArrayModule:
+    """The array module for ``"cpu"`` or ``"cuda"``; :class:`DeviceUnavailableError` if it cannot run here."""
+    if device == "cpu":
+        return cpu_module()
+    if device == "cuda":
+        return _gpu_module()
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

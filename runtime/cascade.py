@@ -1,0 +1,278 @@
+"""The cascade: ROI net -> crop -> detail net -> post-processing, on one device.
+
+For one scan (paper Sec. 2.1, Fig. 1)::
+
+    upload (int16, once) -> canonical (z, y, x) view
+    ROI stage:    resample to the ROI spacing (normalising on the way), sliding window,
+                  argmax, largest component, its box + margin (mm) on the original grid
+    detail stage: crop the original, resample to the detail spacing, sliding window,
+                  argmax, labels back to the crop's original grid
+    post-process: largest component per organ, tumor specks removed, paste into zeros
+    download (uint8 labels in the file's voxel order, once)
+
+Everything between the upload and the download stays on the device: NumPy arrays
+on the CPU, CuPy arrays on a GPU, through the same code (:mod:`runtime.arrays`).
+The networks run through one :class:`runtime.engines.Engine` per stage. The
+sliding windows stream their argmax along z and the resampling works slice chunk
+by slice chunk, so memory beyond the input and the label map does not grow with
+the number of slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pocketseg import labels as L
+from pocketseg.errors import InputError, PocketsegError
+from pocketseg.geometry import canonical_grid
+from pocketseg.manifest import Intensity, Stage, load_package
+from pocketseg.runtime.arrays import ArrayModule, array_module
+from pocketseg.runtime.engines import Engine, Selection, open_engine, resolve
+from pocketseg.runtime.postprocess import bounding_box, keep_largest_components, remove_small_components
+from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
+from pocketseg.runtime.sliding_window import sliding_window_labels
+from pocketseg.volume import Volume
+
+__all__ = ["AIR_HU", "CascadePredictor", "Prediction", "check_ct_intensities"]
+
+log = logging.getLogger(__name__)
+
+#: A CT of the abdomen always holds air (outside the body, in the lungs or the bowel) near -1000 HU;
+#: an image without any voxel at or below this value is not in Hounsfield units.
+AIR_HU = -500.0
+
+
+class OutOfMemoryRetry(PocketsegError, MemoryError):
+    """The device ran out of memory even with one tile per batch."""
+
+
+@dataclass
+class Prediction:
+    """The label map of one scan, in the volume's voxel order (i, j, k), with what happened on the way."""
+
+    labels: np.ndarray  # uint8 (i, j, k)
+    timings_s: dict[str, float]
+    roi_box_zyx: tuple[tuple[int, int], ...]  # [start, stop) on the canonical (z, y, x) grid
+    device: str
+    backend: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_ct_intensities(minimum: float, maximum: float, source: Any = None) -> None:
+    """Refuse images that are not CT in Hounsfield units (all constant, or no air at all).
+
+    The networks are trained on HU-normalised CT; an MR image, or a CT whose rescale
+    slope/intercept was not applied (values 0..4095), gives a confident wrong answer,
+    so these are refused rather than warned about.
+    """
+    if minimum == maximum:
+        raise InputError(source, f"image is constant (every voxel is {minimum:g}): not a CT scan")
+    if minimum > AIR_HU:
+        raise InputError(source, f"intensities {minimum:g}..{maximum:g} are not CT Hounsfield units (no voxel at or "
+                                 f"below {AIR_HU:g} HU, where air is): MR images and CT without rescale slope/intercept "
+                                 "are refused; check_intensities=False (--no-intensity-check) runs anyway")
+
+
+def _normalizer(intensity: Intensity, xp: Any):
+    """CT normalisation of a stage (clip to the training percentiles, z-score), as the trainer does it."""
+    lo, hi = np.float32(intensity.percentile_00_5), np.float32(intensity.percentile_99_5)
+    mean, std = np.float32(intensity.mean), np.float32(max(intensity.std, 1e-8))
+
+    def normalize(raw: Any) -> Any:
+        out = xp.clip(xp.asarray(raw, dtype=xp.float32), lo, hi)
+        out -= mean
+        out /= std
+        return out
+
+    return normalize
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    text = str(exc).lower()
+    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in text or "failed to allocate" in text
+
+
+class CascadePredictor:
+    """A loaded model package on one device: ``predict(volume) -> Prediction``.
+
+    ``overlap`` is the tile overlap fraction (0 is the paper's tile step 1.0);
+    ``gaussian`` blends overlapping tiles with nnU-Net's Gaussian weights;
+    ``batch_size`` tiles run per engine call. Load once, predict many scans.
+    """
+
+    def __init__(self, model: str | Path, *, device: str = "auto", backend: str = "auto", precision: str = "auto",
+                 overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1, threads: int | None = None,
+                 progress: bool = False, fallback_to_cpu: bool = True):
+        if not (isinstance(overlap, (int, float)) and 0.0 <= float(overlap) < 1.0):
+            raise InputError(None, f"overlap must be a fraction in [0, 1), got {overlap!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
+        self.package_dir = Path(model)
+        self.manifest = load_package(self.package_dir)
+        self.selection: Selection = resolve(backend, device, self.manifest, precision)
+        self.am: ArrayModule = array_module(self.selection.device)
+        self.step_fraction = 1.0 - float(overlap)
+        self.gaussian = bool(gaussian)
+        self.batch_size = batch_size
+        self.threads = threads
+        self.progress = progress
+        self.fallback_to_cpu = fallback_to_cpu
+        self._cpu: CascadePredictor | None = None
+        t0 = time.perf_counter()
+        self.engines: dict[str, Engine] = {name: open_engine(self.package_dir, self.manifest.stages[name],
+                                                             self.selection, threads=threads)
+                                           for name in ("roi", "detail")}
+        self.load_time_s = time.perf_counter() - t0
+        log.info("model %s on %s with %s (%s): %s", self.package_dir, self.selection.device, self.selection.backend,
+                 self.selection.precision, self.selection.reason)
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    @property
+    def device(self) -> str:
+        return self.selection.device
+
+    @property
+    def backend(self) -> str:
+        return self.selection.backend
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.am.free_cached_memory()
+
+    def predict(self, volume: Volume, *, check_intensities: bool = True) -> Prediction:
+        """Segment one scan. GPU out of memory: retried with one tile per batch, then on the CPU (logged)."""
+        if volume.data.ndim != 3:
+            raise InputError(volume.source, f"expected a 3D image, got shape {volume.data.shape}")
+        batch = self.batch_size
+        while True:
+            try:
+                return self._predict(volume, batch, check_intensities)
+            except PocketsegError:
+                raise
+            except Exception as exc:
+                if self.device != "cuda" or not _is_out_of_memory(exc):
+                    raise
+                self.am.free_cached_memory()
+                if batch > 1:
+                    log.warning("%s: GPU out of memory with %d tiles per batch; retrying with 1",
+                                volume.source or "image", batch)
+                    batch = 1
+                    continue
+                if not self.fallback_to_cpu:
+                    raise OutOfMemoryRetry(f"{volume.source or 'image'}: GPU out of memory with one tile per batch "
+                                           f"({type(exc).__name__}: {exc})") from None
+                log.warning("%s: GPU out of memory with one tile per batch; running this scan on the CPU",
+                            volume.source or "image")
+                result = self._cpu_predictor().predict(volume, check_intensities=check_intensities)
+                result.warnings.append("GPU out of memory: predicted on the CPU")
+                return result
+
+    # ------------------------------------------------------------------------------------------------ stages
+
+    def _cpu_predictor(self) -> CascadePredictor:
+        if self._cpu is None:
+            self._cpu = CascadePredictor(self.package_dir, device="cpu", backend="auto",
+                                         overlap=1.0 - self.step_fraction, gaussian=self.gaussian,
+                                         batch_size=1, threads=self.threads, progress=self.progress)
+        return self._cpu
+
+    def _sync_time(self, start: float) -> float:
+        self.am.synchronize()
+        return time.perf_counter() - start
+
+    def _segment_stage(self, stage: Stage, image: Any, spacing_zyx, batch: int) -> Any:
+        """Labels of ``stage`` on its own grid for a raw (z, y, x) image region: resample, normalise, window."""
+        am = self.am
+        new_shape = target_shape(image.shape, spacing_zyx, stage.spacing_mm_zyx)
+        axis = separate_z_axis(spacing_zyx, stage.spacing_mm_zyx)
+        net_input = resample_image(image, new_shape, order=3, separate_z=axis,
+                                   prepare=_normalizer(stage.intensity, am.xp), xp=am.xp, ndi=am.ndi)
+        engine = self.engines[stage.name]
+        # float16 accumulation halves the largest buffer where the network itself runs in fp16.
+        acc = am.xp.float16 if engine.precision == "fp16" else am.xp.float32
+        return sliding_window_labels(net_input, stage.patch_zyx, engine, stage.num_classes,
+                                     step_fraction=self.step_fraction, gaussian=self.gaussian,
+                                     batch_size=min(batch, engine.max_batch or batch), xp=am.xp,
+                                     progress=self.progress, accumulate_dtype=acc)
+
+    def _roi_box(self, canonical: Any, spacing_zyx, batch: int, warnings: list[str], name: str
+                 ) -> tuple[slice, slice, slice]:
+        """The abdomen box on the canonical grid: ROI net, largest component, box + margin (mm)."""
+        am = self.am
+        roi = self.manifest.roi
+        roi_labels = self._segment_stage(roi, canonical, spacing_zyx, batch)
+        roi_labels = keep_largest_components((roi_labels > 0).astype(am.xp.uint8), (1,), am)
+        box = bounding_box(roi_labels > 0, am)
+        shape = canonical.shape
+        if box is None:
+            message = "the ROI net found no abdomen; the detail net runs on the whole volume"
+            log.warning("%s: %s", name, message)
+            warnings.append(message)
+            return tuple(slice(0, s) for s in shape)  # type: ignore[return-value]
+        out = []
+        for sl, n_roi, n_in, sp in zip(box, roi_labels.shape, shape, spacing_zyx):
+            # ROI voxel o covers [o, o + 1) * n_in / n_roi of the input in voxel-edge coordinates
+            # (resampling keeps the outer edges, see runtime.resample).
+            lo = math.floor(sl.start * n_in / n_roi)
+            hi = math.ceil(sl.stop * n_in / n_roi)
+            margin = math.ceil(self.manifest.roi_margin_mm / sp)
+            out.append(slice(max(lo - margin, 0), min(hi + margin, n_in)))
+        return tuple(out)  # type: ignore[return-value]
+
+    def _postprocess(self, labels: Any, spacing_zyx) -> Any:
+        rules = self.manifest.postprocess
+        keep_largest_components(labels, rules.largest_component_labels, self.am)
+        voxel_mm3 = float(np.prod(spacing_zyx))
+        min_voxels = math.ceil(rules.tumor_min_volume_mm3 / voxel_mm3)
+        remove_small_components(labels, L.TUMOR, min_voxels, self.am)
+        return labels
+
+    def _predict(self, volume: Volume, batch: int, check_intensities: bool) -> Prediction:
+        am, xp = self.am, self.am.xp
+        name = str(volume.source or "image")
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+        start = time.perf_counter()
+        data = volume.data
+        if data.dtype == np.float64:  # halve the upload; CT values need no float64
+            data = data.astype(np.float32)
+        device_data = am.to_device(data)
+        if check_intensities:
+            check_ct_intensities(float(device_data.min()), float(device_data.max()), volume.source)
+        grid = canonical_grid(volume.affine, volume.shape)
+        canonical = grid.to_zyx(device_data, xp)
+        spacing = grid.spacing_zyx(volume.affine)
+        timings["upload"] = self._sync_time(start)
+
+        t = time.perf_counter()
+        box = self._roi_box(canonical, spacing, batch, warnings, name)
+        timings["roi"] = self._sync_time(t)
+
+        t = time.perf_counter()
+        detail = self.manifest.detail
+        crop = canonical[box]
+        crop_labels = self._segment_stage(detail, crop, spacing, batch)
+        back_axis = separate_z_axis(detail.spacing_mm_zyx, spacing)
+        crop_labels = resample_labels(crop_labels, crop.shape, separate_z=back_axis, xp=xp, ndi=am.ndi)
+        timings["detail"] = self._sync_time(t)
+
+        t = time.perf_counter()
+        self._postprocess(crop_labels, spacing)
+        full = xp.zeros(canonical.shape, dtype=xp.uint8)
+        full[box] = crop_labels
+        del crop_labels, canonical, device_data
+        labels = am.to_host(xp.ascontiguousarray(grid.from_zyx(full, xp)))
+        del full
+        timings["postprocess"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        return Prediction(labels, timings, tuple((s.start, s.stop) for s in box), self.device, self.backend, warnings)

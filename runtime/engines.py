@@ -1,0 +1,402 @@
+"""Inference engines behind one small interface: TensorRT, ONNX Runtime, PyTorch.
+
+An engine runs one network of a model package on batches of patches::
+
+    engine = open_engine(package_dir, manifest.detail, backend="onnxruntime", device="cpu")
+    logits = engine(batch)          # (B, 1, z, y, x) float on the device -> (B, C, z, y, x)
+
+Inputs and outputs stay on the engine's device: NumPy arrays on the CPU, CuPy
+arrays on a GPU, so the cascade never copies a patch to the host. On a GPU all
+three backends run in CUDA's primary context of the device, the one CuPy uses
+(TensorRT and ONNX Runtime through the CUDA runtime API, torch likewise), and
+they read and write CuPy's buffers directly (TensorRT tensor addresses, ONNX
+Runtime I/O binding, DLPack for torch).
+
+Which backend ``auto`` picks (:func:`resolve`): on a GPU TensorRT when the
+package has an engine built for this GPU and TensorRT version, else ONNX
+Runtime's CUDA provider, else torch; on the CPU ONNX Runtime, else torch.
+torch is imported only when the torch backend is chosen or asked about.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
+from pocketseg.manifest import Manifest, Stage
+from pocketseg.runtime.arrays import DeviceUnavailableError, array_module, cuda_available
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "Engine",
+    "EngineUnavailableError",
+    "Selection",
+    "open_engine",
+    "probe_backends",
+    "resolve",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "fp16")
+#: Preference of ``backend="auto"`` per device, fastest first.
+AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("onnxruntime", "torch")}
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+class EngineUnavailableError(PocketsegError, RuntimeError):
+    """The requested backend cannot run here (not installed, no provider, no matching TensorRT engine)."""
+
+
+# ------------------------------------------------------------------------------------------------ what is installed
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend is installed, its version and the devices it can run on here."""
+
+    name: str
+    installed: bool
+    version: str | None
+    devices: tuple[str, ...]
+    detail: str = ""
+
+
+def _version(module: Any) -> str | None:
+    return getattr(module, "__version__", None)
+
+
+def _probe_onnxruntime() -> BackendStatus:
+    try:
+        ort = importlib.import_module("onnxruntime")
+    except ImportError as exc:
+        return BackendStatus("onnxruntime", False, None, (), f"not installed ({exc}); pip install 'pocketseg[runtime]'")
+    providers = tuple(ort.get_available_providers())
+    devices = ("cpu",) + (("cuda",) if "CUDAExecutionProvider" in providers else ())
+    return BackendStatus("onnxruntime", True, _version(ort), devices, "providers: " + ", ".join(providers))
+
+
+def _probe_tensorrt() -> BackendStatus:
+    from pocketseg.engine_build.tensorrt_build import import_tensorrt
+
+    try:
+        trt = import_tensorrt()
+    except MissingDependencyError as exc:
+        return BackendStatus("tensorrt", False, None, (), str(exc))
+    return BackendStatus("tensorrt", True, _version(trt), ("cuda",))
+
+
+def _probe_torch(import_it: bool = True) -> BackendStatus:
+    if importlib.util.find_spec("torch") is None:
+        return BackendStatus("torch", False, None, (), "not installed; pip install 'pocketseg[train]'")
+    if not import_it:
+        return BackendStatus("torch", True, None, ("cpu",), "not imported")
+    torch = importlib.import_module("torch")
+    cuda = bool(torch.cuda.is_available())
+    return BackendStatus("torch", True, _version(torch), ("cpu", "cuda") if cuda else ("cpu",),
+                         f"CUDA {torch.version.cuda}" if cuda else "CPU build or no GPU")
+
+
+def probe_backends(*, import_torch: bool = True) -> dict[str, BackendStatus]:
+    """Status of every backend on this machine (``import_torch=False`` avoids importing torch)."""
+    return {"tensorrt": _probe_tensorrt(), "onnxruntime": _probe_onnxruntime(),
+            "torch": _probe_torch(import_torch)}
+
+
+# ------------------------------------------------------------------------------------------------------- selection
+
+@dataclass(frozen=True)
+class Selection:
+    """What ``resolve`` decided, and why."""
+
+    backend: str
+    device: str
+    precision: str
+    reason: str
+    engine_files: dict[str, str] = field(default_factory=dict)  # stage -> TensorRT engine file
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> str:
+    if value not in allowed:
+        raise InputError(None, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _tensorrt_engines(manifest: Manifest | None) -> tuple[dict[str, str], str]:
+    """Engine files of both stages usable with this GPU and TensorRT, or ({}, why not)."""
+    if manifest is None:
+        return {}, "no model package given"
+    from pocketseg.engine_build.tensorrt_build import gpu_identity, import_tensorrt, select_engine
+
+    try:
+        version = import_tensorrt().__version__
+        gpu = gpu_identity(0)
+    except PocketsegError as exc:
+        return {}, str(exc)
+    files = {}
+    for name, stage in manifest.stages.items():
+        record = select_engine(stage, version, gpu.compute_capability)
+        if record is None:
+            built = ", ".join(f"{e.file} (TensorRT {e.tensorrt_version}, sm {e.compute_capability})"
+                              for e in stage.engines) or "none"
+            return {}, (f"no {name} engine for {gpu.name} (sm {gpu.compute_capability}) and TensorRT {version} "
+                        f"in the package (built: {built}); run pocketseg build-engine on this machine")
+        files[name] = record.file
+    return files, ""
+
+
+def _available_on(backend: str, device: str, manifest: Manifest | None) -> tuple[bool, str, dict[str, str]]:
+    """(usable, why not, engine files) for one backend on one device."""
+    if backend == "tensorrt":
+        if device != "cuda":
+            return False, "TensorRT runs on CUDA GPUs only", {}
+        status = _probe_tensorrt()
+        if not status.installed:
+            return False, status.detail, {}
+        files, why = _tensorrt_engines(manifest)
+        return bool(files), why, files
+    if backend == "onnxruntime":
+        status = _probe_onnxruntime()
+        if not status.installed:
+            return False, status.detail, {}
+        if device not in status.devices:
+            return False, f"onnxruntime has no CUDAExecutionProvider here ({status.detail}); pip install onnxruntime-gpu", {}
+        return True, "", {}
+    status = _probe_torch(import_it=device == "cuda")
+    if not status.installed:
+        return False, status.detail, {}
+    if device not in status.devices:
+        return False, f"torch cannot use CUDA here ({status.detail})", {}
+    return True, "", {}
+
+
+def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | None = None,
+            precision: str = "auto") -> Selection:
+    """The backend, device and precision to run with.
+
+    ``device="auto"`` is ``cuda`` when CuPy sees a GPU, else ``cpu``. ``backend="auto"``
+    takes the first usable backend of :data:`AUTO_ORDER`. ``precision="auto"`` is fp16 on
+    a GPU (the paper's FP16 engines) and fp32 on the CPU. An explicit choice that cannot
+    run raises :class:`EngineUnavailableError` (or :class:`DeviceUnavailableError`) saying why.
+    """
+    _check_choice(backend, ("auto",) + BACKENDS, "backend")
+    _check_choice(device, ("auto",) + DEVICES, "device")
+    _check_choice(precision, ("auto",) + PRECISIONS, "precision")
+    if device == "auto":
+        usable, why = cuda_available()
+        device = "cuda" if usable else "cpu"
+        device_reason = "a CUDA GPU is usable" if usable else f"CPU ({why})"
+    else:
+        if device == "cuda":
+            usable, why = cuda_available()
+            if not usable:
+                raise DeviceUnavailableError(f"device 'cuda' is not available: {why}")
+        device_reason = f"device {device} requested"
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise InputError(None, "precision fp16 needs a CUDA device; on the CPU the runtime runs fp32")
+
+    candidates = AUTO_ORDER[device] if backend == "auto" else (backend,)
+    skipped = []
+    for name in candidates:
+        if name == "tensorrt" and precision != "fp16":
+            skipped.append("tensorrt: the package's engines are fp16")
+            continue
+        ok, why, files = _available_on(name, device, manifest)
+        if ok:
+            how = "auto" if backend == "auto" else "requested"
+            reason = f"{device_reason}; backend {name} ({how})"
+            if skipped:
+                reason += "; skipped " + "; ".join(skipped)
+            return Selection(name, device, precision, reason, files)
+        skipped.append(f"{name}: {why}")
+    if backend == "auto":
+        raise EngineUnavailableError(f"no inference backend can run on {device}: " + "; ".join(skipped))
+    raise EngineUnavailableError(f"backend {backend} cannot run on {device}: " + "; ".join(skipped))
+
+
+# --------------------------------------------------------------------------------------------------------- engines
+
+class Engine:
+    """One network of a package on one device; ``engine(batch) -> logits``, both on the device."""
+
+    backend = ""
+
+    def __init__(self, stage: Stage, device: str, precision: str):
+        self.stage = stage
+        self.device = device
+        self.precision = precision
+        self.am = array_module(device)
+        self.max_batch: int | None = None  # None: any batch size
+
+    @property
+    def num_classes(self) -> int:
+        return self.stage.num_classes
+
+    @property
+    def patch_zyx(self) -> tuple[int, int, int]:
+        return self.stage.patch_zyx
+
+    def __call__(self, batch: Any) -> Any:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the engine holds (sessions, GPU buffers)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.stage.name}, {self.device}, {self.precision})"
+
+
+class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime: CPU provider with NumPy arrays, CUDA provider with CuPy buffers bound in place."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, *, threads: int | None = None):
+        super().__init__(stage, device, precision)
+        ort = importlib.import_module("onnxruntime")
+        target = "onnx-fp16" if precision == "fp16" and "onnx-fp16" in stage.files else "onnx-fp32"
+        if precision == "fp16" and target == "onnx-fp32":
+            log.warning("%s: the package has no fp16 ONNX; running fp32", stage.name)
+            self.precision = "fp32"
+        path = Path(package_dir) / stage.files[target]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            cupy = self.am.xp
+            providers = [("CUDAExecutionProvider", {"device_id": cupy.cuda.Device().id}), "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            raise InputError(path, f"ONNX Runtime cannot load the model ({type(exc).__name__}: {exc})") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if INPUT_NAME not in inputs:
+            raise InputError(path, f"the ONNX model has no input named {INPUT_NAME!r}")
+        self.io_dtype = np.float16 if "float16" in inputs[INPUT_NAME].type else np.float32
+
+    def __call__(self, batch: Any) -> Any:
+        xp = self.am.xp
+        batch = xp.ascontiguousarray(batch, dtype=self.io_dtype)
+        if self.device == "cpu":
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        shape = (batch.shape[0], self.num_classes) + tuple(batch.shape[2:])
+        out = xp.empty(shape, dtype=self.io_dtype)
+        device_id = xp.cuda.Device().id
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT_NAME, "cuda", device_id, self.io_dtype, tuple(batch.shape), int(batch.data.ptr))
+        binding.bind_output(OUTPUT_NAME, "cuda", device_id, self.io_dtype, shape, int(out.data.ptr))
+        # ONNX Runtime works on its own CUDA stream: CuPy's writes must be done before it reads.
+        self.am.synchronize()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out
+
+
+class TorchEngine(Engine):
+    """PyTorch from the package's safetensors weights; fp16 autocast on CUDA (normalisation stays fp32)."""
+
+    backend = "torch"
+
+    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str):
+        super().__init__(stage, device, precision)
+        self.torch = torch = importlib.import_module("torch")
+        from safetensors.torch import load_file
+
+        from pocketseg.trainer.network import PocketUNet, UNetConfig
+
+        path = Path(package_dir) / stage.files["torch"]
+        net_cfg = stage.network
+        cfg = UNetConfig(in_channels=1, num_classes=stage.num_classes, width=net_cfg.width, kernels=net_cfg.kernels,
+                         strides=net_cfg.strides, channels_growth=net_cfg.channels_growth)
+        net = PocketUNet(cfg, deep_supervision=False)
+        try:
+            net.load_state_dict(load_file(str(path)))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise InputError(path, f"weights do not fit the manifest's network ({type(exc).__name__}: {exc})") from None
+        self.torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        self.net = net.to(self.torch_device).eval()
+
+    def __call__(self, batch: Any) -> Any:
+        torch = self.torch
+        if self.device == "cpu":
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        else:
+            x = torch.from_dlpack(self.am.xp.ascontiguousarray(batch, dtype=self.am.xp.float32))
+        with torch.inference_mode(), torch.autocast(self.torch_device.type, dtype=torch.float16,
+                                                    enabled=self.device == "cuda" and self.precision == "fp16"):
+            y = self.net(x)
+        if self.device == "cpu":
+            return y.numpy()
+        return self.am.xp.from_dlpack(y.contiguous())
+
+
+class TensorRTEngine(Engine):
+    """A deserialized TensorRT engine; CuPy buffers passed as tensor addresses, CuPy's stream used."""
+
+    backend = "tensorrt"
+
+    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, engine_file: str):
+        super().__init__(stage, device, precision)
+        from pocketseg.engine_build.tensorrt_build import import_tensorrt
+
+        trt = self.trt = import_tensorrt()
+        path = Path(package_dir) / engine_file
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise InputError(path, "TensorRT cannot deserialize this engine (built by another TensorRT or GPU?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if INPUT_NAME not in names or OUTPUT_NAME not in names:
+            raise InputError(path, f"engine tensors are {names}, expected {INPUT_NAME!r} and {OUTPUT_NAME!r}")
+        self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(INPUT_NAME)))
+        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(OUTPUT_NAME)))
+        record = next(e for e in stage.engines if e.file == engine_file)
+        self.max_batch = int(record.max_batch)
+
+    def __call__(self, batch: Any) -> Any:
+        xp = self.am.xp
+        batch = xp.ascontiguousarray(batch, dtype=self.in_dtype)
+        if not self.context.set_input_shape(INPUT_NAME, tuple(batch.shape)):
+            raise RuntimeError(f"TensorRT refused input shape {tuple(batch.shape)} (max batch {self.max_batch})")
+        out = xp.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=self.out_dtype)
+        self.context.set_tensor_address(INPUT_NAME, int(batch.data.ptr))
+        self.context.set_tensor_address(OUTPUT_NAME, int(out.data.ptr))
+        stream = xp.cuda.get_current_stream()
+        if not self.context.execute_async_v3(stream.ptr):
+            raise RuntimeError("TensorRT execution failed")
+        return out
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None
+
+
+def open_engine(package_dir: str | Path, stage: Stage, selection: Selection, *, threads: int | None = None) -> Engine:
+    """The engine of ``stage`` for a :func:`resolve` result."""
+    package_dir = Path(package_dir)
+    if selection.backend == "onnxruntime":
+        return OnnxRuntimeEngine(package_dir, stage, selection.device, selection.precision, threads=threads)
+    if selection.backend == "torch":
+        if importlib.util.find_spec("safetensors") is None:
+            raise MissingDependencyError("safetensors", "The torch backend", "train")
+        return TorchEngine(package_dir, stage, selection.device, selection.precision)
+    if selection.backend == "tensorrt":
+        return TensorRTEngine(package_dir, stage, selection.device, selection.precision,
+                              selection.engine_files[stage.name])
+    raise InputError(None, f"unknown backend {selection.backend!r}")

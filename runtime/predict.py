@@ -1,0 +1,304 @@
+"""``pocketseg predict`` and ``pocketseg.segment``: files and folders in, label maps out.
+
+Input forms (as nnU-Net and TotalSegmentator take them):
+
+* one NIfTI file or one DICOM series folder -> one label file (OUTPUT ends in
+  ``.nii.gz``/``.nii``; otherwise OUTPUT is a folder and the file is named after the case);
+* a folder of NIfTI files -> a folder of label files, ``CASE_0000.nii.gz`` -> ``CASE.nii.gz``
+  (nnU-Net's channel suffix is dropped). The model is loaded once; the next scan is read
+  and the previous result written in background threads while the current one computes;
+  ``resume`` skips finished cases; a bad case is reported and the rest continue, and the
+  run ends with the list of failures and a non-zero exit.
+
+Every file is written atomically (temporary file, then rename) and an existing output is
+replaced only with ``overwrite``: an interrupted run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pocketseg import labels as L
+from pocketseg.atomic import atomic_write_bytes, check_writable_target
+from pocketseg.errors import InputError, OutputError, PocketsegError, require
+from pocketseg.runtime.cascade import CascadePredictor, Prediction
+from pocketseg.volume import NIFTI_SUFFIXES, Volume, is_nifti_path, load_volume
+
+__all__ = ["CaseJob", "PredictFailures", "case_statistics", "plan_cases", "predict", "segment"]
+
+log = logging.getLogger(__name__)
+
+#: nnU-Net's channel suffix of image files, dropped from output names.
+CHANNEL_SUFFIX = "_0000"
+
+
+class PredictFailures(PocketsegError):
+    """Some cases of a folder could not be segmented; the others were written."""
+
+    def __init__(self, failures: list[tuple[str, str]], done: int):
+        self.failures = failures
+        lines = "; ".join(f"{case}: {why}" for case, why in failures)
+        super().__init__(f"{len(failures)} case(s) failed ({done} written): {lines}")
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """One scan to segment and where its outputs go."""
+
+    case: str
+    source: Path
+    output: Path
+
+    @property
+    def statistics_path(self) -> Path:
+        return self.output.with_name(self.case + ".statistics.json")
+
+    @property
+    def preview_path(self) -> Path:
+        return self.output.with_name(self.case + ".png")
+
+
+def _strip_nifti(name: str) -> str:
+    lower = name.lower()
+    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def case_name(path: Path) -> str:
+    """``CASE`` for ``CASE_0000.nii.gz``, ``CASE.nii.gz`` or a DICOM folder ``CASE``."""
+    stem = _strip_nifti(path.name) if path.is_file() or is_nifti_path(path) else path.name
+    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+
+
+def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[list[CaseJob], bool]:
+    """The cases of INPUT and their output files; True when INPUT is a folder of NIfTI files."""
+    src, dst = Path(input), Path(output)
+    if not src.exists():
+        raise InputError(src, "does not exist")
+    if src.is_dir():
+        files = _nifti_files(src)
+        if files:
+            if is_nifti_path(dst):
+                raise InputError(dst, "INPUT is a folder of NIfTI files, so OUTPUT must be a folder, not a file name")
+            jobs = [CaseJob(case_name(f), f, dst / f"{case_name(f)}.nii.gz") for f in files]
+            names = [j.case for j in jobs]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise InputError(src, f"several images map to the same case name: {', '.join(twice)} "
+                                      "(one image per case; multi-channel input is not supported)")
+            return jobs, True
+        # Otherwise a DICOM series folder (load_volume says so if it is not one).
+    elif not is_nifti_path(src):
+        raise InputError(src, "unsupported input: expected a .nii/.nii.gz file, a DICOM series folder "
+                              "or a folder of NIfTI files")
+    name = case_name(src)
+    out = dst if is_nifti_path(dst) else dst / f"{name}.nii.gz"
+    return [CaseJob(name, src, out)], False
+
+
+def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[float, float, float]) -> dict[str, Any]:
+    """Per class present: voxels, volume (mL) and mean intensity (HU) of the image under the mask."""
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=L.NUM_CLASSES)
+    sums = np.bincount(flat, weights=np.asarray(image, dtype=np.float64).ravel(), minlength=L.NUM_CLASSES)
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    out: dict[str, Any] = {}
+    for label in L.LABELS[1:]:
+        n = int(counts[label.id]) if label.id < counts.size else 0
+        out[label.name] = {"id": label.id, "voxels": n, "volume_ml": round(n * voxel_ml, 3),
+                           "mean_hu": round(float(sums[label.id] / n), 2) if n else None}
+    return out
+
+
+def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, statistics: bool, preview: bool,
+                   overwrite: bool) -> Path:
+    from pocketseg.nifti import write_labels
+
+    if statistics:
+        report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
+                  "device": prediction.device, "backend": prediction.backend,
+                  "timings_s": {k: round(v, 4) for k, v in prediction.timings_s.items()},
+                  "warnings": prediction.warnings,
+                  "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm)}
+        atomic_write_bytes(job.statistics_path, (json.dumps(report, indent=1) + "\n").encode(), overwrite=overwrite)
+    if preview:
+        from pocketseg.synth.preview import render_preview
+
+        png = render_preview(volume.data, volume.affine, prediction.labels, title=f"{job.case} - pocketseg")
+        atomic_write_bytes(job.preview_path, png, overwrite=overwrite)
+    # The label map last: its presence marks the case finished for ``resume``.
+    return write_labels(prediction.labels, job.output, reference=volume, overwrite=overwrite)
+
+
+def _finished(job: CaseJob, statistics: bool, preview: bool) -> bool:
+    wanted = [job.output] + ([job.statistics_path] if statistics else []) + ([job.preview_path] if preview else [])
+    return all(p.is_file() for p in wanted)
+
+
+def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool) -> None:
+    check_writable_target(job.output, overwrite=overwrite)
+    if statistics:
+        check_writable_target(job.statistics_path, overwrite=overwrite)
+    if preview:
+        check_writable_target(job.preview_path, overwrite=overwrite)
+
+
+def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os.PathLike, *,
+            device: str = "auto", backend: str = "auto", precision: str = "auto", statistics: bool = False,
+            preview: bool = False, overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1,
+            resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
+            check_intensities: bool = True, threads: int | None = None, progress: bool = True) -> list[Path]:
+    """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files; returns the label files written."""
+    jobs, folder_mode = plan_cases(input, output)
+    if preview:
+        require("matplotlib", "Preview images (--preview)", "viz")
+    todo = []
+    for job in jobs:
+        if resume and _finished(job, statistics, preview):
+            log.info("%s: finished earlier, skipped (resume)", job.case)
+            continue
+        if not folder_mode:
+            _check_targets(job, statistics, preview, overwrite)
+        todo.append(job)
+    if not todo:
+        return []
+    if folder_mode:
+        try:
+            Path(output).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(output, f"cannot create the output folder ({exc.strerror or exc})") from None
+    elif not jobs[0].output.parent.is_dir():
+        try:
+            jobs[0].output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(jobs[0].output.parent, f"cannot create the output folder ({exc.strerror or exc})") from None
+
+    predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
+                                 gaussian=gaussian, batch_size=batch_size, threads=threads,
+                                 progress=progress and not folder_mode)
+    if not folder_mode:
+        job = todo[0]
+        volume = load_volume(job.source, series_uid=series_uid)
+        prediction = predictor.predict(volume, check_intensities=check_intensities)
+        _log_case(job, prediction)
+        return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview, overwrite=overwrite)]
+    return _predict_folder(predictor, todo, statistics=statistics, preview=preview, overwrite=overwrite,
+                           check_intensities=check_intensities, progress=progress)
+
+
+def _log_case(job: CaseJob, prediction: Prediction) -> None:
+    t = prediction.timings_s
+    log.info("%s: %.2f s (roi %.2f, detail %.2f, post %.2f) on %s/%s", job.case, t["total"], t["roi"], t["detail"],
+             t["postprocess"], prediction.device, prediction.backend)
+    for warning in prediction.warnings:
+        log.warning("%s: %s", job.case, warning)
+
+
+def _read(job: CaseJob) -> Volume:
+    return load_volume(job.source)
+
+
+def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statistics: bool, preview: bool,
+                    overwrite: bool, check_intensities: bool, progress: bool) -> list[Path]:
+    """Read ahead one case and write behind while the current case computes."""
+    written: list[Path] = []
+    failures: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+        pending_write: tuple[CaseJob, Future] | None = None
+
+        def settle(pending: tuple[CaseJob, Future] | None) -> None:
+            if pending is None:
+                return
+            job, future = pending
+            try:
+                written.append(future.result())
+            except Exception as exc:  # reported at the end with the other failures
+                why = str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
+                failures.append((job.case, why))
+                log.error("%s: %s", job.case, why)
+
+        next_read = reader.submit(_read, jobs[0])
+        with tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress) as bar:
+            for i, job in enumerate(jobs):
+                current = next_read
+                if i + 1 < len(jobs):
+                    next_read = reader.submit(_read, jobs[i + 1])
+                try:
+                    _check_targets(job, statistics, preview, overwrite)
+                    volume = current.result()
+                    prediction = predictor.predict(volume, check_intensities=check_intensities)
+                    _log_case(job, prediction)
+                except Exception as exc:  # a bad case must not stop the others; reported at the end
+                    why = str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
+                    failures.append((job.case, why))
+                    log.error("%s: %s", job.case, why)
+                    log.debug("%s failed", job.case, exc_info=True)
+                    bar.update(1)
+                    continue
+                settle(pending_write)
+                pending_write = (job, writer.submit(_write_outputs, job, volume, prediction, statistics=statistics,
+                                                    preview=preview, overwrite=overwrite))
+                bar.set_postfix_str(f"{job.case} {prediction.timings_s['total']:.1f}s")
+                bar.update(1)
+            settle(pending_write)
+    if failures:
+        raise PredictFailures(failures, len(written))
+    return written
+
+
+# --------------------------------------------------------------------------------------------------- Python API
+
+_PREDICTORS: dict[tuple, CascadePredictor] = {}
+
+
+def _as_volume(image: Any, series_uid: str | None) -> Volume:
+    if isinstance(image, Volume):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_volume(image, series_uid=series_uid)
+    import nibabel as nib
+
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        data = np.asanyarray(image.dataobj)
+        header = image.header if isinstance(image.header, nib.Nifti1Header) else None
+        return Volume(data, np.asarray(image.affine, dtype=np.float64), header=header)
+    raise InputError(None, f"segment() takes a path, a nibabel image or a pocketseg Volume, got {type(image).__name__}")
+
+
+def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backend: str = "auto",
+            precision: str = "auto", overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1,
+            series_uid: str | None = None, check_intensities: bool = True):
+    """Segment one CT scan: a path (NIfTI or DICOM folder), a nibabel image or a Volume -> nibabel label image.
+
+    The label image is uint8 with the input's geometry (affine, qform and sform). The
+    loaded model stays cached for the next call with the same settings.
+    """
+    from pocketseg.nifti import nifti_image
+
+    volume = _as_volume(image, series_uid)
+    key = (str(Path(model).resolve()), device, backend, precision, float(overlap), bool(gaussian), int(batch_size))
+    predictor = _PREDICTORS.get(key)
+    if predictor is None:
+        predictor = _PREDICTORS[key] = CascadePredictor(model, device=device, backend=backend, precision=precision,
+                                                        overlap=overlap, gaussian=gaussian, batch_size=batch_size)
+    prediction = predictor.predict(volume, check_intensities=check_intensities)
+    image = nifti_image(prediction.labels, reference=volume, dtype=np.uint8)
+    # Through bytes once: the returned image then has .affine set from its header, exactly as a
+    # reader of the written file would see it, with the input's qform/sform codes untouched.
+    return type(image).from_bytes(image.to_bytes())

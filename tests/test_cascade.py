@@ -1,0 +1,248 @@
+"""The cascade runtime against a plain reference pipeline, and its edge cases.
+
+The reference is written here the straightforward way — nibabel reorientation,
+normalise then resample the whole volume, torch nets on every tile with the full
+logits volume, scipy labelling — so it shares only the resampling functions (which
+have their own tests against nnU-Net's numerics) with the runtime under test.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from pocketseg import labels as L
+from pocketseg.errors import InputError
+from pocketseg.geometry import spacing_from_affine
+from pocketseg.manifest import load_package
+from pocketseg.runtime.cascade import CascadePredictor, check_ct_intensities
+from pocketseg.runtime.engines import Selection
+from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
+from pocketseg.runtime.sliding_window import sliding_window_predict
+from pocketseg.synth.phantom import make_phantom
+from pocketseg.volume import Volume
+
+torch = pytest.importorskip("torch", reason="the reference pipeline runs the nets in torch (extra 'train')")
+
+
+# ------------------------------------------------------------------------------------------- reference pipeline
+
+def _torch_net(package, stage):
+    from safetensors.torch import load_file
+
+    from pocketseg.trainer.network import PocketUNet, UNetConfig
+
+    n = stage.network
+    net = PocketUNet(UNetConfig(1, stage.num_classes, n.width, n.kernels, n.strides, n.channels_growth))
+    net.load_state_dict(load_file(str(package / stage.files["torch"])))
+    net.eval()
+
+    def infer(batch):
+        with torch.inference_mode():
+            return net(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+
+    return infer
+
+
+def _largest(mask):
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == np.argmax(sizes)
+
+
+def _stage_labels(package, stage, image, spacing):
+    it = stage.intensity
+    norm = (np.clip(image.astype(np.float32), it.percentile_00_5, it.percentile_99_5) - it.mean) / max(it.std, 1e-8)
+    shape = target_shape(image.shape, spacing, stage.spacing_mm_zyx)
+    net_in = resample_image(norm.astype(np.float32), shape, order=3, separate_z=separate_z_axis(spacing, stage.spacing_mm_zyx))
+    logits = sliding_window_predict(net_in, stage.patch_zyx, _torch_net(package, stage), stage.num_classes)
+    return np.argmax(logits, axis=0).astype(np.uint8)
+
+
+def reference_pipeline(package, volume: Volume) -> np.ndarray:
+    manifest = load_package(package)
+    ornt = nib.orientations.io_orientation(volume.affine)
+    ras = nib.orientations.apply_orientation(volume.data, ornt)
+    canon = ras.transpose(2, 1, 0)
+    sp_ijk = spacing_from_affine(volume.affine)
+    sp_ras = [0.0] * 3
+    for src, (dst, _) in enumerate(ornt):
+        sp_ras[int(dst)] = sp_ijk[src]
+    spacing = (sp_ras[2], sp_ras[1], sp_ras[0])
+
+    roi = _stage_labels(package, manifest.roi, canon, spacing)
+    fg = _largest(roi > 0)
+    box = []
+    if fg.any():
+        for axis in range(3):
+            idx = np.nonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+            n_roi, n_in = roi.shape[axis], canon.shape[axis]
+            margin = math.ceil(manifest.roi_margin_mm / spacing[axis])
+            lo = max(math.floor(idx[0] * n_in / n_roi) - margin, 0)
+            hi = min(math.ceil((idx[-1] + 1) * n_in / n_roi) + margin, n_in)
+            box.append(slice(lo, hi))
+    else:
+        box = [slice(0, s) for s in canon.shape]
+    crop = canon[tuple(box)]
+    detail = _stage_labels(package, manifest.detail, crop, spacing)
+    back = resample_labels(detail, crop.shape, separate_z=separate_z_axis(manifest.detail.spacing_mm_zyx, spacing))
+    for organ in manifest.postprocess.largest_component_labels:
+        mask = back == organ
+        if mask.any():
+            back[mask & ~_largest(mask)] = 0
+    tumor = back == L.TUMOR
+    lab, n = ndi.label(tumor, structure=np.ones((3, 3, 3)))
+    min_vox = math.ceil(manifest.postprocess.tumor_min_volume_mm3 / float(np.prod(spacing)))
+    for c in range(1, n + 1):
+        if (lab == c).sum() < min_vox:
+            back[lab == c] = 0
+    full = np.zeros(canon.shape, np.uint8)
+    full[tuple(box)] = back
+    inverse = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    return nib.orientations.apply_orientation(full.transpose(2, 1, 0), inverse)
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def predictor(tiny_package):
+    return CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
+
+
+def _volume(seed, slices=32, orientation="RAS"):
+    ph = make_phantom(seed, small=True, slices=slices, orientation=orientation)
+    return Volume(ph.image, ph.affine)
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize("seed,orientation", [(0, "RAS"), (1, "LPS"), (2, "LPI")])
+def test_runtime_equals_reference_pipeline(tiny_package, predictor, seed, orientation):
+    volume = _volume(seed, orientation=orientation)
+    ours = predictor.predict(volume)
+    ref = reference_pipeline(tiny_package, volume)
+    assert ours.labels.shape == volume.shape and ours.labels.dtype == np.uint8
+    assert (ref > 0).sum() > 100, "the reference segmented nothing: the comparison would be empty"
+    agreement = float((ours.labels == ref).mean())
+    assert agreement >= 0.999, f"voxel agreement {agreement:.5f}"
+    assert set(np.unique(ours.labels)) <= set(range(L.NUM_CLASSES))
+    assert set(ours.timings_s) >= {"roi", "detail", "postprocess", "total"}
+
+
+def test_orientation_does_not_change_the_result(predictor):
+    ras = _volume(3, orientation="RAS")
+    lps = _volume(3, orientation="LPS")
+    a, b = predictor.predict(ras), predictor.predict(lps)
+    # Same anatomy stored in another voxel order: the same labels after reorientation.
+    to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(lps.affine),
+                                             nib.orientations.axcodes2ornt("RAS"))
+    assert np.array_equal(nib.orientations.apply_orientation(b.labels, to_ras), a.labels)
+
+
+def test_torch_backend_agrees_with_onnxruntime(tiny_package, predictor):
+    volume = _volume(4, slices=16)
+    ort = predictor.predict(volume).labels
+    tch = CascadePredictor(tiny_package, device="cpu", backend="torch").predict(volume).labels
+    assert float((ort == tch).mean()) >= 0.999
+
+
+class _Constant:
+    """An engine stand-in whose logits favour one class everywhere, or inside a box."""
+
+    def __init__(self, engine, cls, box=None):
+        self.engine, self.cls, self.box = engine, cls, box
+        self.max_batch = None
+        self.precision = "fp32"
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        out = np.zeros((batch.shape[0], self.engine.num_classes) + batch.shape[2:], np.float32)
+        out[:, self.cls] = 1.0
+        return out
+
+
+def test_roi_net_finding_nothing_warns_and_uses_the_whole_volume(tiny_package, caplog):
+    p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
+    p.engines["roi"] = _Constant(p.engines["roi"], 0)
+    volume = _volume(5)
+    with caplog.at_level(logging.WARNING):
+        result = p.predict(volume)
+    assert result.warnings and "found no abdomen" in result.warnings[0]
+    assert "found no abdomen" in caplog.text
+    assert result.roi_box_zyx == tuple((0, s) for s in reversed(volume.shape))  # RAS: (z, y, x) = (k, j, i)
+
+
+def test_roi_box_at_the_border_is_clipped(tiny_package):
+    p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
+    p.engines["roi"] = _Constant(p.engines["roi"], 1)  # everything is abdomen: the box is the whole volume
+    volume = _volume(6, slices=24)
+    result = p.predict(volume)
+    assert result.roi_box_zyx == tuple((0, s) for s in reversed(volume.shape))
+
+
+@pytest.mark.parametrize("slices", [1, 4, 10])
+def test_very_thin_scans(predictor, slices):
+    volume = _volume(7, slices=slices)
+    result = predictor.predict(volume)
+    assert result.labels.shape == volume.shape
+
+
+@pytest.mark.slow
+def test_very_long_scan(predictor):
+    rng = np.random.default_rng(0)
+    data = rng.normal(40, 30, size=(24, 24, 1100)).astype(np.int16)
+    data[:, :3] = -1000  # air
+    affine = np.diag([12.0, 12.0, 1.0, 1.0])
+    result = predictor.predict(Volume(data, affine))
+    assert result.labels.shape == data.shape
+
+
+def test_non_ct_intensities_are_refused(predictor):
+    volume = _volume(8, slices=10)
+    with pytest.raises(InputError, match="constant"):
+        predictor.predict(Volume(np.zeros((16, 16, 8), np.int16), volume.affine))
+    mr_like = Volume(np.random.default_rng(0).integers(0, 1200, (32, 32, 8)).astype(np.int16), volume.affine)
+    with pytest.raises(InputError, match="not CT Hounsfield units"):
+        predictor.predict(mr_like)
+    assert predictor.predict(mr_like, check_intensities=False).labels.shape == mr_like.shape
+    with pytest.raises(InputError, match="not CT Hounsfield units"):
+        check_ct_intensities(0.0, 4095.0, "scan.nii.gz")
+
+
+def test_gpu_out_of_memory_retries_with_one_tile_then_the_cpu(tiny_package, caplog):
+    p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime", batch_size=4)
+    calls = []
+
+    class OutOfMemoryError(Exception):
+        pass
+
+    def always_oom(volume, batch, check):
+        calls.append(batch)
+        raise OutOfMemoryError("out of memory allocating 2 GB")
+
+    # Pretend the predictor runs on a GPU whose every attempt runs out of memory.
+    p.selection = Selection("onnxruntime", "cuda", "fp16", "test")
+    p._predict = always_oom
+    with caplog.at_level(logging.WARNING):
+        result = p.predict(_volume(9, slices=12))
+    assert calls == [4, 1]
+    assert result.device == "cpu" and "GPU out of memory: predicted on the CPU" in result.warnings
+    assert "retrying with 1" in caplog.text and "on the CPU" in caplog.text
+
+
+def test_bad_arguments(tiny_package, tmp_path):
+    with pytest.raises(InputError, match="overlap"):
+        CascadePredictor(tiny_package, device="cpu", overlap=1.0)
+    with pytest.raises(InputError, match="batch_size"):
+        CascadePredictor(tiny_package, device="cpu", batch_size=0)
+    with pytest.raises(InputError, match="not a pocketseg model package"):
+        CascadePredictor(tmp_path, device="cpu")

@@ -1,0 +1,178 @@
+"""`pocketseg predict` and `pocketseg.segment`: files, folders, DICOM, statistics, previews and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import pocketseg
+from pocketseg.cli import main
+from pocketseg.nifti import read_nifti, write_nifti
+from pocketseg.runtime.predict import case_name, case_statistics, plan_cases
+from pocketseg.synth.phantom import make_phantom
+
+pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'runtime') is not installed")
+
+
+def _write_case(path: Path, seed: int, slices: int = 16, orientation: str = "RAS") -> Path:
+    ph = make_phantom(seed, small=True, slices=slices, orientation=orientation)
+    write_nifti(ph.image, path, affine=ph.affine)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases")
+    _write_case(folder / "A_0000.nii.gz", 0)
+    _write_case(folder / "B_0000.nii.gz", 1, orientation="LPS")
+    return folder
+
+
+def _run(*args) -> int:
+    return main(["-q", "predict", *map(str, args)])
+
+
+def test_single_file_with_statistics_and_preview(tiny_package, cases, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "A_seg.nii.gz"
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--statistics", "--preview") == 0
+    ref = read_nifti(cases / "A_0000.nii.gz")
+    seg = nib.load(out)
+    assert seg.shape == ref.shape and seg.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(seg.affine, ref.affine)
+    stats = json.loads((tmp_path / "A.statistics.json").read_text())
+    labels = np.asarray(seg.dataobj)
+    voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
+    liver = stats["classes"]["liver"]
+    assert liver["voxels"] == int((labels == 1).sum())
+    assert liver["volume_ml"] == pytest.approx(liver["voxels"] * voxel_ml, abs=1e-3)
+    if liver["voxels"]:
+        assert liver["mean_hu"] == pytest.approx(float(ref.data[labels == 1].mean()), abs=0.01)
+    assert (tmp_path / "A.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_existing_output_is_never_overwritten_silently(tiny_package, cases, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    out.write_bytes(b"precious")
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package) == 2
+    assert out.read_bytes() == b"precious"
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--overwrite") == 0
+    assert nib.load(out).shape == read_nifti(cases / "A_0000.nii.gz").shape
+
+
+def test_folder_mode_continues_past_a_bad_case_and_resumes(tiny_package, cases, tmp_path, capsys):
+    src = tmp_path / "in"
+    shutil.copytree(cases, src)
+    (src / "C_0000.nii.gz").write_text("not an image")
+    out = tmp_path / "out"
+    assert _run("-i", src, "-o", out, "-m", tiny_package) == 2
+    err = capsys.readouterr().err
+    assert "1 case(s) failed (2 written)" in err and "C_0000.nii.gz" in err
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz"]  # no partial file for C
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (src / "C_0000.nii.gz").unlink()
+    _write_case(src / "C_0000.nii.gz", 2)
+    assert _run("-i", src, "-o", out, "-m", tiny_package, "--continue") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz", "C.nii.gz"]
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in stamp.items())  # finished cases untouched
+    assert _run("-i", src, "-o", out, "-m", tiny_package) == 2  # without --continue or --overwrite: refused
+
+
+def test_folder_output_equals_single_file_output(tiny_package, cases, tmp_path):
+    out = tmp_path / "out"
+    assert _run("-i", cases, "-o", out, "-m", tiny_package) == 0
+    single = tmp_path / "B.nii.gz"
+    assert _run("-i", cases / "B_0000.nii.gz", "-o", single, "-m", tiny_package) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "B.nii.gz").dataobj), np.asarray(nib.load(single).dataobj))
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda p: p.write_text("hello"), "not gzip-compressed"),
+    (lambda p: nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), p), "2D"),
+    (lambda p: nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), np.int16), np.eye(4)), p), "4D"),
+    (lambda p: nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), p), "constant"),
+    (lambda p: p.write_bytes(Path(p).with_name("ok.nii.gz").read_bytes()[:300]), "truncated|corrupt|unexpected end"),
+])
+def test_bad_input_gives_one_line_and_no_output(tiny_package, tmp_path, capsys, make, problem):
+    _write_case(tmp_path / "ok.nii.gz", 3)
+    bad = tmp_path / "bad.nii.gz"
+    make(bad)
+    out = tmp_path / "seg.nii.gz"
+    assert _run("-i", bad, "-o", out, "-m", tiny_package) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pocketseg: error: ") and str(bad) in err[0]
+    import re
+
+    assert re.search(problem, err[0], re.IGNORECASE), err[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith("seg")] == []
+
+
+def test_text_file_and_missing_or_tampered_package(tiny_package, cases, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert _run("-i", text, "-o", tmp_path / "x.nii.gz", "-m", tiny_package) == 2
+    assert "unsupported input" in capsys.readouterr().err
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", tmp_path / "x.nii.gz", "-m", tmp_path / "nope") == 2
+    assert "not a pocketseg model package" in capsys.readouterr().err
+    tampered = tmp_path / "pkg"
+    shutil.copytree(tiny_package, tampered)
+    with open(tampered / "detail.onnx", "ab") as handle:
+        handle.write(b"\0")
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", tmp_path / "x.nii.gz", "-m", tampered) == 2
+    assert "detail.onnx does not match its SHA-256" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_dicom_series_input(tiny_package, ct_examples, tmp_path):
+    series = ct_examples / "dicom_series"
+    if not series.is_dir():
+        pytest.skip(f"no DICOM series folder at {series}")
+    out = tmp_path / "dicom_seg.nii.gz"
+    assert _run("-i", series, "-o", out, "-m", tiny_package) == 0
+    from pocketseg.volume import load_volume
+
+    vol = load_volume(series)
+    seg = nib.load(out)
+    assert seg.shape == vol.shape
+    np.testing.assert_allclose(seg.affine, vol.affine, atol=1e-4)
+
+
+def test_segment_api(tiny_package, cases):
+    path = cases / "A_0000.nii.gz"
+    from_path = pocketseg.segment(path, model=tiny_package, device="cpu")
+    assert isinstance(from_path, nib.Nifti1Image) and from_path.get_data_dtype() == np.uint8
+    from_image = pocketseg.segment(nib.load(path), model=tiny_package, device="cpu")
+    np.testing.assert_array_equal(np.asarray(from_path.dataobj), np.asarray(from_image.dataobj))
+    np.testing.assert_allclose(from_path.affine, nib.load(path).affine)
+    with pytest.raises(pocketseg.errors.InputError, match="takes a path"):
+        pocketseg.segment(np.zeros((4, 4, 4)), model=tiny_package)
+
+
+def test_case_names_and_plans(tmp_path):
+    assert case_name(Path("x/CASE_0000.nii.gz")) == "CASE"
+    assert case_name(Path("x/CASE.nii")) == "CASE"
+    single = _write_case(tmp_path / "S_0000.nii.gz", 4)
+    jobs, folder = plan_cases(single, tmp_path / "outdir")
+    assert not folder and jobs[0].output == tmp_path / "outdir" / "S.nii.gz"
+    (tmp_path / "twice").mkdir()
+    _write_case(tmp_path / "twice" / "T_0000.nii.gz", 5)
+    _write_case(tmp_path / "twice" / "T.nii.gz", 5)
+    with pytest.raises(pocketseg.errors.InputError, match="same case name"):
+        plan_cases(tmp_path / "twice", tmp_path / "o")
+
+
+def test_case_statistics_by_hand():
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[0, 0, :2] = 1
+    labels[3, 3, 3] = 14
+    image = np.full((4, 4, 4), -1000, np.int16)
+    image[0, 0, 0], image[0, 0, 1] = 50, 70
+    image[3, 3, 3] = 20
+    stats = case_statistics(labels, image, (2.0, 1.0, 0.5))
+    assert stats["liver"] == {"id": 1, "voxels": 2, "volume_ml": 0.002, "mean_hu": 60.0}
+    assert stats["tumor"]["mean_hu"] == 20.0 and stats["spleen"]["voxels"] == 0 and stats["spleen"]["mean_hu"] is None
