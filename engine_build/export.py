@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +249,47 @@ def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str |
         for path in tmp.iterdir():  # some writers create owner-only files; a package is meant to be shared
             chmod_like_new(path, 0o666)
     return Path(out)
+
+
+#: CT normalisation statistics typical of contrast-enhanced abdominal organs, for untrained packages.
+TYPICAL_CT_INTENSITY = {"mean": 90.0, "std": 60.0, "percentile_00_5": -80.0, "percentile_99_5": 280.0}
+
+
+def write_untrained_run(folder: str | os.PathLike, stage: str, preset_name: str, *,
+                        intensity: dict[str, float] | None = None, seed: int = 0) -> Path:
+    """A run folder as ``pocketseg train`` leaves it, with He-initialised (untrained) weights.
+
+    For timing and testing the deployment chain where no trained weights exist (the
+    paper-size nets on a CPU-only machine): the outputs are meaningless, the cost is real.
+    """
+    import torch
+
+    from pocketseg.trainer import checkpoint as ckpt
+    from pocketseg.trainer.network import PocketUNet
+    from pocketseg.trainer.presets import get_preset
+    from pocketseg.trainer.train import RunConfig
+
+    preset = get_preset(preset_name, stage)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=dict(intensity or TYPICAL_CT_INTENSITY),
+                    dataset="untrained", train_cases=[], val_cases=[], epochs=0, iterations=0, batch_size=1,
+                    lr=0.0, schedule="step", seed=seed)
+    (folder / "config.json").write_text(json.dumps(asdict(cfg)))
+    torch.manual_seed(seed)
+    net = PocketUNet(preset.unet_config(), deep_supervision=True)
+    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": net.state_dict(), "stage": stage, "preset": preset.name,
+                                                "epoch": 0, "finished": True})
+    return folder
+
+
+def untrained_package(out: str | os.PathLike, *, roi: str = "roi-cpu", detail: str = "detail-cpu",
+                      intensity: dict[str, float] | None = None, seed: int = 0, fp16: bool = True,
+                      check: bool = False, overwrite: bool = False) -> Path:
+    """A model package of untrained nets of the given presets (see :func:`write_untrained_run`)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pocketseg-untrained-") as tmp:
+        roi_run = write_untrained_run(Path(tmp) / "roi", "roi", roi, intensity=intensity, seed=seed)
+        detail_run = write_untrained_run(Path(tmp) / "detail", "detail", detail, intensity=intensity, seed=seed + 1)
+        return export_package(roi_run, detail_run, out, overwrite=overwrite, fp16=fp16, check=check)

@@ -46,12 +46,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _require(module: str, feature: str, extra: str) -> None:
-    import importlib.util
+    from pocketseg.errors import require
 
-    if importlib.util.find_spec(module) is None:
-        from pocketseg.errors import MissingDependencyError
-
-        raise MissingDependencyError(module, feature, extra)
+    require(module, feature, extra)
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
@@ -95,6 +92,33 @@ def _cmd_build_engine(args: argparse.Namespace) -> int:
     for stage in manifest.stages.values():
         for engine in stage.engines:
             print(f"{stage.name}: {engine.file} (TensorRT {engine.tensorrt_version}, sm {engine.compute_capability})")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pocketseg.runtime.predict import predict
+
+    written = predict(**_kwargs(args), progress=not args.quiet)
+    for path in written:
+        print(path)
+    if not written:
+        print("nothing to do: every case is finished (--continue)", file=sys.stderr)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pocketseg.benchmarks.evaluate import evaluate_folders, format_table
+
+    summary = evaluate_folders(**_kwargs(args), progress=not args.quiet)
+    print(format_table(summary), end="")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from pocketseg.runtime.doctor import diagnose, format_report
+
+    report = diagnose(**_kwargs(args))
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
 
@@ -190,6 +214,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", dest="timing_cache", default=None, help="timing cache file to reuse and update")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=1, help="largest batch of the profile [1]")
     p.set_defaults(handler=_cmd_build_engine)
+
+    p = sub.add_parser("predict", help="segment CT scans with a model package (NIfTI file, DICOM series or folder)",
+                       description="Segment the 13 FLARE organs and tumors: ROI net, crop, detail net, largest "
+                                   "component per organ. INPUT is a .nii/.nii.gz file, a DICOM series folder or a folder "
+                                   "of NIfTI files (then OUTPUT is a folder; CASE_0000.nii.gz -> CASE.nii.gz).")
+    p.add_argument("-i", "--input", required=True, help="NIfTI file, DICOM series folder, or folder of NIfTI files")
+    p.add_argument("-o", "--output", required=True,
+                   help="label file (.nii.gz) for one scan, or a folder (one CASE.nii.gz per scan)")
+    p.add_argument("-m", "--model", required=True, help="model package folder (pocketseg export)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run [auto: cuda if usable]")
+    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   help="inference engine [auto: tensorrt > onnxruntime > torch, whichever can run]")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                   help="network precision [auto: fp16 on cuda, fp32 on cpu]")
+    p.add_argument("--statistics", action="store_true",
+                   help="write CASE.statistics.json: per class volume (mL) and mean HU, timings")
+    p.add_argument("--preview", action="store_true", help="write CASE.png: three views with the label overlay")
+    p.add_argument("--overlap", type=float, default=0.0,
+                   help="tile overlap fraction in [0, 1); 0 is the paper's tile step 1.0 [0]")
+    p.add_argument("--gaussian", action="store_true", help="blend overlapping tiles with Gaussian weights")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="tiles per network call [1]")
+    p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs already exist")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--series-uid", dest="series_uid", default=None,
+                   help="SeriesInstanceUID to read when a DICOM folder holds several series")
+    p.add_argument("--no-intensity-check", dest="check_intensities", action="store_false",
+                   help="run even on images that do not look like CT in HU (constant, no air)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime [all cores]")
+    p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="FLARE 2023 DSC and NSD of a folder of predictions against ground truth",
+                       description="Score predictions (CASE.nii.gz) against same-named ground-truth label maps as the "
+                                   "FLARE 2023 evaluation does (DSC; NSD at per-class tolerances); writes per_case.csv, "
+                                   "summary.json and table.md into OUT_DIR.")
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted label maps, CASE.nii.gz")
+    p.add_argument("--gt", required=True, metavar="DIR", help="folder of ground-truth label maps, CASE.nii.gz (they give the spacing)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder (created if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing per_case.csv, summary.json and table.md")
+    p.add_argument("--workers", type=int, default=1, help="cases scored in parallel processes [1]")
+    p.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser("doctor", help="check this machine for the runtime (GPU, driver, backends) and a package's engines",
+                       description="Report Python, platform, GPUs (NVML, else nvidia-smi), driver and CUDA versions, "
+                                   "TensorRT / ONNX Runtime / CuPy / cuCIM / torch versions and which backend and "
+                                   "device 'auto' picks; with -m, whether the package's checksums verify and which "
+                                   "of its TensorRT engines match this GPU and TensorRT version.")
+    p.add_argument("-m", "--model", metavar="PKG_DIR", default=None,
+                   help="model package folder to check (checksums, TensorRT engines, backend choice)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=_cmd_doctor)
     return parser
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-import json
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -75,23 +73,9 @@ INTENSITY = {"mean": 80.0, "std": 70.0, "percentile_00_5": -110.0, "percentile_9
 
 def make_run(folder: Path, stage: str, preset_name: str, seed: int = 0) -> Path:
     """A run folder as `pocketseg train` leaves it (config + checkpoint), with He-initialised weights."""
-    import torch
+    from pocketseg.engine_build.export import write_untrained_run
 
-    from pocketseg.trainer import checkpoint as ckpt
-    from pocketseg.trainer.network import PocketUNet
-    from pocketseg.trainer.presets import get_preset
-    from pocketseg.trainer.train import RunConfig
-
-    preset = get_preset(preset_name, stage)
-    folder.mkdir(parents=True)
-    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=INTENSITY, dataset="synthetic", train_cases=["a"],
-                    val_cases=["b"], epochs=1, iterations=1, batch_size=2, lr=0.01, schedule="step", seed=seed)
-    (folder / "config.json").write_text(json.dumps(asdict(cfg)))
-    torch.manual_seed(seed)
-    net = PocketUNet(preset.unet_config(), deep_supervision=True)
-    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": net.state_dict(), "stage": stage, "preset": preset.name,
-                                                "epoch": 1, "finished": True})
-    return folder
+    return write_untrained_run(folder, stage, preset_name, intensity=INTENSITY, seed=seed)
 
 
 @pytest.fixture(scope="session")

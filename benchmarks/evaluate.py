@@ -1,0 +1,230 @@
+"""``pocketseg evaluate``: FLARE 2023 DSC and NSD of a folder of predictions against a folder of ground truth.
+
+Cases are matched by file name (``CASE.nii.gz`` in both folders; ``.nii``
+too). Each pair must share shape and geometry; spacing and the axial axis come
+from the ground truth. Outputs, written atomically into ``out``:
+
+* ``per_case.csv``: one row per case, a ``case`` column, then ``<Organ>_DSC``
+  for the 14 classes and ``<Organ>_NSD`` for the 14 classes (fractions in [0, 1]);
+* ``summary.json``: :func:`summarize`'s dictionary;
+* ``table.md``: mean ± std in percent per organ, tumor and organ mean, in the
+  layout of Table 4 of the FLARE 2023 paper.
+
+The metrics themselves are in :mod:`pocketseg.benchmarks.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pocketseg import labels as L
+from pocketseg.atomic import atomic_write_bytes
+from pocketseg.benchmarks.metrics import COLUMNS, TOLERANCE_MM, organ_column, score_case
+from pocketseg.errors import InputError, OutputError
+from pocketseg.nifti import read_nifti
+from pocketseg.types import Affine
+from pocketseg.volume import Volume
+
+log = logging.getLogger(__name__)
+
+CSV_NAME, SUMMARY_NAME, TABLE_NAME = "per_case.csv", "summary.json", "table.md"
+#: Largest allowed distance (mm) between the grids of a prediction and its ground truth.
+GEOMETRY_TOL_MM = 1e-3
+_SUFFIXES = (".nii.gz", ".nii")
+
+
+def superior_axis(affine: Affine) -> int:
+    """The voxel axis (0, 1 or 2) whose direction is closest to world z (superior-inferior)."""
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return int(np.argmax(np.abs(columns[2]) / np.linalg.norm(columns, axis=0)))
+
+
+def _cases(folder: Path) -> dict[str, Path]:
+    """Case name -> NIfTI file of a folder (``CASE.nii.gz`` or ``CASE.nii``)."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in _SUFFIXES if path.name.lower().endswith(s)), None)
+        if suffix is None or not path.is_file() or path.name.startswith("."):
+            continue
+        case = path.name[: -len(suffix)]
+        if case in found:
+            raise InputError(path, f"case {case!r} appears twice ({found[case].name} and {path.name})")
+        found[case] = path
+    return found
+
+
+def _labels(vol: Volume) -> np.ndarray:
+    """The label map as uint8, or an InputError naming the file when it is not FLARE 2023 labels (0-14)."""
+    data = vol.data
+    if data.dtype.kind == "f":
+        bad = data != np.round(data)
+        if bad.any():
+            raise InputError(vol.source, f"holds non-integer label values (e.g. {data[bad].flat[0]:g}); a label map is expected")
+    if data.size and data.min() < 0:
+        raise InputError(vol.source, f"holds negative label values (min {data.min():g})")
+    top = data.max() if data.size else 0
+    if top > L.TUMOR:
+        raise InputError(vol.source, f"holds label value {top:g}; FLARE 2023 labels are 0-{L.TUMOR}")
+    return data.astype(np.uint8, copy=False)
+
+
+def _grid_corners(vol: Volume) -> np.ndarray:
+    """World positions (mm) of the 8 corner voxels of a volume's grid, shape (8, 3)."""
+    ijk = np.array(np.meshgrid(*[[0, n - 1] for n in vol.shape], indexing="ij")).reshape(3, -1).T
+    aff = np.asarray(vol.affine, dtype=np.float64)
+    return ijk @ aff[:3, :3].T + aff[:3, 3]
+
+
+def _score_files(case: str, pred_path: Path, gt_path: Path) -> tuple[str, dict[str, float] | tuple[str | None, str]]:
+    """Read, check and score one case; an input problem comes back as (path, problem), since InputError does not pickle."""
+    try:
+        gt, pred = read_nifti(gt_path), read_nifti(pred_path)
+        if pred.shape != gt.shape:
+            raise InputError(pred_path, f"shape {pred.shape} differs from the ground truth's {gt.shape} ({gt_path})")
+        offset = float(np.linalg.norm(_grid_corners(pred) - _grid_corners(gt), axis=1).max())
+        if offset > GEOMETRY_TOL_MM:
+            raise InputError(pred_path, f"voxel grid (affine) differs from the ground truth's ({gt_path}) by up to "
+                                        f"{offset:.4g} mm (> {GEOMETRY_TOL_MM:g} mm)")
+        gt_labels, pred_labels = _labels(gt), _labels(pred)
+        # FLARE takes the spacing from the ground truth's header zooms.
+        spacing = tuple(float(z) for z in gt.header.get_zooms()[:3]) if gt.header is not None else gt.spacing_mm
+        scores = score_case(pred_labels, gt_labels, spacing, z_axis=superior_axis(gt.affine))
+    except InputError as exc:
+        return case, (exc.path, exc.problem)
+    log.debug("%s: %s", case, scores)
+    return case, scores
+
+
+def summarize(rows: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """Means and standard deviations (over cases, ddof 0) of per-case scores keyed as :data:`COLUMNS`.
+
+    Keys: ``num_cases``; ``mean`` and ``std`` (per column, e.g. ``Liver_DSC``);
+    ``organ_mean_DSC``/``organ_mean_NSD`` (mean over the 13 organs, labels 1-13)
+    with their std over cases of each case's organ mean in ``organ_std_DSC``/
+    ``organ_std_NSD``; ``tumor_DSC``/``tumor_NSD``; ``tolerance_mm`` per class.
+    """
+    values = np.array([[row[c] for c in COLUMNS] for row in rows.values()], dtype=np.float64).reshape(-1, len(COLUMNS))
+    summary: dict[str, Any] = {
+        "num_cases": len(rows),
+        "mean": dict(zip(COLUMNS, values.mean(axis=0).tolist())),
+        "std": dict(zip(COLUMNS, values.std(axis=0).tolist())),
+    }
+    tumor = organ_column(L.TUMOR)
+    for metric in ("DSC", "NSD"):
+        organ_cols = [COLUMNS.index(f"{organ_column(i)}_{metric}") for i in L.ORGAN_IDS]
+        per_case = values[:, organ_cols].mean(axis=1)
+        summary[f"organ_mean_{metric}"] = float(per_case.mean())
+        summary[f"organ_std_{metric}"] = float(per_case.std())
+        summary[f"tumor_{metric}"] = summary["mean"][f"{tumor}_{metric}"]
+    summary["tolerance_mm"] = {organ_column(i): TOLERANCE_MM[i] for i in L.FOREGROUND_IDS}
+    return summary
+
+
+def format_csv(rows: Mapping[str, Mapping[str, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", *COLUMNS])
+    for case, row in rows.items():
+        writer.writerow([case, *(f"{row[c]:.6f}" for c in COLUMNS)])
+    return buffer.getvalue()
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """Markdown table of mean ± std in percent, rows = 13 organs, tumor, organ mean (FLARE 2023 paper, Table 4)."""
+    def cell(mean: float, std: float) -> str:
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+    lines = [f"FLARE 2023 evaluation, {summary['num_cases']} case(s): mean ± standard deviation over cases.",
+             "Organ mean: the 13 organs (labels 1-13), tumor excluded.", "",
+             "| Target | DSC (%) | NSD (%) |", "|:--|--:|--:|"]
+    for label_id in L.FOREGROUND_IDS:
+        col = organ_column(label_id)
+        lines.append(f"| {L.BY_ID[label_id].display} | {cell(summary['mean'][col + '_DSC'], summary['std'][col + '_DSC'])} "
+                     f"| {cell(summary['mean'][col + '_NSD'], summary['std'][col + '_NSD'])} |")
+    lines.append(f"| Organ mean | {cell(summary['organ_mean_DSC'], summary['organ_std_DSC'])} "
+                 f"| {cell(summary['organ_mean_NSD'], summary['organ_std_NSD'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_outputs(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder")
+    for name in (CSV_NAME, SUMMARY_NAME, TABLE_NAME):
+        if (out / name).exists() and not overwrite:
+            raise OutputError(out / name, "already exists (pass overwrite=True / --overwrite to replace it)")
+
+
+def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, out: str | os.PathLike, *,
+                     overwrite: bool = False, workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Score every ground-truth case of ``gt`` against the same-named file in ``pred``; write the outputs to ``out``.
+
+    Returns the summary (see :func:`summarize`). A ground-truth case without a
+    prediction is an error listing them; a prediction without ground truth is
+    logged as a warning and skipped. ``workers`` > 1 scores cases in parallel
+    processes. Existing outputs are replaced only with ``overwrite``.
+    """
+    pred_dir, gt_dir, out_dir = Path(pred), Path(gt), Path(out)
+    for folder in (pred_dir, gt_dir):
+        if not folder.is_dir():
+            raise InputError(folder, "does not exist" if not folder.exists() else "is not a folder")
+    if int(workers) != workers or workers < 1:
+        raise InputError(None, f"workers must be an integer >= 1, got {workers!r}")
+    gt_cases, pred_cases = _cases(gt_dir), _cases(pred_dir)
+    if not gt_cases:
+        raise InputError(gt_dir, "holds no ground-truth .nii.gz files")
+    missing = sorted(set(gt_cases) - set(pred_cases))
+    if missing:
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
+        raise InputError(pred_dir, f"no prediction for {len(missing)} ground-truth case(s): {shown}")
+    extra = sorted(set(pred_cases) - set(gt_cases))
+    if extra:
+        log.warning("%d prediction(s) in %s have no ground truth and are ignored: %s", len(extra), pred_dir,
+                    ", ".join(extra[:20]) + (" ..." if len(extra) > 20 else ""))
+    _check_outputs(out_dir, overwrite)
+
+    jobs = [(case, pred_cases[case], gt_cases[case]) for case in sorted(gt_cases)]
+    results: dict[str, dict[str, float]] = {}
+    with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress) as bar:
+        def collect(case: str, result: dict[str, float] | tuple[str | None, str]) -> None:
+            if isinstance(result, tuple):
+                raise InputError(*result)
+            results[case] = result
+            bar.update(1)
+
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                collect(*_score_files(*job))
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                futures = [pool.submit(_score_files, *job) for job in jobs]
+                try:
+                    for future in as_completed(futures):
+                        collect(*future.result())
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+    rows = {case: results[case] for case in sorted(results)}
+    summary = summarize(rows)
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out_dir, f"cannot create the folder ({exc.strerror or exc})") from None
+    atomic_write_bytes(out_dir / CSV_NAME, format_csv(rows).encode("utf-8"), overwrite=overwrite)
+    atomic_write_bytes(out_dir / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
+    atomic_write_bytes(out_dir / TABLE_NAME, format_table(summary).encode("utf-8"), overwrite=overwrite)
+    log.info("evaluated %d case(s): organ mean DSC %.4f, NSD %.4f -> %s", len(rows), summary["organ_mean_DSC"],
+             summary["organ_mean_NSD"], out_dir)
+    return summary
