@@ -100,6 +100,16 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in text or "failed to allocate" in text
 
 
+def _given_box(box: Any, shape: tuple[int, ...], source: Any) -> tuple[slice, slice, slice]:
+    try:
+        pairs = [(int(a), int(b)) for a, b in box]
+    except (TypeError, ValueError):
+        raise InputError(source, f"roi_box_zyx must be three (start, stop) pairs, got {box!r}") from None
+    if len(pairs) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(pairs, shape)):
+        raise InputError(source, f"roi_box_zyx {box!r} does not fit the canonical (z, y, x) shape {tuple(shape)}")
+    return tuple(slice(a, b) for a, b in pairs)  # type: ignore[return-value]
+
+
 class CascadePredictor:
     """A loaded model package on one device: ``predict(volume) -> Prediction``.
 
@@ -149,14 +159,19 @@ class CascadePredictor:
             engine.close()
         self.am.free_cached_memory()
 
-    def predict(self, volume: Volume, *, check_intensities: bool = True) -> Prediction:
-        """Segment one scan. GPU out of memory: retried with one tile per batch, then on the CPU (logged)."""
+    def predict(self, volume: Volume, *, check_intensities: bool = True,
+                roi_box_zyx: tuple[tuple[int, int], ...] | None = None) -> Prediction:
+        """Segment one scan. GPU out of memory: retried with one tile per batch, then on the CPU (logged).
+
+        ``roi_box_zyx`` ([start, stop) per axis of the canonical (z, y, x) grid) replaces the ROI
+        stage: for timing nets without trained weights on a known abdomen, or for ablations.
+        """
         if volume.data.ndim != 3:
             raise InputError(volume.source, f"expected a 3D image, got shape {volume.data.shape}")
         batch = self.batch_size
         while True:
             try:
-                return self._predict(volume, batch, check_intensities)
+                return self._predict(volume, batch, check_intensities, roi_box_zyx)
             except PocketsegError:
                 raise
             except Exception as exc:
@@ -173,7 +188,8 @@ class CascadePredictor:
                                            f"({type(exc).__name__}: {exc})") from None
                 log.warning("%s: GPU out of memory with one tile per batch; running this scan on the CPU",
                             volume.source or "image")
-                result = self._cpu_predictor().predict(volume, check_intensities=check_intensities)
+                result = self._cpu_predictor().predict(volume, check_intensities=check_intensities,
+                                                       roi_box_zyx=roi_box_zyx)
                 result.warnings.append("GPU out of memory: predicted on the CPU")
                 return result
 
@@ -237,7 +253,8 @@ class CascadePredictor:
         remove_small_components(labels, L.TUMOR, min_voxels, self.am)
         return labels
 
-    def _predict(self, volume: Volume, batch: int, check_intensities: bool) -> Prediction:
+    def _predict(self, volume: Volume, batch: int, check_intensities: bool,
+                 roi_box_zyx: tuple[tuple[int, int], ...] | None = None) -> Prediction:
         am, xp = self.am, self.am.xp
         name = str(volume.source or "image")
         timings: dict[str, float] = {}
@@ -255,7 +272,11 @@ class CascadePredictor:
         timings["upload"] = self._sync_time(start)
 
         t = time.perf_counter()
-        box = self._roi_box(canonical, spacing, batch, warnings, name)
+        if roi_box_zyx is None:
+            box = self._roi_box(canonical, spacing, batch, warnings, name)
+        else:
+            box = _given_box(roi_box_zyx, canonical.shape, volume.source)
+            warnings.append("ROI stage skipped: the ROI box was given")
         timings["roi"] = self._sync_time(t)
 
         t = time.perf_counter()

@@ -225,7 +225,7 @@ def test_gpu_out_of_memory_retries_with_one_tile_then_the_cpu(tiny_package, capl
     class OutOfMemoryError(Exception):
         pass
 
-    def always_oom(volume, batch, check):
+    def always_oom(volume, batch, check, box=None):
         calls.append(batch)
         raise OutOfMemoryError("out of memory allocating 2 GB")
 
@@ -246,3 +246,15 @@ def test_bad_arguments(tiny_package, tmp_path):
         CascadePredictor(tiny_package, device="cpu", batch_size=0)
     with pytest.raises(InputError, match="not a pocketseg model package"):
         CascadePredictor(tmp_path, device="cpu")
+
+
+def test_given_roi_box_skips_the_roi_stage(tiny_package):
+    p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
+    roi = p.engines["roi"] = _Constant(p.engines["roi"], 1)
+    volume = _volume(10, slices=20)
+    z, y, x = reversed(volume.shape)
+    result = p.predict(volume, roi_box_zyx=((2, z - 2), (10, y - 10), (5, x - 5)))
+    assert roi.calls == 0 and result.roi_box_zyx == ((2, z - 2), (10, y - 10), (5, x - 5))
+    assert (result.labels[:, :, :2] == 0).all()  # outside the box: background (RAS: k is z)
+    with pytest.raises(InputError, match="does not fit"):
+        p.predict(volume, roi_box_zyx=((0, z + 1), (0, y), (0, x)))
