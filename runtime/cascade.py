@@ -289,10 +289,12 @@ class CascadePredictor:
 
         t = time.perf_counter()
         self._postprocess(crop_labels, spacing)
-        full = xp.zeros(canonical.shape, dtype=xp.uint8)
-        full[box] = crop_labels
+        # The output is allocated in the file's voxel order and filled through its canonical view,
+        # so the download needs no transposed copy.
+        full = xp.zeros(volume.shape, dtype=xp.uint8)
+        grid.to_zyx(full, xp)[box] = crop_labels
         del crop_labels, canonical, device_data
-        labels = am.to_host(xp.ascontiguousarray(grid.from_zyx(full, xp)))
+        labels = am.to_host(full)
         del full
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
