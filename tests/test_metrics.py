@@ -283,7 +283,8 @@ def test_tubes_scored_on_ground_truth_slices_only(backend, label_id):
     gt[12:15, 3:6, 3:6] = label_id  # a gap of two unlabelled slices
     gt[5:15, 0:2, 0:2] = 1  # liver, a control with the same extension
     pred = gt.copy()
-    pred[0:20, 3:6, 3:6] = label_id  # runs over all slices, the gap included
+    pred[0:5, 3:6, 3:6] = label_id  # overshoot below and above the GT's range
+    pred[15:20, 3:6, 3:6] = label_id
     pred[0:20, 0:2, 0:2] = 1
     spacing = (2.0, 0.8, 0.8)
     scores = score_case(xp.asarray(pred), xp.asarray(gt), spacing, z_axis=0, xp=xp, ndi=backend.ndi)
@@ -295,7 +296,14 @@ def test_tubes_scored_on_ground_truth_slices_only(backend, label_id):
     # The restriction runs along z_axis: restricting along axis 2 would leave the overshoot in.
     wrong_axis = score_case(pred, gt, spacing, z_axis=2)
     assert wrong_axis[f"{col}_DSC"] < 1.0
-    # An error inside the GT slices still counts.
+    # As FLARE's script: the range is gt[z_min:z_max], so the top GT slice (14) is not scored...
+    top = pred.copy()
+    top[14, 3:6, 3:6] = 0
+    assert score_case(top, gt, spacing, z_axis=0)[f"{col}_DSC"] == 1.0
+    # ...while gap slices inside the range are, and so is any error inside the GT slices.
+    gap = pred.copy()
+    gap[10:12, 3:6, 3:6] = label_id
+    assert score_case(gap, gt, spacing, z_axis=0)[f"{col}_DSC"] < 1.0
     pred[7, 3:6, 3:6] = 0
     assert score_case(pred, gt, spacing, z_axis=0)[f"{col}_DSC"] < 1.0
 
