@@ -35,6 +35,7 @@ from pocketseg.geometry import canonical_grid
 from pocketseg.manifest import Intensity, Stage, load_package
 from pocketseg.runtime.arrays import ArrayModule, array_module
 from pocketseg.runtime.engines import Engine, Selection, open_engine, resolve
+from pocketseg.runtime.intensity import ct_normalize
 from pocketseg.runtime.postprocess import bounding_box, keep_largest_components, remove_small_components
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
 from pocketseg.runtime.sliding_window import sliding_window_labels
@@ -81,15 +82,11 @@ def check_ct_intensities(minimum: float, maximum: float, source: Any = None) -> 
 
 
 def _normalizer(intensity: Intensity, xp: Any):
-    """CT normalisation of a stage (clip to the training percentiles, z-score), as the trainer does it."""
-    lo, hi = np.float32(intensity.percentile_00_5), np.float32(intensity.percentile_99_5)
-    mean, std = np.float32(intensity.mean), np.float32(max(intensity.std, 1e-8))
+    """The stage's CT normalisation as a one-argument function (for ``resample_image(prepare=...)``)."""
 
     def normalize(raw: Any) -> Any:
-        out = xp.clip(xp.asarray(raw, dtype=xp.float32), lo, hi)
-        out -= mean
-        out /= std
-        return out
+        return ct_normalize(raw, mean=intensity.mean, std=intensity.std, lower=intensity.percentile_00_5,
+                            upper=intensity.percentile_99_5, xp=xp)
 
     return normalize
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from pocketseg.atomic import atomic_open
 from pocketseg.errors import InputError, OutputError
 from pocketseg.geometry import canonical_grid
+from pocketseg.runtime.intensity import ct_normalize
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
 from pocketseg.trainer.dataset import CaseRecord
 from pocketseg.volume import Volume, load_volume
@@ -57,10 +58,8 @@ class IntensityStats:
     percentile_99_5: float
 
     def normalize(self, image, xp=np):
-        out = xp.clip(xp.asarray(image, dtype=xp.float32), self.percentile_00_5, self.percentile_99_5)
-        out -= xp.float32(self.mean)
-        out /= xp.float32(max(self.std, 1e-8))
-        return out
+        return ct_normalize(image, mean=self.mean, std=self.std, lower=self.percentile_00_5,
+                            upper=self.percentile_99_5, xp=xp)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
