@@ -47,6 +47,9 @@ class ArrayModule:
     #: Binary mask -> (int32 component ids 1..n, n), 26-connected.
     label: Callable[[Any], tuple[Any, int]]
     label_library: str
+    #: Label map -> (int32 ids 1..n of the 26-connected components of every non-zero value, n), or None
+    #: when the library has no multi-label mode (then :func:`label_each_value` loops over the values).
+    label_multi: Callable[[Any], tuple[Any, int]] | None = None
 
     def to_device(self, array: Any) -> Any:
         return self.xp.asarray(array)
@@ -82,15 +85,22 @@ def _cc3d_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(n)
 
 
+def _cc3d_label_multi(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    import cc3d
+
+    # One pass for every value: voxels are connected only to neighbours of the same value.
+    out, n = cc3d.connected_components(np.ascontiguousarray(labels), connectivity=CONNECTIVITY, return_N=True)
+    return out.astype(np.int32, copy=False), int(n)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_module() -> ArrayModule:
     """NumPy + scipy.ndimage; labelling with connected-components-3d when installed (several times faster)."""
     try:
         importlib.import_module("cc3d")
-        label, library = _cc3d_label, "connected-components-3d"
     except ImportError:
-        label, library = _scipy_label, "scipy.ndimage"
-    return ArrayModule("numpy", "cpu", np, scipy.ndimage, label, library)
+        return ArrayModule("numpy", "cpu", np, scipy.ndimage, _scipy_label, "scipy.ndimage")
+    return ArrayModule("numpy", "cpu", np, scipy.ndimage, _cc3d_label, "connected-components-3d", _cc3d_label_multi)
 
 
 def cuda_available() -> tuple[bool, str]:

@@ -36,7 +36,7 @@ from pocketseg.manifest import Intensity, Stage, load_package
 from pocketseg.runtime.arrays import ArrayModule, array_module
 from pocketseg.runtime.engines import Engine, Selection, open_engine, resolve
 from pocketseg.runtime.intensity import ct_normalize
-from pocketseg.runtime.postprocess import bounding_box, keep_largest_components, remove_small_components
+from pocketseg.runtime.postprocess import bounding_box, clean_components, keep_largest_components
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
 from pocketseg.runtime.sliding_window import sliding_window_labels
 from pocketseg.volume import Volume
@@ -244,11 +244,8 @@ class CascadePredictor:
 
     def _postprocess(self, labels: Any, spacing_zyx) -> Any:
         rules = self.manifest.postprocess
-        keep_largest_components(labels, rules.largest_component_labels, self.am)
-        voxel_mm3 = float(np.prod(spacing_zyx))
-        min_voxels = math.ceil(rules.tumor_min_volume_mm3 / voxel_mm3)
-        remove_small_components(labels, L.TUMOR, min_voxels, self.am)
-        return labels
+        min_voxels = math.ceil(rules.tumor_min_volume_mm3 / float(np.prod(spacing_zyx)))
+        return clean_components(labels, rules.largest_component_labels, {L.TUMOR: min_voxels}, self.am)
 
     def _predict(self, volume: Volume, batch: int, check_intensities: bool,
                  roi_box_zyx: tuple[tuple[int, int], ...] | None = None) -> Prediction:

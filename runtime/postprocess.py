@@ -3,8 +3,10 @@
 The paper keeps the largest connected component of every organ (Sec. 2.3,
 "post-processing"): an organ is one piece, and stray islands are false positives.
 Tumors can be many, so they keep every component, minus specks below a minimum
-volume. Both rules act on all labels in one labelling pass per label, inside that
-label's bounding box.
+volume. :func:`clean_components` applies both rules after one labelling of all
+values (connected-components-3d labels a multi-label map in a single pass on the
+CPU; elsewhere each value is labelled inside its bounding box), then decides per
+component from its size and value.
 
 Array code over :class:`pocketseg.runtime.arrays.ArrayModule` (NumPy or CuPy);
 arrays are (z, y, x).
@@ -12,12 +14,13 @@ arrays are (z, y, x).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pocketseg.runtime.arrays import ArrayModule, cpu_module
 
-__all__ = ["bounding_box", "keep_largest_components", "remove_small_components"]
+__all__ = ["bounding_box", "clean_components", "keep_largest_components", "label_each_value",
+           "remove_small_components"]
 
 
 def bounding_box(mask: Any, am: ArrayModule | None = None) -> tuple[slice, slice, slice] | None:
@@ -34,48 +37,74 @@ def bounding_box(mask: Any, am: ArrayModule | None = None) -> tuple[slice, slice
     return tuple(box)  # type: ignore[return-value]
 
 
-def _component_sizes(mask: Any, am: ArrayModule) -> tuple[Any, Any]:
-    components, n = am.label(mask)
-    sizes = am.xp.bincount(components.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    return components, sizes
+def label_each_value(labels: Any, values: Iterable[int], am: ArrayModule) -> tuple[Any, int]:
+    """int32 ids 1..n of the 26-connected components of each of ``values`` (other voxels 0), and n."""
+    xp = am.xp
+    values = [int(v) for v in values if int(v) != 0]
+    if am.label_multi is not None:
+        # Mask out other values only when some may be present: max() is one cheap pass, unlike unique().
+        top = int(labels.max()) if labels.size else 0
+        needed = not set(range(1, top + 1)) <= set(values)
+        source = xp.where(xp.isin(labels, xp.asarray(values)), labels, 0) if needed else labels
+        return am.label_multi(source)
+    out = xp.zeros(labels.shape, dtype=xp.int32)
+    count = 0
+    for value in values:
+        mask = labels == value
+        box = bounding_box(mask, am)
+        if box is None:
+            continue
+        components, n = am.label(mask[box])
+        region = out[box]
+        inside = components > 0
+        region[inside] = components[inside] + count
+        count += n
+    return out, count
 
 
-def keep_largest_components(labels: Any, label_ids: Iterable[int], am: ArrayModule | None = None) -> Any:
-    """In place: for every label in ``label_ids``, zero all but its largest 26-connected component.
+def clean_components(labels: Any, largest: Iterable[int] = (), min_voxels: Mapping[int, int] | None = None,
+                     am: ArrayModule | None = None) -> Any:
+    """In place: keep only the largest component of each value in ``largest``, and drop the
+    components of each value in ``min_voxels`` smaller than its minimum. Returns ``labels``.
 
     On a tie of sizes the component with the lowest id wins (libraries number components
     in different orders, so an exact tie may keep a different piece on another device).
     """
     am = am or cpu_module()
     xp = am.xp
-    for value in label_ids:
-        mask = labels == value
-        box = bounding_box(mask, am)
-        if box is None:
-            continue
-        components, sizes = _component_sizes(mask[box], am)
-        if int((sizes > 0).sum()) <= 1:
-            continue
-        drop = (components != int(xp.argmax(sizes))) & (components > 0)
-        region = labels[box]
-        region[drop] = 0
+    largest = [int(v) for v in largest]
+    min_voxels = {int(k): int(v) for k, v in (min_voxels or {}).items() if int(v) > 1}
+    values = sorted(set(largest) | set(min_voxels))
+    if not values:
+        return labels
+    components, n = label_each_value(labels, values, am)
+    if n == 0:
+        return labels
+    flat = components.ravel()
+    sizes = xp.bincount(flat, minlength=n + 1)
+    owner = xp.zeros(n + 1, dtype=labels.dtype)
+    owner[flat] = labels.ravel()  # every voxel of a component has its value
+    keep = xp.ones(n + 1, dtype=bool)
+    for value in largest:
+        ids = xp.flatnonzero(owner == value)
+        ids = ids[ids > 0]
+        if ids.size > 1:
+            keep[ids] = False
+            keep[ids[int(xp.argmax(sizes[ids]))]] = True
+    for value, minimum in min_voxels.items():
+        ids = xp.flatnonzero((owner == value) & (sizes < minimum))
+        keep[ids[ids > 0]] = False
+    keep[0] = True
+    if not bool(keep.all()):
+        labels[~keep[components]] = 0
     return labels
+
+
+def keep_largest_components(labels: Any, label_ids: Iterable[int], am: ArrayModule | None = None) -> Any:
+    """In place: for every label in ``label_ids``, zero all but its largest 26-connected component."""
+    return clean_components(labels, largest=label_ids, am=am)
 
 
 def remove_small_components(labels: Any, label_id: int, min_voxels: int, am: ArrayModule | None = None) -> Any:
     """In place: zero the 26-connected components of ``label_id`` smaller than ``min_voxels``."""
-    am = am or cpu_module()
-    xp = am.xp
-    if min_voxels <= 1:
-        return labels
-    mask = labels == label_id
-    box = bounding_box(mask, am)
-    if box is None:
-        return labels
-    components, sizes = _component_sizes(mask[box], am)
-    small = xp.flatnonzero((sizes > 0) & (sizes < min_voxels))
-    if small.size:
-        region = labels[box]
-        region[xp.isin(components, small)] = 0
-    return labels
+    return clean_components(labels, min_voxels={label_id: min_voxels}, am=am)
