@@ -238,18 +238,9 @@ def test_jetson_release_is_read(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------- packages
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    """A real model package from the tiny export (fp32 ONNX + weights, checksummed)."""
-    pytest.importorskip("torch", reason="the tiny export needs torch (extra 'train')")
-    pytest.importorskip("onnxruntime", reason="the tiny export needs onnxruntime (extra 'export')")
-    from test_export import make_run
-
-    from pocketseg.engine_build.export import export_package
-
-    root = tmp_path_factory.mktemp("doctor")
-    roi = make_run(root / "roi", "roi", "roi-tiny")
-    detail = make_run(root / "detail", "detail", "detail-tiny", seed=1)
-    return export_package(roi, detail, root / "pkg", fp16=False, check=False)
+def package(tiny_package):
+    """A real model package from the tiny export (fp32 ONNX + weights, checksummed; see conftest)."""
+    return tiny_package
 
 
 def _copy(package: Path, tmp_path: Path) -> Path:

@@ -7,8 +7,6 @@ thread here: on a shared 2-core machine more threads only contend.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -33,32 +31,18 @@ from pocketseg.engine_build.export import export_package
 from pocketseg.errors import InputError
 from pocketseg.manifest import PostProcess
 from pocketseg.synth.phantom import make_phantom
-from pocketseg.trainer import checkpoint as ckpt
-from pocketseg.trainer.network import PocketUNet
 from pocketseg.trainer.preprocess import IntensityStats, canonical_zyx
-from pocketseg.trainer.presets import get_preset
-from pocketseg.trainer.train import RunConfig
 from pocketseg.volume import Volume
 
 pytest.importorskip("nnunetv2", reason="nnU-Net v2 (extra 'peers') is not installed")
 pytest.importorskip("safetensors", reason="safetensors (extra 'train') is not installed")
 pytest.importorskip("onnx_graphsurgeon", reason="the package export needs the extra 'export'")
 
-INTENSITY = {"mean": 80.0, "std": 70.0, "percentile_00_5": -110.0, "percentile_99_5": 320.0}
+from conftest import INTENSITY, make_run  # noqa: E402  (the tiny runs shared with the other tests)
 
 
 def _make_run(folder: Path, stage: str, preset_name: str, seed: int) -> Path:
-    """A run folder as `pocketseg train` leaves it, with He-initialised weights (as tests/test_export.py)."""
-    preset = get_preset(preset_name, stage)
-    folder.mkdir(parents=True)
-    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=INTENSITY, dataset="synthetic", train_cases=["a"],
-                    val_cases=["b"], epochs=1, iterations=1, batch_size=2, lr=0.01, schedule="step", seed=seed)
-    (folder / "config.json").write_text(json.dumps(asdict(cfg)))
-    torch.manual_seed(seed)
-    net = PocketUNet(preset.unet_config(), deep_supervision=True)
-    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": net.state_dict(), "stage": stage, "preset": preset.name,
-                                                "epoch": 1, "finished": True})
-    return folder
+    return make_run(folder, stage, preset_name, seed=seed)
 
 
 @pytest.fixture(scope="module")
