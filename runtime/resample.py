@@ -13,7 +13,11 @@ What "as nnU-Net does it" means here:
   ``scipy.ndimage.zoom(..., grid_mode=True)``; we use ``affine_transform`` with a
   diagonal matrix, which computes exactly that and has a CuPy twin.
 * **Boundaries** extend the edge voxel (``mode='nearest'``, skimage's ``'edge'``).
-* **Images** use cubic splines (order 3), no anti-aliasing.
+* **Images** use cubic splines (order 3), no anti-aliasing, and the result is
+  clipped to the value range of its input (skimage's ``clip=True``, which nnU-Net
+  keeps): a spline overshoots at sharp edges (air/bone next to the clip limits of
+  the CT normalisation) by several standard deviations otherwise. With a separate
+  thick axis each slice is clipped to its own range, as nnU-Net resizes slice by slice.
 * **Anisotropic volumes** (thick slices) are resampled in-plane with ``order``
   and along the thick axis with ``order_z`` (0, nearest, by default), so the
   spline does not invent structure between slices 5 mm apart.
@@ -260,12 +264,16 @@ def _resample_in_plane(
     out_plane = (new_shape[plane[0]], new_shape[plane[1]])
     out = xp.empty((moved.shape[0],) + out_plane, dtype=xp.float32)
     for first in range(0, moved.shape[0], CHUNK_SLICES):
-        coef = _spline_coefficients(prep(moved[first : first + CHUNK_SLICES]), order, (1, 2), xp, ndi)
+        chunk = prep(moved[first : first + CHUNK_SLICES])
+        lows, highs = chunk.min(axis=(1, 2)), chunk.max(axis=(1, 2))
+        coef = _spline_coefficients(chunk, order, (1, 2), xp, ndi)
+        del chunk
         for i in range(coef.shape[0]):
-            out[first + i] = ndi.affine_transform(
-                coef[i], scales, offset=offsets, output_shape=out_plane, output=xp.float32,
+            ndi.affine_transform(
+                coef[i], scales, offset=offsets, output_shape=out_plane, output=out[first + i],
                 order=order, mode="nearest", prefilter=False,
             )
+            xp.clip(out[first + i], lows[i], highs[i], out=out[first + i])
     return xp.moveaxis(out, 0, axis)
 
 
@@ -304,7 +312,11 @@ def _resample_float(
 ) -> Any:
     """3D (raw dtype; ``prep`` makes it float32) -> float32 3D of new_shape (not necessarily contiguous)."""
     if separate_z is None:
-        return _resample_axes(prep(x), new_shape, (0, 1, 2), order, xp, ndi)
+        x = prep(x)
+        out = _resample_axes(x, new_shape, (0, 1, 2), order, xp, ndi)
+        if order > 1 and out is not x:  # splines overshoot; linear and nearest stay in range
+            xp.clip(out, x.min(), x.max(), out=out)
+        return out
     a = separate_z
     # The two passes act on different axes and are linear, so they commute; running the
     # one that shrinks the volume first does less work (exactly equal for order_z 0, a

@@ -127,6 +127,7 @@ def test_matches_scipy_zoom_grid_mode(backend: SimpleNamespace, order: int) -> N
         order=order, mode="nearest", grid_mode=True,
     )
     assert expected.shape == new_shape
+    expected = np.clip(expected, image.min(), image.max())  # skimage's clip=True, kept by nnU-Net
     out = resample_image(backend.xp.asarray(image), new_shape, order=order, xp=backend.xp, ndi=backend.ndi)
     np.testing.assert_allclose(backend.to_np(out), expected, rtol=0, atol=1e-5)
 
@@ -317,3 +318,19 @@ def test_prepare_equals_normalising_first(backend, spacing, new_spacing):
     on_the_way = resample_image(xp.asarray(raw), shape, separate_z=axis, prepare=normalize, xp=xp, ndi=ndi)
     assert on_the_way.dtype == np.float32 and tuple(on_the_way.shape) == shape
     np.testing.assert_allclose(backend.to_np(on_the_way), backend.to_np(first), rtol=0, atol=1e-5)
+
+
+def test_cubic_result_is_clipped_to_the_input_range_per_slice(backend):
+    """A step edge makes a cubic spline overshoot; nnU-Net (skimage clip=True) clips it, per slice
+    when the thick axis is resampled separately."""
+    xp, ndi = backend.xp, backend.ndi
+    image = np.zeros((4, 16, 16), np.float32)
+    image[:, :, 8:] = 1.0
+    image[1] *= 3.0  # another range on slice 1
+    raw = scipy.ndimage.zoom(image[0].astype(np.float64), 1.7, order=3, mode="nearest", grid_mode=True)
+    assert raw.max() > 1.01 and raw.min() < -0.01  # the spline does overshoot here
+    out = backend.to_np(resample_image(xp.asarray(image), (4, 27, 27), separate_z=0, xp=xp, ndi=ndi))
+    assert out[0].min() >= 0.0 and out[0].max() <= 1.0
+    assert out[1].max() == pytest.approx(3.0) and out[1].min() >= 0.0
+    full = backend.to_np(resample_image(xp.asarray(image), (6, 27, 27), xp=xp, ndi=ndi))
+    assert full.min() >= 0.0 and full.max() <= 3.0

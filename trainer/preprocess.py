@@ -39,7 +39,7 @@ from pocketseg.volume import Volume, load_volume
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: cubic resampling clipped to the input range (nnU-Net)
 #: Foreground voxels sampled per case for the intensity statistics (nnU-Net samples 10,000).
 FOREGROUND_SAMPLES = 10_000
 #: Voxel positions kept per class for foreground oversampling.
