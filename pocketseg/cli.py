@@ -122,6 +122,50 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    kwargs = _kwargs(args)
+    backends = kwargs.pop("backends")
+    if backends:
+        from pocketseg.benchmarks.backends import benchmark_backends
+
+        # Flags of the timing run that the backend table has no use for: refused, not silently ignored.
+        timing_only = {"backend": ("--backend", "auto"), "precision": ("--precision", "auto"),
+                       "compare": ("--compare", None), "cold": ("--no-cold", True), "warm": ("--no-warm", True)}
+        used = [flag for key, (flag, default) in timing_only.items() if kwargs.pop(key) != default]
+        if used:
+            raise PocketsegError(f"{', '.join(used)}: not used by --backends (every backend x precision is a row)")
+        result = benchmark_backends(**kwargs, progress=not args.quiet)
+        from pocketseg.benchmarks.report import BACKEND_COLUMNS, markdown_table
+
+        print(markdown_table(result["rows"], BACKEND_COLUMNS), end="")
+    else:
+        from pocketseg.benchmarks.bench import run_bench
+        from pocketseg.benchmarks.report import bench_table_markdown
+
+        result = run_bench(**kwargs, progress=not args.quiet)
+        print(bench_table_markdown(result), end="")
+    for path in result["files"].values():
+        print(path)
+    return 0
+
+
+def _cmd_demo_report(args: argparse.Namespace) -> int:
+    from pocketseg.benchmarks.report import write_demo_report
+
+    print(write_demo_report(**_kwargs(args)))
+    return 0
+
+
+def _cmd_selftrain(args: argparse.Namespace) -> int:
+    _require("torch", "Self-training", "train")
+    from pocketseg.trainer.selftrain import parse_shard, selftrain
+
+    work = selftrain(**_kwargs(args), progress=not args.quiet)
+    if parse_shard(args.shard)[0] == 0:
+        print(work / "report.md")
+    return 0
+
+
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
 
@@ -264,6 +308,88 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model package folder to check (checksums, TensorRT engines, backend choice)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=_cmd_doctor)
+
+    p = sub.add_parser("bench", help="time and memory per case, cold and warm (FLARE Table 6), optionally vs nnU-Net v2",
+                       description="Efficiency benchmark of a model package: per case the wall time of a fresh process "
+                                   "(cold, model loading included, as FLARE times a container) and of a loaded process "
+                                   "(warm), and memory sampled every 0.1 s (GPU: NVML device used memory, else "
+                                   "cudaMemGetInfo; CPU: process RSS) with its maximum and area (sum x 0.1 s, MB*s). "
+                                   "Writes bench.md, bench.csv, bench.json and memory.png into OUT_DIR. With --backends: "
+                                   "the backend x precision table (backends.md/.csv/.json) instead.")
+    p.add_argument("-m", "--model", required=True, metavar="PKG_DIR", help="model package folder (pocketseg export)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder (created if missing)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run [auto: cuda if usable]")
+    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   help="inference engine of pocketseg [auto]")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                   help="network precision [auto: fp16 on cuda, fp32 on cpu]")
+    p.add_argument("--sizes", default=None, metavar="IxJxK,...",
+                   help="synthetic cases to make once in OUT_DIR/cases, e.g. 512x512x55,512x512x100 "
+                        "[bench: Table 6's 512x512x{55,100,150,215,334,448,499,554}; --backends: 512x512x{55,100}]")
+    p.add_argument("--cases", default=None, metavar="DIR", help="folder of NIfTI images to use instead of synthetic cases")
+    p.add_argument("--labels", default=None, metavar="DIR",
+                   help="label maps of --cases, CASE.nii.gz (default: the sibling labelsTr folder)")
+    p.add_argument("--compare", default=None, choices=["nnunet"],
+                   help="also run nnU-Net v2's predictor on the same nets and cases (needs pocketseg[peers])")
+    p.add_argument("--roi-from-labels", dest="roi_from_labels", action="store_true",
+                   help="skip the ROI stage: the detail stage runs on the labels' box plus the ROI margin "
+                        "(for timing nets without trained weights; the report says so)")
+    p.add_argument("--no-cold", dest="cold", action="store_false", help="skip the fresh-process (cold) runs")
+    p.add_argument("--no-warm", dest="warm", action="store_false", help="skip the loaded-process (warm) runs")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="no untimed warm-up prediction before the warm runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic cases [0]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime / torch [all cores]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in OUT_DIR")
+    p.add_argument("--backends", action="store_true",
+                   help="instead: the torch/onnxruntime/tensorrt x fp32/fp16 table (size, DSC, time, status per row)")
+    p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser("demo-report", help="one Markdown page of a demo run: previews, evaluation, bench",
+                       description="Write a Markdown report linking data previews and prediction previews and "
+                                   "including the evaluation table and the bench table with its memory plot.")
+    p.add_argument("out", metavar="REPORT.md", help="Markdown file to write")
+    p.add_argument("--previews", default=None, metavar="DIR", help="data set preview PNGs (pocketseg synth --preview)")
+    p.add_argument("--predictions", default=None, metavar="DIR", help="predict output folder with --preview PNGs")
+    p.add_argument("--evaluation", default=None, metavar="DIR", help="pocketseg evaluate output folder (table.md)")
+    p.add_argument("--bench", default=None, metavar="DIR", help="pocketseg bench output folder (bench.json, memory.png)")
+    p.add_argument("--title", default="pocketseg demo", help="report title")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.set_defaults(handler=_cmd_demo_report)
+
+    p = sub.add_parser("selftrain", help="semi-supervised self-training of the detail net with pseudo labels (resumable)",
+                       description="Train the ROI net once and the detail net in rounds: round 1 on the fully labelled "
+                                   "cases, later rounds also on partially labelled (ground truth + pseudo labels) and "
+                                   "unlabelled (pseudo labels) cases; score each case's pseudo-label stability "
+                                   "(uncertainty.json), keep the cases under the threshold and train the final model "
+                                   "on them. Rerun the same command to continue after an interruption. Writes "
+                                   "WORK/report.md, report.json, uncertainty.png and the final package WORK/final/model.")
+    p.add_argument("dataset", metavar="DATASET", help="raw data set folder (dataset.json, imagesTr/, labelsTr/, imagesUnlabeled/)")
+    p.add_argument("--work", required=True, metavar="DIR", help="work folder (created; rerun with it to continue)")
+    p.add_argument("--rounds", type=int, default=3, help="pseudo-labelling rounds, >= 2 [3]")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep cases whose uncertainty is under this [median of the observed scores]")
+    p.add_argument("--no-tumor-pseudo", dest="tumor_pseudo", action="store_false",
+                   help="keep tumor voxels of pseudo labels out of training (they become background)")
+    p.add_argument("--annotated-from-labels", dest="annotated_from_labels", action="store_true",
+                   help="annotated classes of a labelled case = classes present in its label file "
+                        "(default: dataset.json's pocketseg record)")
+    p.add_argument("--preset", default="detail", help="detail net preset [detail]")
+    p.add_argument("--roi-preset", dest="roi_preset", default="roi", help="ROI net preset [roi]")
+    p.add_argument("--roi-run", dest="roi_run", default=None, help="use this trained ROI run instead of training one")
+    p.add_argument("--epochs", type=int, default=1000, help="epochs of every training [1000]")
+    p.add_argument("--iterations", type=int, default=250, help="iterations per epoch [250]")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=2, help="patches per iteration [2]")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of fully labelled cases held out and scored after every round [0.2]")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every training [0]")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training and labelling device [auto]")
+    p.add_argument("--workers", type=int, default=None, help="background data-loading processes [auto]")
+    p.add_argument("--cache", default=None, help="preprocessing cache folder [WORK/cache]")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="pseudo-label only every N-th case starting at I; 0/N also runs the schedule and waits for "
+                        "the other shards [0/1]")
+    p.set_defaults(handler=_cmd_selftrain)
     return parser
 
 
