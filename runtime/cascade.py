@@ -13,9 +13,12 @@ For one scan (paper Sec. 2.1, Fig. 1)::
 Everything between the upload and the download stays on the device: NumPy arrays
 on the CPU, CuPy arrays on a GPU, through the same code (:mod:`runtime.arrays`).
 The networks run through one :class:`runtime.engines.Engine` per stage. The
-sliding windows stream their argmax along z and the resampling works slice chunk
-by slice chunk, so memory beyond the input and the label map does not grow with
-the number of slices.
+sliding windows stream their argmax along z, and where a stage's spacing makes z
+the thick axis (both paper nets: 4.0x1.2x1.2 and 2.5x0.8x0.8 mm) the resampling
+works slice chunk by slice chunk, so memory beyond the input, the label map and
+the stage's (much smaller) resampled image does not grow with the number of
+slices. Near-isotropic stages resample in 3D and need a few float32 copies of
+the region instead.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def check_ct_intensities(minimum: float, maximum: float, source: Any = None) -> 
     slope/intercept was not applied (values 0..4095), gives a confident wrong answer,
     so these are refused rather than warned about.
     """
+    if not (math.isfinite(minimum) and math.isfinite(maximum)):
+        raise InputError(source, "image holds NaN or infinite values")
     if minimum == maximum:
         raise InputError(source, f"image is constant (every voxel is {minimum:g}): not a CT scan")
     if minimum > AIR_HU:
@@ -94,7 +99,8 @@ def _normalizer(intensity: Intensity, xp: Any):
 def _is_out_of_memory(exc: BaseException) -> bool:
     name = type(exc).__name__
     text = str(exc).lower()
-    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in text or "failed to allocate" in text
+    return (name in ("OutOfMemoryError", "MemoryError") or "out of memory" in text or "failed to allocate" in text
+            or "alloc_failed" in text)
 
 
 def _given_box(box: Any, shape: tuple[int, ...], source: Any) -> tuple[slice, slice, slice]:
@@ -154,7 +160,7 @@ class CascadePredictor:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
-        self.am.free_cached_memory()
+        self._free_device_memory()
 
     def predict(self, volume: Volume, *, check_intensities: bool = True,
                 roi_box_zyx: tuple[tuple[int, int], ...] | None = None) -> Prediction:
@@ -167,6 +173,7 @@ class CascadePredictor:
             raise InputError(volume.source, f"expected a 3D image, got shape {volume.data.shape}")
         batch = self.batch_size
         while True:
+            failure = None
             try:
                 return self._predict(volume, batch, check_intensities, roi_box_zyx)
             except PocketsegError:
@@ -174,21 +181,29 @@ class CascadePredictor:
             except Exception as exc:
                 if self.device != "cuda" or not _is_out_of_memory(exc):
                     raise
-                self.am.free_cached_memory()
-                if batch > 1:
-                    log.warning("%s: GPU out of memory with %d tiles per batch; retrying with 1",
-                                volume.source or "image", batch)
-                    batch = 1
-                    continue
-                if not self.fallback_to_cpu:
-                    raise OutOfMemoryRetry(f"{volume.source or 'image'}: GPU out of memory with one tile per batch "
-                                           f"({type(exc).__name__}: {exc})") from None
-                log.warning("%s: GPU out of memory with one tile per batch; running this scan on the CPU",
-                            volume.source or "image")
-                result = self._cpu_predictor().predict(volume, check_intensities=check_intensities,
-                                                       roi_box_zyx=roi_box_zyx)
-                result.warnings.append("GPU out of memory: predicted on the CPU")
-                return result
+                failure = f"{type(exc).__name__}: {exc}"
+            # Outside the handler: the failed attempt's device arrays (held by the traceback) are gone now,
+            # so the cached blocks can really be returned before the retry.
+            self._free_device_memory()
+            if batch > 1:
+                log.warning("%s: GPU out of memory with %d tiles per batch; retrying with 1", volume.source or "image",
+                            batch)
+                batch = 1
+                continue
+            if not self.fallback_to_cpu:
+                raise OutOfMemoryRetry(f"{volume.source or 'image'}: GPU out of memory with one tile per batch "
+                                       f"({failure})")
+            log.warning("%s: GPU out of memory with one tile per batch; running this scan on the CPU",
+                        volume.source or "image")
+            result = self._cpu_predictor().predict(volume, check_intensities=check_intensities,
+                                                   roi_box_zyx=roi_box_zyx)
+            result.warnings.append("GPU out of memory: predicted on the CPU")
+            return result
+
+    def _free_device_memory(self) -> None:
+        for engine in self.engines.values():
+            engine.free_cached_memory()
+        self.am.free_cached_memory()
 
     # ------------------------------------------------------------------------------------------------ stages
 
@@ -211,8 +226,9 @@ class CascadePredictor:
         net_input = resample_image(image, new_shape, order=3, separate_z=axis,
                                    prepare=_normalizer(stage.intensity, am.xp), xp=am.xp, ndi=am.ndi)
         engine = self.engines[stage.name]
-        # float16 accumulation halves the largest buffer where the network itself runs in fp16.
-        acc = am.xp.float16 if engine.precision == "fp16" else am.xp.float32
+        # float16 accumulation halves the largest buffer where the network itself runs in fp16; not with
+        # Gaussian weights, whose products at the tile borders (~1e-7) underflow in float16.
+        acc = am.xp.float16 if engine.precision == "fp16" and not self.gaussian else am.xp.float32
         return sliding_window_labels(net_input, stage.patch_zyx, engine, stage.num_classes,
                                      step_fraction=self.step_fraction, gaussian=self.gaussian,
                                      batch_size=min(batch, engine.max_batch or batch), xp=am.xp,

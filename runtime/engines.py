@@ -192,7 +192,8 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
     _check_choice(backend, ("auto",) + BACKENDS, "backend")
     _check_choice(device, ("auto",) + DEVICES, "device")
     _check_choice(precision, ("auto",) + PRECISIONS, "precision")
-    if device == "auto":
+    device_auto = device == "auto"
+    if device_auto:
         usable, why = cuda_available()
         device = "cuda" if usable else "cpu"
         device_reason = "a CUDA GPU is usable" if usable else f"CPU ({why})"
@@ -202,7 +203,8 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
             if not usable:
                 raise DeviceUnavailableError(f"device 'cuda' is not available: {why}")
         device_reason = f"device {device} requested"
-    if precision == "auto":
+    precision_auto = precision == "auto"
+    if precision_auto:
         precision = "fp16" if device == "cuda" else "fp32"
     if precision == "fp16" and device == "cpu":
         raise InputError(None, "precision fp16 needs a CUDA device; on the CPU the runtime runs fp32")
@@ -221,6 +223,11 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
                 reason += "; skipped " + "; ".join(skipped)
             return Selection(name, device, precision, reason, files)
         skipped.append(f"{name}: {why}")
+    if backend == "auto" and device_auto and precision_auto and device == "cuda":
+        # A GPU but no GPU-capable backend installed: the CPU still works.
+        fallback = resolve(backend="auto", device="cpu", manifest=manifest, precision="fp32")
+        return Selection(fallback.backend, "cpu", "fp32",
+                         f"CPU: no backend can run on the GPU ({'; '.join(skipped)}); {fallback.reason}")
     if backend == "auto":
         raise EngineUnavailableError(f"no inference backend can run on {device}: " + "; ".join(skipped))
     raise EngineUnavailableError(f"backend {backend} cannot run on {device}: " + "; ".join(skipped))
@@ -254,6 +261,9 @@ class Engine:
     def close(self) -> None:
         """Release what the engine holds (sessions, GPU buffers)."""
 
+    def free_cached_memory(self) -> None:
+        """Return memory the backend caches for itself (after a GPU out-of-memory error)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.stage.name}, {self.device}, {self.precision})"
 
@@ -283,6 +293,10 @@ class OnnxRuntimeEngine(Engine):
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             raise InputError(path, f"ONNX Runtime cannot load the model ({type(exc).__name__}: {exc})") from None
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # ONNX Runtime builds a CPU-only session, with only a logged error, when CUDA/cuDNN cannot load.
+            raise EngineUnavailableError(f"{path}: ONNX Runtime could not start its CUDA provider (CUDA or cuDNN "
+                                         "libraries missing or mismatched?); use --backend tensorrt/torch or --device cpu")
         inputs = {i.name: i for i in self.session.get_inputs()}
         if INPUT_NAME not in inputs:
             raise InputError(path, f"the ONNX model has no input named {INPUT_NAME!r}")
@@ -330,6 +344,10 @@ class TorchEngine(Engine):
         self.torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         self.net = net.to(self.torch_device).eval()
 
+    def free_cached_memory(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()
+
     def __call__(self, batch: Any) -> Any:
         torch = self.torch
         if self.device == "cpu":
@@ -361,6 +379,8 @@ class TensorRTEngine(Engine):
         if self.engine is None:
             raise InputError(path, "TensorRT cannot deserialize this engine (built by another TensorRT or GPU?)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"{path}: TensorRT could not create an execution context: out of memory")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if INPUT_NAME not in names or OUTPUT_NAME not in names:
             raise InputError(path, f"engine tensors are {names}, expected {INPUT_NAME!r} and {OUTPUT_NAME!r}")
@@ -379,7 +399,7 @@ class TensorRTEngine(Engine):
         self.context.set_tensor_address(OUTPUT_NAME, int(out.data.ptr))
         stream = xp.cuda.get_current_stream()
         if not self.context.execute_async_v3(stream.ptr):
-            raise RuntimeError("TensorRT execution failed")
+            raise RuntimeError("TensorRT execution failed (out of memory or a bad input; see TensorRT's log)")
         return out
 
     def close(self) -> None:

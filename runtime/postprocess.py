@@ -19,6 +19,9 @@ from typing import Any
 
 from pocketseg.runtime.arrays import ArrayModule, cpu_module
 
+#: Slices per slab when counting and masking components (bounds the int64 temporaries).
+SLAB = 16
+
 __all__ = ["bounding_box", "clean_components", "keep_largest_components", "label_each_value",
            "remove_small_components"]
 
@@ -80,10 +83,14 @@ def clean_components(labels: Any, largest: Iterable[int] = (), min_voxels: Mappi
     components, n = label_each_value(labels, values, am)
     if n == 0:
         return labels
-    flat = components.ravel()
-    sizes = xp.bincount(flat, minlength=n + 1)
+    # Slab by slab: bincount and the scatter widen ids to int64, which for a whole crop would
+    # cost 8 bytes per voxel more than the label map itself.
+    sizes = xp.zeros(n + 1, dtype=xp.int64)
     owner = xp.zeros(n + 1, dtype=labels.dtype)
-    owner[flat] = labels.ravel()  # every voxel of a component has its value
+    for first in range(0, components.shape[0], SLAB):
+        part = components[first : first + SLAB].ravel()
+        sizes += xp.bincount(part, minlength=n + 1)
+        owner[part] = labels[first : first + SLAB].ravel()  # every voxel of a component has its value
     keep = xp.ones(n + 1, dtype=bool)
     for value in largest:
         ids = xp.flatnonzero(owner == value)
@@ -96,7 +103,10 @@ def clean_components(labels: Any, largest: Iterable[int] = (), min_voxels: Mappi
         keep[ids[ids > 0]] = False
     keep[0] = True
     if not bool(keep.all()):
-        labels[~keep[components]] = 0
+        drop = ~keep
+        for first in range(0, components.shape[0], SLAB):
+            region = labels[first : first + SLAB]
+            region[drop[components[first : first + SLAB]]] = 0
     return labels
 
 

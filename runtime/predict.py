@@ -96,6 +96,10 @@ def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[lis
             if is_nifti_path(dst):
                 raise InputError(dst, "INPUT is a folder of NIfTI files, so OUTPUT must be a folder, not a file name")
             jobs = [CaseJob(case_name(f), f, dst / f"{case_name(f)}.nii.gz") for f in files]
+            inputs = {f.resolve() for f in files}
+            clash = [j.output for j in jobs if j.output.resolve() in inputs]
+            if clash:
+                raise InputError(clash[0], "an output would replace an input image; choose another OUTPUT folder")
             names = [j.case for j in jobs]
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
@@ -108,14 +112,19 @@ def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[lis
                               "or a folder of NIfTI files")
     name = case_name(src)
     out = dst if is_nifti_path(dst) else dst / f"{name}.nii.gz"
+    if out.resolve() == src.resolve():
+        raise InputError(out, "OUTPUT is the input image itself; choose another output name")
     return [CaseJob(name, src, out)], False
 
 
 def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[float, float, float]) -> dict[str, Any]:
     """Per class present: voxels, volume (mL) and mean intensity (HU) of the image under the mask."""
-    flat = labels.ravel()
-    counts = np.bincount(flat, minlength=L.NUM_CLASSES)
-    sums = np.bincount(flat, weights=np.asarray(image, dtype=np.float64).ravel(), minlength=L.NUM_CLASSES)
+    counts = np.zeros(256, dtype=np.int64)
+    sums = np.zeros(256, dtype=np.float64)
+    for first in range(0, labels.shape[0], 16):  # slabs: the float64/int64 temporaries stay small
+        lab = np.asarray(labels[first : first + 16], dtype=np.uint8).ravel()
+        counts += np.bincount(lab, minlength=256)
+        sums += np.bincount(lab, weights=np.asarray(image[first : first + 16], dtype=np.float64).ravel(), minlength=256)
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     out: dict[str, Any] = {}
     for label in L.LABELS[1:]:
@@ -150,6 +159,12 @@ def _finished(job: CaseJob, statistics: bool, preview: bool) -> bool:
     return all(p.is_file() for p in wanted)
 
 
+def _may_replace(job: CaseJob, overwrite: bool, resume: bool) -> bool:
+    """Whether this job may replace its existing outputs: with ``overwrite``, or under ``resume`` the
+    side files of a case whose label map (written last) is missing, i.e. an interrupted case."""
+    return overwrite or (resume and not job.output.exists())
+
+
 def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool) -> None:
     check_writable_target(job.output, overwrite=overwrite)
     if statistics:
@@ -172,21 +187,17 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         if resume and _finished(job, statistics, preview):
             log.info("%s: finished earlier, skipped (resume)", job.case)
             continue
-        if not folder_mode:
-            _check_targets(job, statistics, preview, overwrite)
         todo.append(job)
     if not todo:
         return []
-    if folder_mode:
+    folder = Path(output) if folder_mode else jobs[0].output.parent
+    if not folder.is_dir():
         try:
-            Path(output).mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(output, f"cannot create the output folder ({exc.strerror or exc})") from None
-    elif not jobs[0].output.parent.is_dir():
-        try:
-            jobs[0].output.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(jobs[0].output.parent, f"cannot create the output folder ({exc.strerror or exc})") from None
+            raise OutputError(folder, f"cannot create the output folder ({exc.strerror or exc})") from None
+    if not folder_mode:
+        _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume))
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
                                  gaussian=gaussian, batch_size=batch_size, threads=threads,
@@ -196,9 +207,10 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         volume = load_volume(job.source, series_uid=series_uid)
         prediction = predictor.predict(volume, check_intensities=check_intensities)
         _log_case(job, prediction)
-        return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview, overwrite=overwrite)]
+        return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
+                               overwrite=_may_replace(job, overwrite, resume))]
     return _predict_folder(predictor, todo, statistics=statistics, preview=preview, overwrite=overwrite,
-                           check_intensities=check_intensities, progress=progress)
+                           resume=resume, check_intensities=check_intensities, progress=progress)
 
 
 def _log_case(job: CaseJob, prediction: Prediction) -> None:
@@ -214,7 +226,7 @@ def _read(job: CaseJob) -> Volume:
 
 
 def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statistics: bool, preview: bool,
-                    overwrite: bool, check_intensities: bool, progress: bool) -> list[Path]:
+                    overwrite: bool, resume: bool, check_intensities: bool, progress: bool) -> list[Path]:
     """Read ahead one case and write behind while the current case computes."""
     written: list[Path] = []
     failures: list[tuple[str, str]] = []
@@ -239,8 +251,9 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
                 current = next_read
                 if i + 1 < len(jobs):
                     next_read = reader.submit(_read, jobs[i + 1])
+                replace = _may_replace(job, overwrite, resume)
                 try:
-                    _check_targets(job, statistics, preview, overwrite)
+                    _check_targets(job, statistics, preview, replace)
                     volume = current.result()
                     prediction = predictor.predict(volume, check_intensities=check_intensities)
                     _log_case(job, prediction)
@@ -253,7 +266,7 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
                     continue
                 settle(pending_write)
                 pending_write = (job, writer.submit(_write_outputs, job, volume, prediction, statistics=statistics,
-                                                    preview=preview, overwrite=overwrite))
+                                                    preview=preview, overwrite=replace))
                 bar.set_postfix_str(f"{job.case} {prediction.timings_s['total']:.1f}s")
                 bar.update(1)
             settle(pending_write)

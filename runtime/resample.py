@@ -323,8 +323,11 @@ def _resample_float(
     # pure selection of slices; equal up to float rounding otherwise). A selection of
     # slices also commutes with the element-wise ``prep``, so it runs on the raw data.
     if new_shape[a] < x.shape[a]:
-        x = _resample_along(x if order_z == 0 else prep(x), new_shape[a], a, order_z, xp, ndi)
-        return _resample_in_plane(x, new_shape, a, order, prep, xp, ndi)
+        if order_z == 0:
+            x = _resample_along(x, new_shape[a], a, order_z, xp, ndi)
+            return _resample_in_plane(x, new_shape, a, order, prep, xp, ndi)
+        x = _resample_along(prep(x), new_shape[a], a, order_z, xp, ndi)
+        return _resample_in_plane(x, new_shape, a, order, lambda b: xp.asarray(b, dtype=xp.float32), xp, ndi)
     x = _resample_in_plane(x, new_shape, a, order, prep, xp, ndi)
     return _resample_along(x, new_shape[a], a, order_z, xp, ndi)
 

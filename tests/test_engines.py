@@ -69,3 +69,15 @@ def test_onnxruntime_runtime_imports_no_torch(tiny_package):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_auto_device_falls_back_to_the_cpu_when_no_backend_runs_on_the_gpu(monkeypatch):
+    # A usable GPU, but no GPU-capable backend installed (plain onnxruntime, no TensorRT, no CUDA torch).
+    monkeypatch.setattr(engines, "cuda_available", lambda: (True, ""))
+    real = engines._available_on
+    monkeypatch.setattr(engines, "_available_on",
+                        lambda name, device, manifest: (False, "not here", {}) if device == "cuda" else real(name, device, manifest))
+    sel = engines.resolve()
+    assert (sel.device, sel.precision) == ("cpu", "fp32") and "no backend can run on the GPU" in sel.reason
+    with pytest.raises(engines.EngineUnavailableError):
+        engines.resolve(device="cuda")  # an explicit device is never rewritten

@@ -176,3 +176,30 @@ def test_case_statistics_by_hand():
     stats = case_statistics(labels, image, (2.0, 1.0, 0.5))
     assert stats["liver"] == {"id": 1, "voxels": 2, "volume_ml": 0.002, "mean_hu": 60.0}
     assert stats["tumor"]["mean_hu"] == 20.0 and stats["spleen"]["voxels"] == 0 and stats["spleen"]["mean_hu"] is None
+
+
+def test_output_may_not_replace_the_input(tiny_package, cases, tmp_path, capsys):
+    src = tmp_path / "in"
+    shutil.copytree(cases, src)
+    before = (src / "A_0000.nii.gz").read_bytes()
+    assert _run("-i", src / "A_0000.nii.gz", "-o", src / "A_0000.nii.gz", "-m", tiny_package, "--overwrite") == 2
+    assert "input image itself" in capsys.readouterr().err
+    (src / "B.nii.gz").symlink_to(src / "B_0000.nii.gz")  # CASE.nii.gz in the input folder: the output name of B
+    assert _run("-i", src, "-o", src, "-m", tiny_package, "--overwrite") == 2
+    assert "would replace an input image" in capsys.readouterr().err
+    assert (src / "A_0000.nii.gz").read_bytes() == before
+
+
+def test_single_file_into_a_new_folder(tiny_package, cases, tmp_path):
+    out = tmp_path / "new" / "deeper"
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package) == 0
+    assert (out / "A.nii.gz").is_file()
+
+
+def test_resume_finishes_an_interrupted_case(tiny_package, cases, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "A.statistics.json").write_text("{}")  # written before the label map, which never came
+    assert _run("-i", cases, "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
+    assert json.loads((out / "A.statistics.json").read_text())["case"] == "A"
+    assert (out / "A.nii.gz").is_file() and (out / "B.nii.gz").is_file()

@@ -334,3 +334,15 @@ def test_cubic_result_is_clipped_to_the_input_range_per_slice(backend):
     assert out[1].max() == pytest.approx(3.0) and out[1].min() >= 0.0
     full = backend.to_np(resample_image(xp.asarray(image), (6, 27, 27), xp=xp, ndi=ndi))
     assert full.min() >= 0.0 and full.max() <= 3.0
+
+
+def test_prepare_runs_once_with_a_linear_thick_axis():
+    rng = np.random.default_rng(1)
+    raw = rng.integers(-1000, 1000, size=(40, 12, 12)).astype(np.int16)
+
+    def normalize(a):
+        return (np.clip(np.asarray(a, dtype=np.float32), -100, 300) - 40) / 70
+
+    first = resample_image(normalize(raw), (13, 9, 9), separate_z=0, order_z=1)
+    on_the_way = resample_image(raw, (13, 9, 9), separate_z=0, order_z=1, prepare=normalize)
+    np.testing.assert_allclose(on_the_way, first, rtol=0, atol=1e-5)
