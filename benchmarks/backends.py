@@ -145,10 +145,9 @@ def benchmark_backends(model: str | os.PathLike, out: str | os.PathLike, *, devi
     ``roi_from_labels``, ``warmup``, ``threads``: as :func:`.bench.run_bench`.
     Returns the result written to ``backends.json`` (``result["rows"]``).
     """
-    from pocketseg.benchmarks.bench import folder_cases, roi_box_from_labels, synthetic_cases
+    from pocketseg.benchmarks.bench import folder_cases, label_boxes, synthetic_cases
     from pocketseg.benchmarks.report import BACKEND_FILES, check_targets, write_backends_report
     from pocketseg.manifest import load_package
-    from pocketseg.nifti import read_nifti
     from pocketseg.runtime.arrays import cuda_available
     from pocketseg.runtime.engines import BACKENDS, PRECISIONS, EngineUnavailableError, probe_backends, resolve
 
@@ -169,13 +168,7 @@ def benchmark_backends(model: str | os.PathLike, out: str | os.PathLike, *, devi
     bench_cases = (folder_cases(cases, labels) if cases is not None
                    else synthetic_cases(out_dir / "cases", BACKEND_SIZES if sizes is None else sizes, seed=seed,
                                         progress=progress))
-    boxes: dict[str, Any] = {}
-    if roi_from_labels:
-        for case in bench_cases:
-            if case.labels is None:
-                raise InputError(case.image, "has no label file, which --roi-from-labels needs "
-                                             "(give the labels folder with --labels)")
-            boxes[case.name] = [list(b) for b in roi_box_from_labels(read_nifti(case.labels), manifest.roi_margin_mm)]
+    boxes = label_boxes(bench_cases, manifest.roi_margin_mm) if roi_from_labels else {}
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     installed = probe_backends(import_torch=False)

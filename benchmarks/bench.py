@@ -240,6 +240,19 @@ def folder_cases(images: str | os.PathLike, labels: str | os.PathLike | None = N
     return cases
 
 
+def label_boxes(cases: Sequence[BenchCase], margin_mm: float) -> dict[str, Any]:
+    """Per case, the ROI box of ``--roi-from-labels``: its labels' box plus the margin (canonical z, y, x)."""
+    from pocketseg.nifti import read_nifti
+
+    boxes: dict[str, Any] = {}
+    for case in cases:
+        if case.labels is None:
+            raise InputError(case.image, "has no label file, which --roi-from-labels needs "
+                                         "(give the labels folder with --labels)")
+        boxes[case.name] = [list(b) for b in roi_box_from_labels(read_nifti(case.labels), margin_mm)]
+    return boxes
+
+
 def roi_box_from_labels(labels: Volume, margin_mm: float) -> tuple[tuple[int, int], ...]:
     """The canonical (z, y, x) box ([start, stop) per axis) of ``labels > 0`` plus ``margin_mm``, clipped.
 
@@ -288,35 +301,6 @@ def label_agreement(ours: np.ndarray, peer: np.ndarray) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ worker processes
 
-def _peer_predict_in_box(peer: Any, volume: Volume, box: Sequence[Sequence[int]]) -> tuple[np.ndarray, dict]:
-    """nnU-Net's detail stage on ``box`` of the canonical grid (the ROI stage skipped), then the cascade's post-processing.
-
-    The same box as pocketseg's ``roi_box_zyx``, so both pipelines segment the same crop.
-    """
-    from pocketseg.benchmarks.peers.nnunet import from_canonical_zyx, postprocess
-    from pocketseg.trainer.preprocess import canonical_zyx
-
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    image, spacing = canonical_zyx(volume)
-    sl = tuple(slice(int(a), int(b)) for a, b in box)
-    timings["reorient"] = time.perf_counter() - start
-    t = time.perf_counter()
-    timings["roi"] = 0.0
-    detail = peer.predict_stage("detail", image[sl], spacing)
-    timings["detail"] = time.perf_counter() - t
-    t = time.perf_counter()
-    postprocess(detail, spacing, peer.manifest.postprocess)
-    labels = np.zeros(image.shape, dtype=np.uint8)
-    labels[sl] = detail
-    timings["postprocess"] = time.perf_counter() - t
-    t = time.perf_counter()
-    out = np.ascontiguousarray(from_canonical_zyx(labels, volume.affine), dtype=np.uint8)
-    timings["reorient"] += time.perf_counter() - t
-    timings["total"] = time.perf_counter() - start
-    return out, timings
-
-
 class _Pipeline:
     """What a worker runs: pocketseg's cascade or a peer, loaded once."""
 
@@ -352,9 +336,7 @@ class _Pipeline:
             roi_box = None if box is None else tuple((int(a), int(b)) for a, b in box)
             result = self.impl.predict(volume, roi_box_zyx=roi_box)
             return result.labels, result.timings_s
-        if box is not None:
-            return _peer_predict_in_box(self.impl, volume, box)
-        labels = self.impl.predict(volume)
+        labels = self.impl.predict(volume, roi_box_zyx=box)
         return labels, dict(self.impl.last_timings)
 
     def release(self) -> None:
@@ -628,7 +610,6 @@ def run_bench(model: str | os.PathLike, out: str | os.PathLike, *, device: str =
     from pocketseg.benchmarks.memory import INTERVAL_S, open_gpu_reader, open_rss_reader
     from pocketseg.benchmarks.report import BENCH_FILES, check_targets, write_bench_report
     from pocketseg.manifest import load_package
-    from pocketseg.nifti import read_nifti
     from pocketseg.runtime.engines import resolve
 
     out_dir = Path(out)
@@ -647,13 +628,7 @@ def run_bench(model: str | os.PathLike, out: str | os.PathLike, *, device: str =
     selection = resolve(backend, device, manifest, precision)
     bench_cases = (folder_cases(cases, labels) if cases is not None
                    else synthetic_cases(out_dir / "cases", sizes, seed=seed, progress=progress))
-    boxes: dict[str, Any] = {}
-    if roi_from_labels:
-        for case in bench_cases:
-            if case.labels is None:
-                raise InputError(case.image, "has no label file, which --roi-from-labels needs "
-                                             "(give the labels folder with --labels)")
-            boxes[case.name] = [list(b) for b in roi_box_from_labels(read_nifti(case.labels), manifest.roi_margin_mm)]
+    boxes = label_boxes(bench_cases, manifest.roi_margin_mm) if roi_from_labels else {}
 
     pipelines = ["pocketseg"] + ([compare] if compare else [])
     gpu_reader = open_gpu_reader(0) if selection.device == "cuda" else None

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -337,8 +338,12 @@ class NnUNetCascade:
         seg = predictor.predict_single_npy_array(np.asarray(image_zyx)[None], properties, None, None, False)
         return np.asarray(seg, dtype=np.uint8)
 
-    def predict(self, volume: Volume) -> LabelMap:
-        """uint8 FLARE 2023 labels of ``volume``, same shape and (i, j, k) voxel order as ``volume.data``."""
+    def predict(self, volume: Volume, roi_box_zyx: Sequence[Sequence[int]] | None = None) -> LabelMap:
+        """uint8 FLARE 2023 labels of ``volume``, same shape and (i, j, k) voxel order as ``volume.data``.
+
+        ``roi_box_zyx`` ([start, stop) per canonical axis) replaces the ROI stage, as in pocketseg's
+        ``CascadePredictor.predict``, so that both pipelines can segment the same crop.
+        """
         from pocketseg.trainer.preprocess import canonical_zyx
 
         data = getattr(volume, "data", None)
@@ -351,9 +356,12 @@ class NnUNetCascade:
         timings["reorient"] = time.perf_counter() - start
 
         t = time.perf_counter()
-        roi = self.predict_stage("roi", image, spacing)
-        box = roi_box(roi > 0, spacing, self.manifest.roi_margin_mm)
-        del roi
+        if roi_box_zyx is None:
+            roi = self.predict_stage("roi", image, spacing)
+            box = roi_box(roi > 0, spacing, self.manifest.roi_margin_mm)
+            del roi
+        else:
+            box = tuple(slice(int(a), int(b)) for a, b in roi_box_zyx)
         timings["roi"] = time.perf_counter() - t
 
         t = time.perf_counter()
