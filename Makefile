@@ -21,29 +21,33 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 # The demo chain on built-in defaults, CPU only: synthetic data -> two short CPU trainings -> model package
-# -> predictions for held-out synthetic cases -> FLARE evaluation -> efficiency bench -> one Markdown report.
+# -> self-training (pseudo labels, Eq. 1 uncertainty) -> predictions for held-out synthetic cases
+# -> FLARE evaluation -> efficiency bench -> one Markdown report.
 # The demo nets train for seconds, so they show the chain, not accuracy (see README). Each step prints a
 # stage line; the long ones show progress bars. On a 2-core CPU the whole chain takes well under 20 minutes.
 DEMO := demo-output
 demo: venv
-	@echo "==> [1/9] synthesize a small FLARE-like training set -> $(DEMO)/dataset"
+	@echo "==> [1/10] synthesize a small FLARE-like training set -> $(DEMO)/dataset"
 	$(BIN)/pocketseg synth $(DEMO)/dataset --full 3 --partial 2 --unlabeled 1 --seed 0 --slices 120 --preview --workers 2 --overwrite
-	@echo "==> [2/9] train the ROI net (roi-cpu preset) -> $(DEMO)/runs/roi"
+	@echo "==> [2/10] train the ROI net (roi-cpu preset) -> $(DEMO)/runs/roi"
 	rm -rf $(DEMO)/runs
 	$(BIN)/pocketseg train $(DEMO)/dataset --stage roi --preset roi-cpu --epochs 2 --iterations 4 --val-every 2 --out $(DEMO)/runs/roi --cache $(DEMO)/cache
-	@echo "==> [3/9] train the detail net (detail-cpu preset) -> $(DEMO)/runs/detail"
+	@echo "==> [3/10] train the detail net (detail-cpu preset) -> $(DEMO)/runs/detail"
 	$(BIN)/pocketseg train $(DEMO)/dataset --stage detail --preset detail-cpu --epochs 2 --iterations 4 --val-every 2 --out $(DEMO)/runs/detail --cache $(DEMO)/cache
-	@echo "==> [4/9] export the model package -> $(DEMO)/model"
+	@echo "==> [4/10] export the model package -> $(DEMO)/model"
 	$(BIN)/pocketseg export --roi $(DEMO)/runs/roi --detail $(DEMO)/runs/detail -o $(DEMO)/model --overwrite
-	@echo "==> [5/9] synthesize held-out cases -> $(DEMO)/heldout"
+	@echo "==> [5/10] self-training: two short pseudo-label rounds, uncertainty, selection, final detail net -> $(DEMO)/selftrain"
+	rm -rf $(DEMO)/selftrain
+	$(BIN)/pocketseg selftrain $(DEMO)/dataset --work $(DEMO)/selftrain --roi-run $(DEMO)/runs/roi --preset detail-cpu --rounds 2 --epochs 1 --iterations 2 --cache $(DEMO)/cache
+	@echo "==> [6/10] synthesize held-out cases -> $(DEMO)/heldout"
 	$(BIN)/pocketseg synth $(DEMO)/heldout --full 2 --seed 1000 --slices 120 --overwrite
-	@echo "==> [6/9] predict the held-out cases -> $(DEMO)/predictions"
+	@echo "==> [7/10] predict the held-out cases -> $(DEMO)/predictions"
 	$(BIN)/pocketseg predict -i $(DEMO)/heldout/imagesTr -o $(DEMO)/predictions -m $(DEMO)/model --statistics --preview --overwrite
-	@echo "==> [7/9] evaluate the predictions (FLARE 2023 DSC/NSD) -> $(DEMO)/evaluation"
+	@echo "==> [8/10] evaluate the predictions (FLARE 2023 DSC/NSD) -> $(DEMO)/evaluation"
 	$(BIN)/pocketseg evaluate --pred $(DEMO)/predictions --gt $(DEMO)/heldout/labelsTr -o $(DEMO)/evaluation --overwrite
-	@echo "==> [8/9] bench on the CPU: time and memory, cold and warm, two small sizes -> $(DEMO)/bench"
+	@echo "==> [9/10] bench on the CPU: time and memory, cold and warm, two small sizes -> $(DEMO)/bench"
 	$(BIN)/pocketseg bench -m $(DEMO)/model -o $(DEMO)/bench --device cpu --sizes 512x512x55,512x512x100 --overwrite
-	@echo "==> [9/9] write the report"
+	@echo "==> [10/10] write the report"
 	$(BIN)/pocketseg demo-report $(DEMO)/report.md --previews $(DEMO)/dataset/previews --predictions $(DEMO)/predictions --evaluation $(DEMO)/evaluation --bench $(DEMO)/bench --overwrite
 	@echo "demo report: $(DEMO)/report.md"
 
