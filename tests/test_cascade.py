@@ -124,7 +124,7 @@ def _volume(seed, slices=32, orientation="RAS"):
 
 # ------------------------------------------------------------------------------------------------------ tests
 
-@pytest.mark.parametrize("seed,orientation", [(0, "RAS"), (1, "LPS"), (2, "LPI")])
+@pytest.mark.parametrize("seed,orientation", [(0, "RAS"), (2, "LPI")])  # LPS: see the orientation test
 def test_runtime_equals_reference_pipeline(tiny_package, predictor, seed, orientation):
     volume = _volume(seed, orientation=orientation)
     ours = predictor.predict(volume)
