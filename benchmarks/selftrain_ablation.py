@@ -1,4 +1,4 @@
-"""Self-training ablation on synthetic CT (the FLARE 2023 paper's Table 5): with and without the partial and unlabelled data.
+"""Self-training ablation on synthetic CT (as the FLARE 2023 paper's Table 5): with and without partial/unlabelled data.
 
     python -m pocketseg.benchmarks.selftrain_ablation [--full 4] [--partial 16] [--unlabeled 16] [--test 6]
         [--slices 48] [--preset detail-tiny] [--roi-preset roi-tiny] [--epochs 10] [--iterations 30]
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pocketseg import labels as L
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ def _test_cases(test: Path) -> list[tuple[str, Path, Path]]:
 
 def run(out: Path, *, full: int, partial: int, unlabeled: int, test: int, slices: int, preset: str, roi_preset: str,
         epochs: int, iterations: int, rounds: int, threshold: float | None, seed: int, device: str) -> dict[str, Any]:
+    from pocketseg.nifti import read_nifti
     from pocketseg.synth.dataset import synthesize_dataset
     from pocketseg.trainer.selftrain import score_package, selftrain
 
@@ -69,6 +72,7 @@ def run(out: Path, *, full: int, partial: int, unlabeled: int, test: int, slices
     packages = {"full-only": with_tumor / "round1" / "model", "all-pseudo": with_tumor / f"round{rounds}" / "model",
                 "selftrain": with_tumor / "final" / "model", "selftrain-no-tumor-pseudo": no_tumor / "final" / "model"}
     cases = _test_cases(test_data)
+    without_tumor = sum(L.TUMOR not in np.unique(read_nifti(label).data) for _, _, label in cases)
     results: dict[str, Any] = {}
     for variant, package in packages.items():
         path = out / "scores" / f"{variant}.json"
@@ -83,11 +87,13 @@ def run(out: Path, *, full: int, partial: int, unlabeled: int, test: int, slices
                                   "selftrain": (with_tumor, "final"),
                                   "selftrain-no-tumor-pseudo": (no_tumor, "final")}.items():
         sources = json.loads((work / head / "data" / "dataset.json").read_text())["pocketseg"]["sources"]
-        counts[variant] = {kind: sum(v == kind for v in sources.values()) for kind in ("ground truth", "merged", "pseudo")}
+        counts[variant] = {kind: sum(v == kind for v in sources.values())
+                           for kind in ("ground truth", "merged", "pseudo")}
     return {
         "setup": {"full": full, "partial": partial, "unlabeled": unlabeled, "test": test, "slices": slices,
                   "matrix": 128, "preset": preset, "roi_preset": roi_preset, "epochs": epochs, "iterations": iterations,
-                  "batch_size": 2, "rounds": rounds, "seed": seed, "device": device},
+                  "batch_size": 2, "rounds": rounds, "seed": seed, "device": device,
+                  "test_cases_without_tumor": int(without_tumor)},
         "training_cases": counts,
         "selection": {k: {"threshold": v["threshold"], "rule": v["threshold_rule"], "selected": len(v["selected"]),
                           "rejected": len(v["rejected"])} for k, v in selections.items()},
@@ -115,11 +121,20 @@ def format_markdown(res: dict[str, Any]) -> str:
         cells = []
         for v in variants:
             mean = res["summary"][v]["mean"]
-            cells.append(f"{100 * mean[organ_column(lab.id) + '_DSC']:.1f} ({100 * mean[organ_column(lab.id) + '_NSD']:.1f})")
+            col = organ_column(lab.id)
+            cells.append(f"{100 * mean[col + '_DSC']:.1f} ({100 * mean[col + '_NSD']:.1f})")
         lines.append(f"| {lab.display} | " + " | ".join(cells) + " |")
     lines.append("| **organ mean** | " + " | ".join(
         f"**{100 * res['summary'][v]['organ_mean_DSC']:.1f} ({100 * res['summary'][v]['organ_mean_NSD']:.1f})**"
         for v in variants) + " |")
+    n = s.get("test_cases_without_tumor")
+    if n:
+        lines += ["", f"Tumor: {n} of the {s['test']} test cases have no tumor; FLARE scores such a case 1 (DSC and NSD) "
+                      "when nothing is predicted, 0 otherwise."]
+    sel = res["selection"]
+    lines += ["", "Selection (Eq. 1, default threshold = median): " + "; ".join(
+        f"{k}: threshold {'undefined' if v['threshold'] is None else format(v['threshold'], '.3f')}, "
+        f"{v['selected']} selected, {v['rejected']} rejected" for k, v in sel.items())]
     return "\n".join(lines) + "\n"
 
 

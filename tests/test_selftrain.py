@@ -375,7 +375,8 @@ def test_rounds_pseudo_labels_merge_and_uncertainty(crashed_and_resumed):
     plan = json.loads((work / "plan.json").read_text())
     assert plan["pseudo"] == sorted(plan["partial"] + plan["unlabeled"]) and len(plan["pseudo"]) == 4
     for r in (1, 2):
-        assert sorted(p.name for p in (work / f"round{r}" / "pseudo").iterdir()) == [f"{n}.nii.gz" for n in plan["pseudo"]]
+        names = sorted(p.name for p in (work / f"round{r}" / "pseudo").iterdir())
+        assert names == [f"{n}.nii.gz" for n in plan["pseudo"]]
     # Round 1 trains on fully labelled cases only; round 2 on all, partial cases merged with round 1's pseudo labels.
     r1 = json.loads((work / "round1" / "data" / "dataset.json").read_text())["pocketseg"]["sources"]
     assert r1 == {n: "ground truth" for n in plan["train_full"]}

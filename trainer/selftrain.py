@@ -379,7 +379,8 @@ class SelfTraining:
                     raise InputError(case["label"] or pseudo_path, f"case {name}: {exc}") from None
                 write_labels(merged, target, reference=gt if gt is not None else pseudo)
             record = {"derived_from": plan["dataset"], "round": head, "sources": dict(sorted(members.items())),
-                      "pseudo_labels": None if source is None else str(source), "tumor_pseudo": self.settings.tumor_pseudo,
+                      "pseudo_labels": None if source is None else str(source),
+                      "tumor_pseudo": self.settings.tumor_pseudo,
                       "annotated_classes": {}}
             dataset = {"name": f"selftrain-{head}", "description": f"pocketseg selftrain training data of {head}",
                        "channel_names": {"0": "CT"}, "labels": L.dataset_json_labels(), "numTraining": len(members),

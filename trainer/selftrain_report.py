@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def _validation(work: Path, head: str) -> dict[str, Any] | None:
 def _stage(work: Path, head: str, seconds: dict[str, float]) -> dict[str, Any]:
     record = (_load(work / head / "data" / "dataset.json") or {}).get("pocketseg", {})
     sources = record.get("sources", {})
-    by_source = {kind: sorted(n for n, k in sources.items() if k == kind) for kind in ("ground truth", "merged", "pseudo")}
+    by_source = {kind: sorted(n for n, k in sources.items() if k == kind)
+                 for kind in ("ground truth", "merged", "pseudo")}
     history = _load(work / head / "detail" / "history.json") or []
     validated = [h for h in history if h.get("val_dice")]
     pseudo = work / head / "pseudo"
@@ -113,7 +115,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"{s['batch_size']}, seed {s['seed']}; {s['rounds']} rounds; tumor pseudo labels "
         f"{'used' if s['tumor_pseudo'] else 'kept out (--no-tumor-pseudo)'}.", "",
         "## Rounds", "",
-        "| stage | ground truth | merged partial | pseudo unlabelled | final train loss | val organ DSC % | val tumor DSC % | minutes |",
+        "| stage | ground truth | merged partial | pseudo unlabelled | final train loss | val organ DSC % "
+        "| val tumor DSC % | minutes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for st in stages:
@@ -121,7 +124,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         minutes = sum(st["seconds"].values()) / 60
         loss = "–" if st["train_loss_last"] is None else f"{st['train_loss_last']:.3f}"
         lines.append(f"| {st['name']} | {st['counts']['ground truth']} | {st['counts']['merged']} | "
-                     f"{st['counts']['pseudo']} | {loss} | {_pct(v.get('organ_mean_DSC'))} | {_pct(v.get('tumor_DSC'))} | "
+                     f"{st['counts']['pseudo']} | {loss} | {_pct(v.get('organ_mean_DSC'))} | "
+                     f"{_pct(v.get('tumor_DSC'))} | "
                      f"{minutes:.1f} |")
     lines += ["", "Rounds 2.. train on the pseudo labels of the round before; the final stage on the fully labelled "
                   "and the selected cases, with the last round's pseudo labels.", ""]
@@ -154,8 +158,10 @@ def format_markdown(report: dict[str, Any]) -> str:
               f"{'–' if u['threshold'] is None else format(u['threshold'], '.4g')} ({u['threshold_rule']}); "
               f"{len(u['selected'])} of {len(u['scores'])} cases selected.", ""]
     if finite:
-        lines += [f"Scores: min {min(finite):.4f}, median {sorted(finite)[len(finite) // 2]:.4f}, max {max(finite):.4f}.", ""]
-    lines += [f"![uncertainty histogram]({u['histogram']})", "", "| case | kind | score | selected |", "|---|---|---:|---|"]
+        lines += [f"Scores: min {min(finite):.4f}, median {statistics.median(finite):.4f}, "
+                  f"max {max(finite):.4f}.", ""]
+    lines += [f"![uncertainty histogram]({u['histogram']})", "",
+              "| case | kind | score | selected |", "|---|---|---:|---|"]
     for name, score in sorted(u["scores"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0, kv[0])):
         lines.append(f"| {name} | {u['kind'].get(name, '')} | {'undefined' if score is None else f'{score:.4f}'} | "
                      f"{'yes' if name in u['selected'] else 'no'} |")
