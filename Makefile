@@ -38,7 +38,7 @@ demo: venv
 	$(BIN)/pocketseg export --roi $(DEMO)/runs/roi --detail $(DEMO)/runs/detail -o $(DEMO)/model --overwrite
 	@echo "==> [5/10] self-training: two short pseudo-label rounds, uncertainty, selection, final detail net -> $(DEMO)/selftrain"
 	rm -rf $(DEMO)/selftrain
-	$(BIN)/pocketseg selftrain $(DEMO)/dataset --work $(DEMO)/selftrain --roi-run $(DEMO)/runs/roi --preset detail-cpu --rounds 2 --epochs 1 --iterations 2 --cache $(DEMO)/cache
+	$(BIN)/pocketseg selftrain $(DEMO)/dataset --work $(DEMO)/selftrain --roi-run $(DEMO)/runs/roi --preset detail-cpu --rounds 2 --epochs 1 --iterations 1 --batch-size 1 --cache $(DEMO)/cache
 	@echo "==> [6/10] synthesize held-out cases -> $(DEMO)/heldout"
 	$(BIN)/pocketseg synth $(DEMO)/heldout --full 2 --seed 1000 --slices 120 --overwrite
 	@echo "==> [7/10] predict the held-out cases -> $(DEMO)/predictions"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +60,12 @@ def run(out: Path, *, full: int, partial: int, unlabeled: int, test: int, slices
         synthesize_dataset(test_data, full=test, seed=seed + 1000, small=True, slices=slices, workers=2, overwrite=True)
     common = dict(rounds=rounds, threshold=threshold, preset=preset, roi_preset=roi_preset, epochs=epochs,
                   iterations=iterations, holdout=0.0, seed=seed, device=device, cache=cache, progress=False)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
     with_tumor = selftrain(data, work=out / "work-tumor-pseudo", **common)
-    seconds["selftrain"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     no_tumor = selftrain(data, work=out / "work-no-tumor-pseudo", tumor_pseudo=False,
                          roi_run=with_tumor / "roi", **common)
-    seconds["selftrain-no-tumor-pseudo"] = time.perf_counter() - t0
+    # Step times from the finished-step markers: right even when a run was interrupted and resumed.
+    seconds = {name: sum(json.loads(m.read_text())["seconds"] for m in (work / "steps").glob("*.done"))
+               for name, work in (("selftrain", with_tumor), ("selftrain-no-tumor-pseudo", no_tumor))}
     packages = {"full-only": with_tumor / "round1" / "model", "all-pseudo": with_tumor / f"round{rounds}" / "model",
                 "selftrain": with_tumor / "final" / "model", "selftrain-no-tumor-pseudo": no_tumor / "final" / "model"}
     cases = _test_cases(test_data)
