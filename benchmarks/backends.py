@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +29,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pocketseg import labels as L
+from pocketseg.benchmarks.bench import check_inputs, check_output, load_average, machine_info, prepare
+from pocketseg.benchmarks.memory import MemorySourceError, open_gpu_reader
+from pocketseg.benchmarks.report import BACKEND_FILES, write_backends_report
 from pocketseg.engine_build.targets import EXPORT_TARGETS, ExportTarget
-from pocketseg.errors import InputError, OutputError, PocketsegError
+from pocketseg.errors import InputError, PocketsegError
+from pocketseg.evaluation.evaluate import score_prediction
+from pocketseg.evaluation.metrics import organ_column
+from pocketseg.imageio import load_volume
+from pocketseg.nifti import read_nifti
+from pocketseg.runtime.arrays import cuda_available
+from pocketseg.runtime.cascade import CascadePredictor
+from pocketseg.runtime.engines import BACKENDS, PRECISIONS, EngineUnavailableError, probe_backends, resolve
 
 __all__ = ["BACKEND_SIZES", "benchmark_backends", "row_target"]
 
@@ -72,8 +81,6 @@ def _files_mb(package: Path, names: Sequence[str]) -> float | None:
 
 
 def _organ_means(scores: dict[str, float]) -> tuple[float, float]:
-    from pocketseg.benchmarks.metrics import organ_column
-
     dsc = [scores[f"{organ_column(i)}_DSC"] for i in L.ORGAN_IDS]
     nsd = [scores[f"{organ_column(i)}_NSD"] for i in L.ORGAN_IDS]
     return float(np.mean(dsc)), float(np.mean(nsd))
@@ -82,15 +89,9 @@ def _organ_means(scores: dict[str, float]) -> tuple[float, float]:
 def _run_row(package: Path, row: dict[str, Any], cases, boxes: dict[str, Any], *, threads: int | None,
              warmup: bool) -> None:
     """Predict every case with one backend x precision; fills the row's numbers (raises on failure)."""
-    from pocketseg.benchmarks.evaluate import superior_axis
-    from pocketseg.benchmarks.metrics import score_case
-    from pocketseg.nifti import read_nifti
-    from pocketseg.runtime.cascade import CascadePredictor
-    from pocketseg.volume import load_volume
-
     restore_threads = None
     if threads is not None and row["backend"] == "torch":
-        import torch
+        import torch  # optional (train extra): only for the torch rows
 
         # CascadePredictor's threads steer ONNX Runtime; torch's intra-op pool is set here, and restored after.
         restore_threads = torch.get_num_threads()
@@ -109,16 +110,13 @@ def _run_row(package: Path, row: dict[str, Any], cases, boxes: dict[str, Any], *
             prediction = predictor.predict(volume, roi_box_zyx=None if box is None else tuple(map(tuple, box)))
             entry: dict[str, Any] = {"case": case.name, "time_s": prediction.timings_s["total"]}
             if case.labels is not None:
-                gt = read_nifti(case.labels)
-                spacing = tuple(float(z) for z in gt.header.get_zooms()[:3]) if gt.header is not None else gt.spacing_mm
-                scores = score_case(prediction.labels, np.asarray(gt.data).astype(np.uint8), spacing,
-                                    z_axis=superior_axis(gt.affine))
+                scores = score_prediction(prediction.labels, read_nifti(case.labels))
                 entry["dsc_organ_mean"], entry["nsd_organ_mean"] = _organ_means(scores)
             per_case.append(entry)
     finally:
         predictor.close()
         if restore_threads is not None:
-            import torch
+            import torch  # optional: only when the torch row changed its threads above
 
             torch.set_num_threads(restore_threads)
     row["per_case"] = per_case
@@ -145,31 +143,16 @@ def benchmark_backends(model: str | os.PathLike, out: str | os.PathLike, *, devi
     ``roi_from_labels``, ``warmup``, ``threads``: as :func:`.bench.run_bench`.
     Returns the result written to ``backends.json`` (``result["rows"]``).
     """
-    from pocketseg.benchmarks.bench import folder_cases, label_boxes, synthetic_cases
-    from pocketseg.benchmarks.report import BACKEND_FILES, check_targets, write_backends_report
-    from pocketseg.manifest import load_package
-    from pocketseg.runtime.arrays import cuda_available
-    from pocketseg.runtime.engines import BACKENDS, PRECISIONS, EngineUnavailableError, probe_backends, resolve
-
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(out_dir, "exists and is not a folder")
-    check_targets([out_dir / name for name in BACKEND_FILES.values()], overwrite=overwrite)
+    out_dir = check_output(out, list(BACKEND_FILES.values()), overwrite=overwrite)
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(None, f"device must be one of auto, cpu, cuda, got {device!r}")
-    if sizes is not None and cases is not None:
-        raise InputError(cases, "give either sizes (synthetic cases) or a cases folder, not both")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise InputError(None, f"threads must be a positive integer, got {threads!r}")
-    package = Path(model)
-    manifest = load_package(package)
+    check_inputs(sizes, cases, threads)
+    setup = prepare(out_dir, model, sizes=sizes, default_sizes=BACKEND_SIZES, cases=cases, labels=labels,
+                    roi_from_labels=roi_from_labels, seed=seed, progress=progress)
+    package, manifest, bench_cases, boxes = setup.package, setup.manifest, setup.cases, setup.boxes
     if device == "auto":
         device = "cuda" if cuda_available()[0] else "cpu"
-    bench_cases = (folder_cases(cases, labels) if cases is not None
-                   else synthetic_cases(out_dir / "cases", BACKEND_SIZES if sizes is None else sizes, seed=seed,
-                                        progress=progress))
-    boxes = label_boxes(bench_cases, manifest.roi_margin_mm) if roi_from_labels else {}
-    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load_start = load_average()
 
     installed = probe_backends(import_torch=False)
     rows: list[dict[str, Any]] = []
@@ -211,8 +194,6 @@ def benchmark_backends(model: str | os.PathLike, out: str | os.PathLike, *, devi
 
     gpu = None
     if device == "cuda":
-        from pocketseg.benchmarks.memory import MemorySourceError, open_gpu_reader
-
         try:
             reader = open_gpu_reader(0)
             gpu = getattr(reader, "device_name", "CUDA GPU")
@@ -224,9 +205,7 @@ def benchmark_backends(model: str | os.PathLike, out: str | os.PathLike, *, devi
         "model": str(package),
         "model_presets": {name: stage.preset for name, stage in manifest.stages.items()},
         "device": device,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "gpu": gpu, "load_average_start": load_start,
-                    "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": machine_info(gpu, load_start),
         "settings": {"roi_from_labels": roi_from_labels, "warmup": warmup, "threads": threads, "seed": seed},
         "cases": [{"case": c.name, "size": c.size, "image": str(c.image),
                    "labels": None if c.labels is None else str(c.labels), "roi_box_zyx": boxes.get(c.name)}

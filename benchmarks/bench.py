@@ -37,7 +37,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -51,22 +50,38 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
 from pocketseg import labels as L
+from pocketseg.atomic import check_targets, ensure_dir, write_text
+from pocketseg.benchmarks.memory import INTERVAL_S, MemorySampler, open_gpu_reader, open_reader, open_rss_reader
+from pocketseg.benchmarks.report import BENCH_FILES, write_bench_report, write_json
 from pocketseg.errors import InputError, MissingDependencyError, OutputError, PocketsegError
+from pocketseg.geometry import grow_box
+from pocketseg.imageio import load_volume
+from pocketseg.layout import IMAGES_TR, LABELS_TR, case_name, image_name, is_nifti_path, label_name
+from pocketseg.manifest import Manifest, load_package
+from pocketseg.nifti import read_nifti, write_labels, write_nifti
+from pocketseg.runtime.arrays import bounding_box
+from pocketseg.runtime.cascade import CascadePredictor
+from pocketseg.runtime.engines import resolve
+from pocketseg.synth.phantom import make_phantom
 from pocketseg.types import Shape3
-from pocketseg.volume import Volume
+from pocketseg.volume import Volume, canonical_zyx
 
 __all__ = [
     "DEFAULT_SIZES",
     "PEERS",
     "TABLE6_SLICES",
     "BenchCase",
+    "BenchSetup",
     "folder_cases",
     "label_agreement",
+    "machine_info",
     "parse_sizes",
+    "prepare",
     "roi_box_from_labels",
     "run_bench",
     "synthetic_cases",
@@ -153,17 +168,9 @@ def synthetic_cases(folder: str | os.PathLike, sizes: str | Sequence[Sequence[in
     ``folder/cases.json`` records the seed of each case; a case made with another seed
     or of another shape is made again.
     """
-    from pocketseg.nifti import write_nifti
-    from pocketseg.synth.phantom import make_phantom
-
     root = Path(folder)
     shapes = parse_sizes(sizes)
-    images, labels = root / "imagesTr", root / "labelsTr"
-    for sub in (images, labels):
-        try:
-            sub.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(sub, f"cannot create the folder ({exc.strerror or exc})") from None
+    images, labels = ensure_dir(root / IMAGES_TR, "cases folder"), ensure_dir(root / LABELS_TR, "cases folder")
     record_path = root / CASES_RECORD
     try:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -172,7 +179,7 @@ def synthetic_cases(folder: str | os.PathLike, sizes: str | Sequence[Sequence[in
     cases, todo = [], []
     for shape in shapes:
         name = _case_name(shape)
-        case = BenchCase(name, images / f"{name}_0000.nii.gz", labels / f"{name}.nii.gz", shape)
+        case = BenchCase(name, images / image_name(name), labels / label_name(name), shape)
         known = record.get(name, {})
         if not (case.image.is_file() and case.labels.is_file() and known.get("seed") == seed
                 and tuple(known.get("shape_ijk", ())) == shape):
@@ -189,16 +196,7 @@ def synthetic_cases(folder: str | os.PathLike, sizes: str | Sequence[Sequence[in
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from pocketseg.benchmarks.report import write_json
-
     write_json(path, data, overwrite=True)
-
-
-def _strip_nifti(name: str) -> str:
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -211,22 +209,17 @@ def folder_cases(images: str | os.PathLike, labels: str | os.PathLike | None = N
 
     ``labels`` defaults to the sibling ``labelsTr`` folder of an nnU-Net ``imagesTr``.
     """
-    import nibabel as nib
-
-    from pocketseg.volume import is_nifti_path
-
     folder = Path(images)
     if not folder.is_dir():
         raise InputError(folder, "does not exist" if not folder.exists() else "is not a folder")
-    label_dir = Path(labels) if labels is not None else folder.parent / "labelsTr"
+    label_dir = Path(labels) if labels is not None else folder.parent / LABELS_TR
     if labels is not None and not label_dir.is_dir():
         raise InputError(label_dir, "labels folder does not exist")
     cases = []
     for path in sorted(folder.iterdir(), key=_natural_key):
         if not path.is_file() or path.name.startswith(".") or not is_nifti_path(path):
             continue
-        name = _strip_nifti(path.name)
-        name = name.removesuffix("_0000")
+        name = case_name(path)
         try:
             shape = tuple(int(n) for n in nib.load(path).shape)
         except Exception as exc:  # noqa: BLE001 - nibabel raises several types for unreadable headers
@@ -242,8 +235,6 @@ def folder_cases(images: str | os.PathLike, labels: str | os.PathLike | None = N
 
 def label_boxes(cases: Sequence[BenchCase], margin_mm: float) -> dict[str, Any]:
     """Per case, the ROI box of ``--roi-from-labels``: its labels' box plus the margin (canonical z, y, x)."""
-    from pocketseg.nifti import read_nifti
-
     boxes: dict[str, Any] = {}
     for case in cases:
         if case.labels is None:
@@ -256,22 +247,14 @@ def label_boxes(cases: Sequence[BenchCase], margin_mm: float) -> dict[str, Any]:
 def roi_box_from_labels(labels: Volume, margin_mm: float) -> tuple[tuple[int, int], ...]:
     """The canonical (z, y, x) box ([start, stop) per axis) of ``labels > 0`` plus ``margin_mm``, clipped.
 
-    The margin is rounded up to whole voxels per axis, as the cascade widens the ROI
-    net's box (:meth:`pocketseg.runtime.cascade.CascadePredictor._roi_box`).
+    The margin is rounded up to whole voxels per axis (:func:`pocketseg.geometry.grow_box`), as the
+    cascade widens the ROI net's box.
     """
-    from pocketseg.geometry import canonical_grid
-
-    grid = canonical_grid(labels.affine, labels.shape)
-    mask = grid.to_zyx(np.asarray(labels.data)) > 0
-    spacing = grid.spacing_zyx(labels.affine)
-    if not mask.any():
+    data, spacing = canonical_zyx(labels)
+    box = bounding_box(np.asarray(data) > 0)
+    if box is None:
         raise InputError(labels.source, "has no labels > 0, so it gives no ROI box (--roi-from-labels)")
-    box = []
-    for axis, (n, sp) in enumerate(zip(mask.shape, spacing)):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        margin = math.ceil(float(margin_mm) / float(sp))
-        box.append((max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, int(n))))
-    return tuple(box)
+    return tuple((sl.start, sl.stop) for sl in grow_box(box, spacing, margin_mm, data.shape))
 
 
 def label_agreement(ours: np.ndarray, peer: np.ndarray) -> dict[str, Any]:
@@ -299,6 +282,57 @@ def label_agreement(ours: np.ndarray, peer: np.ndarray) -> dict[str, Any]:
             "voxels": total, "dice": dice, "mean_dice": float(np.mean(present)) if present else None}
 
 
+# ---------------------------------------------------------------------------------------- setup shared with --backends
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What both benchmarks start from: the verified package, the output folder and the cases (with ROI boxes)."""
+
+    out_dir: Path
+    package: Path
+    manifest: Manifest
+    cases: list[BenchCase]
+    boxes: dict[str, Any]
+
+
+def check_output(out: str | os.PathLike, files: Sequence[str], *, overwrite: bool) -> Path:
+    """The report folder, refused before any work when it is a file or (without ``overwrite``) holds a report."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(out_dir, "exists and is not a folder")
+    check_targets([out_dir / name for name in files], overwrite=overwrite)
+    return out_dir
+
+
+def check_inputs(sizes: Any, cases: Any, threads: int | None) -> None:
+    if sizes is not None and cases is not None:
+        raise InputError(cases, "give either sizes (synthetic cases) or a cases folder, not both")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InputError(None, f"threads must be a positive integer, got {threads!r}")
+
+
+def prepare(out_dir: Path, model: str | os.PathLike, *, sizes: Any, default_sizes: Any, cases: Any, labels: Any,
+            roi_from_labels: bool, seed: int, progress: bool, manifest: Manifest | None = None) -> BenchSetup:
+    """Verify the package (unless given its manifest), make or find the cases, and their ROI boxes."""
+    package = Path(model)
+    manifest = load_package(package) if manifest is None else manifest  # checksums before anything is timed
+    bench_cases = (folder_cases(cases, labels) if cases is not None
+                   else synthetic_cases(out_dir / "cases", default_sizes if sizes is None else sizes, seed=seed,
+                                        progress=progress))
+    boxes = label_boxes(bench_cases, manifest.roi_margin_mm) if roi_from_labels else {}
+    return BenchSetup(out_dir, package, manifest, bench_cases, boxes)
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def machine_info(gpu: str | None, load_start: list[float] | None) -> dict[str, Any]:
+    """The machine a benchmark ran on, for its report."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "gpu": gpu, "load_average_start": load_start, "load_average_end": load_average()}
+
+
 # ------------------------------------------------------------------------------------------------ worker processes
 
 class _Pipeline:
@@ -308,10 +342,8 @@ class _Pipeline:
         self.name = spec["pipeline"]
         self.device = spec["device"]
         if self.name == "pocketseg":
-            from pocketseg.runtime.cascade import CascadePredictor
-
             if spec.get("threads") and spec["backend"] == "torch":
-                import torch
+                import torch  # optional (train extra): the torch backend only
 
                 torch.set_num_threads(int(spec["threads"]))  # threads= of CascadePredictor steers ONNX Runtime only
 
@@ -319,9 +351,10 @@ class _Pipeline:
                                               precision=spec["precision"], threads=spec.get("threads"))
             self.backend, self.precision = self.impl.backend, self.impl.selection.precision
         elif self.name == "nnunet":
+            # The peer needs torch and nnU-Net (peers extra): imported when it is compared against.
             import torch
 
-            from pocketseg.benchmarks.peers.nnunet import NnUNetCascade
+            from pocketseg.benchmarks.peers.nnunet import NnUNetCascade  # needs torch and nnU-Net
 
             if spec.get("threads"):
                 torch.set_num_threads(int(spec["threads"]))
@@ -344,7 +377,7 @@ class _Pipeline:
         if self.name == "pocketseg":
             self.impl.am.free_cached_memory()
         elif self.device == "cuda":
-            import torch
+            import torch  # the peer's torch, loaded with it above
 
             torch.cuda.empty_cache()
 
@@ -360,10 +393,6 @@ def _emit(event: dict[str, Any]) -> None:
 
 def _worker(spec: dict[str, Any]) -> int:
     """Run one pipeline on the spec's cases in this process; one result line per case on stdout."""
-    from pocketseg.benchmarks.memory import MemorySampler, open_reader
-    from pocketseg.nifti import write_labels
-    from pocketseg.volume import load_volume
-
     t0 = time.perf_counter()
     pipeline = _Pipeline(spec)
     _emit({"event": "loaded", "load_s": time.perf_counter() - t0, "backend": pipeline.backend,
@@ -384,7 +413,7 @@ def _worker(spec: dict[str, Any]) -> int:
             t_read = time.perf_counter()
             labels, stages = pipeline.predict(volume, case.get("roi_box_zyx"))
             t_pred = time.perf_counter()
-            Path(case["labels_out"]).parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(Path(case["labels_out"]).parent, "labels folder")
             write_labels(labels, case["labels_out"], reference=volume, overwrite=True)
             t_write = time.perf_counter()
             event.update(status="ok", time_s=t_write - start, read_s=t_read - start, predict_s=t_pred - t_read,
@@ -444,7 +473,7 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 def _launch(ctx: _Context, spec: dict[str, Any], tag: str) -> tuple[subprocess.Popen, Path]:
     """Start a worker; its stderr goes to a scratch log that :func:`_finish` moves to ``OUT_DIR/logs/TAG.log``."""
     spec_path = ctx.spec_dir / f"{tag}.json"
-    spec_path.write_text(json.dumps(spec))
+    write_json(spec_path, spec)
     with open(ctx.spec_dir / f"{tag}.log", "w") as err:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, "--worker", str(spec_path)],
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=ctx.env)
@@ -453,8 +482,6 @@ def _launch(ctx: _Context, spec: dict[str, Any], tag: str) -> tuple[subprocess.P
 
 def _finish(ctx: _Context, proc: subprocess.Popen, log_path: Path) -> tuple[int, float]:
     """Reap the child and keep its log: (exit status, its peak RSS in MB from the kernel)."""
-    from pocketseg.benchmarks.report import write_text
-
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     # Streamed into scratch while the child ran; written here in one atomic step like every other output.
@@ -481,8 +508,6 @@ def _failed_run(case: BenchCase, pipeline: str, mode: str, why: str) -> dict[str
 
 def _run_cold(ctx: _Context, pipeline: str, case: BenchCase, box) -> dict[str, Any]:
     """One case in a fresh process, timed and memory-sampled from outside."""
-    from pocketseg.benchmarks.memory import MemorySampler, open_rss_reader
-
     spec = _worker_spec(ctx, pipeline, [_case_spec(case, pipeline, "cold", ctx, box)], sample=False, warmup=False)
     tag = f"{pipeline}-cold-{case.name}"
     # The idle baseline of a cold run: the GPU before the process starts; on the CPU the process does not exist yet.
@@ -558,8 +583,6 @@ def _gpu_name(reader: Any) -> str | None:
 
 
 def _comparison(runs: list[dict[str, Any]], cases: list[BenchCase], peer: str) -> list[dict[str, Any]]:
-    from pocketseg.nifti import read_nifti
-
     index = {(r["case"], r["pipeline"], r["mode"]): r for r in runs}
     rows = []
     for case in cases:
@@ -607,34 +630,22 @@ def run_bench(model: str | os.PathLike, out: str | os.PathLike, *, device: str =
     ``threads``: CPU threads of ONNX Runtime / torch (default: all cores).
     Returns the result written to ``bench.json``; ``result["files"]`` lists the report files.
     """
-    from pocketseg.benchmarks.memory import INTERVAL_S, open_gpu_reader, open_rss_reader
-    from pocketseg.benchmarks.report import BENCH_FILES, check_targets, write_bench_report
-    from pocketseg.manifest import load_package
-    from pocketseg.runtime.engines import resolve
-
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(out_dir, "exists and is not a folder")
-    check_targets([out_dir / name for name in BENCH_FILES.values()], overwrite=overwrite)
+    out_dir = check_output(out, list(BENCH_FILES.values()), overwrite=overwrite)
     if not (cold or warm):
         raise InputError(None, "nothing to run: both cold and warm runs are switched off")
-    if sizes is not None and cases is not None:
-        raise InputError(cases, "give either sizes (synthetic cases) or a cases folder, not both")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise InputError(None, f"threads must be a positive integer, got {threads!r}")
+    check_inputs(sizes, cases, threads)
     _check_compare(compare)
-    package = Path(model)
-    manifest = load_package(package)  # verifies the checksums before anything is timed
+    manifest = load_package(model)  # verifies the checksums before anything is timed
     selection = resolve(backend, device, manifest, precision)
-    bench_cases = (folder_cases(cases, labels) if cases is not None
-                   else synthetic_cases(out_dir / "cases", sizes, seed=seed, progress=progress))
-    boxes = label_boxes(bench_cases, manifest.roi_margin_mm) if roi_from_labels else {}
+    setup = prepare(out_dir, model, sizes=sizes, default_sizes=None, cases=cases, labels=labels,
+                    roi_from_labels=roi_from_labels, seed=seed, progress=progress, manifest=manifest)
+    package, bench_cases, boxes = setup.package, setup.cases, setup.boxes
 
     pipelines = ["pocketseg"] + ([compare] if compare else [])
     gpu_reader = open_gpu_reader(0) if selection.device == "cuda" else None
     memory_reader = gpu_reader if gpu_reader is not None else open_rss_reader()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load_start = load_average()
     env = dict(os.environ)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pocketseg-bench-") as tmp:
@@ -670,9 +681,7 @@ def run_bench(model: str | os.PathLike, out: str | os.PathLike, *, device: str =
         "device": selection.device, "backend": selection.backend, "precision": selection.precision,
         "selection_reason": selection.reason,
         "compare": compare,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "gpu": _gpu_name(gpu_reader), "load_average_start": load_start,
-                    "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": machine_info(_gpu_name(gpu_reader), load_start),
         "memory": {"source": memory_reader.source, "description": memory_reader.description,
                    "tried": getattr(memory_reader, "tried", []), "interval_s": INTERVAL_S,
                    "baseline": ("device used memory before a cold process starts; before each warm case, with the "

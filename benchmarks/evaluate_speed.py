@@ -5,47 +5,42 @@
 The ground truth is the phantom's label map (:func:`pocketseg.synth.phantom.make_phantom`);
 the prediction is the same map shifted by (1, 2, 1) voxels, so every class has
 a non-trivial surface to score. Reports the best of ``--repeat`` calls of
-:func:`pocketseg.benchmarks.metrics.score_case` (file reading excluded), with
+:func:`pocketseg.evaluation.metrics.score_case` (file reading excluded), with
 ``--device cuda`` on CuPy.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import scipy.ndimage
+
+from pocketseg.benchmarks.report import write_json
+from pocketseg.evaluation.evaluate import superior_axis
+from pocketseg.evaluation.metrics import COLUMNS, score_case
+from pocketseg.geometry import spacing_from_affine
+from pocketseg.runtime.arrays import array_module
+from pocketseg.synth.phantom import make_phantom
 
 log = logging.getLogger(__name__)
 
 
 def measure(slices: int = 300, repeat: int = 3, seed: int = 0, device: str = "cpu") -> dict:
-    from pocketseg.benchmarks.evaluate import superior_axis
-    from pocketseg.benchmarks.metrics import COLUMNS, score_case
-    from pocketseg.geometry import spacing_from_affine
-    from pocketseg.synth.phantom import make_phantom
-
     ph = make_phantom(seed, slices=slices)
     gt = np.ascontiguousarray(ph.labels)
     pred = np.roll(gt, (1, 2, 1), axis=(0, 1, 2))
     spacing = spacing_from_affine(ph.affine)
     z_axis = superior_axis(ph.affine)
-    xp, ndi = np, scipy.ndimage
-    if device == "cuda":
-        import cupy
-        import cupyx.scipy.ndimage
-
-        xp, ndi = cupy, cupyx.scipy.ndimage
-        gt, pred = cupy.asarray(gt), cupy.asarray(pred)
+    am = array_module(device)
+    gt, pred = am.to_device(gt), am.to_device(pred)
     times, scores = [], {}
     for _ in range(repeat):
         t0 = time.perf_counter()
-        scores = score_case(pred, gt, spacing, z_axis=z_axis, xp=xp, ndi=ndi)
+        scores = score_case(pred, gt, spacing, z_axis=z_axis, am=am)
         times.append(time.perf_counter() - t0)
         log.info("score_case: %.2f s", times[-1])
     present = sorted(int(v) for v in np.unique(ph.labels) if v)
@@ -69,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
           f"best {res['best_s']:.2f} s of {args.repeat} (first {res['seconds'][0]:.2f} s); "
           f"organ mean DSC {res['organ_mean_DSC']:.4f}, NSD {res['organ_mean_NSD']:.4f}")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "evaluate_speed.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        write_json(args.out / "evaluate_speed.json", res, overwrite=True)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import platform
@@ -25,6 +24,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from pocketseg import nifti
+from pocketseg.benchmarks.report import write_json
+from pocketseg.synth.phantom import make_phantom
 
 log = logging.getLogger("pocketseg.benchmarks.nifti_read")
 
@@ -66,17 +69,12 @@ def smooth_body_volume(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.n
 
 
 def make_volume(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """The phantom when it imports and the shape is a square in-plane matrix, else the smooth body."""
+    """The phantom when the shape is a square in-plane matrix, else the smooth body."""
     if shape[0] == shape[1]:
-        try:
-            from pocketseg.synth.phantom import make_phantom
-        except ImportError as exc:
-            log.info("phantom unavailable (%s); using the smooth body volume", exc)
-        else:
-            ph = make_phantom(seed, slices=shape[2], matrix=shape[0])
-            if tuple(ph.image.shape) == tuple(shape):
-                return np.asarray(ph.image, dtype=np.int16), np.asarray(ph.affine, dtype=np.float64), "phantom"
-            log.info("phantom came out %s, not %s; using the smooth body volume", ph.image.shape, shape)
+        ph = make_phantom(seed, slices=shape[2], matrix=shape[0])
+        if tuple(ph.image.shape) == tuple(shape):
+            return np.asarray(ph.image, dtype=np.int16), np.asarray(ph.affine, dtype=np.float64), "phantom"
+        log.info("phantom came out %s, not %s; using the smooth body volume", ph.image.shape, shape)
     image, affine = smooth_body_volume(shape, seed)
     return image, affine, "smooth body"
 
@@ -93,8 +91,6 @@ def best_of(fn, repeat: int) -> tuple[float, np.ndarray]:
 
 
 def run(shape: tuple[int, int, int], repeat: int, workdir: Path, seed: int = 0) -> dict:
-    from pocketseg import nifti
-
     t0 = time.perf_counter()
     image, affine, source = make_volume(shape, seed)
     log.info("built %s volume %s in %.1f s", source, image.shape, time.perf_counter() - t0)
@@ -160,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.shape, args.repeat, Path(tmp), seed=args.seed)
     print(format_table(result))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         out = args.out / "nifti_read.json"
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(out, result, overwrite=True)
         print(f"wrote {out}")
     return 0
 

@@ -23,12 +23,26 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from pocketseg.atomic import ensure_dir
+from pocketseg.benchmarks.report import write_json
+from pocketseg.imageio import load_volume
+from pocketseg.layout import image_name
+from pocketseg.nifti import read_nifti, write_labels, write_nifti
+from pocketseg.runtime.cascade import CascadePredictor
+from pocketseg.runtime.resample import resample_labels, separate_z_axis
+from pocketseg.synth.dataset import synthesize_dataset
+from pocketseg.synth.phantom import make_phantom
+from pocketseg.trainer.package import export_package, untrained_package
+from pocketseg.trainer.train import train
+from pocketseg.volume import canonical_zyx
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +52,10 @@ PIPELINES = ("pocketseg", "nnunet")
 def _child(which: str, model: Path, case: Path, labels_out: Path, report_out: Path) -> None:
     """Run one pipeline end to end in this process and write its labels and stage times."""
     t0 = time.perf_counter()
-    from pocketseg.nifti import write_labels
-    from pocketseg.volume import load_volume
-
     if which == "pocketseg":
-        from pocketseg.runtime.cascade import CascadePredictor
-
         predictor = CascadePredictor(model, device="cpu", backend="auto")
     else:
-        from pocketseg.benchmarks.peers.nnunet import NnUNetCascade
+        from pocketseg.benchmarks.peers.nnunet import NnUNetCascade  # the peer needs nnU-Net (peers extra)
 
         predictor = NnUNetCascade(model, device="cpu", tile_step_size=1.0, use_gaussian=False)
     t_load = time.perf_counter()
@@ -63,7 +72,7 @@ def _child(which: str, model: Path, case: Path, labels_out: Path, report_out: Pa
     t_write = time.perf_counter()
     report = {"import_and_load_s": t_load - t0, "read_s": t_read - t_load, "predict_s": t_pred - t_read,
               "write_s": t_write - t_pred, "stages_s": stages}
-    report_out.write_text(json.dumps(report, indent=1))
+    write_json(report_out, report, overwrite=True)
 
 
 def _run_child(which: str, model: Path, case: Path, work: Path) -> dict:
@@ -85,10 +94,6 @@ def _run_child(which: str, model: Path, case: Path, work: Path) -> dict:
 
 def trained_tiny_package(out: Path, iterations: int = 300, seed: int = 0) -> Path:
     """Train roi-tiny and detail-tiny briefly on synthetic data and export them (reused when present)."""
-    from pocketseg.engine_build.export import export_package
-    from pocketseg.synth.dataset import synthesize_dataset
-    from pocketseg.trainer.train import train
-
     model = out / "model_trained_tiny"
     if (model / "manifest.json").is_file():
         return model
@@ -99,8 +104,6 @@ def trained_tiny_package(out: Path, iterations: int = 300, seed: int = 0) -> Pat
     for stage, preset in (("roi", "roi-tiny"), ("detail", "detail-tiny")):
         runs[stage] = out / f"tiny-run-{stage}"
         if runs[stage].exists():
-            import shutil
-
             shutil.rmtree(runs[stage])
         train(data, stage=stage, preset=preset, epochs=1, out=runs[stage], iterations=iterations, val_fraction=0.25,
               val_every=1, device="cpu", seed=seed, cache=out / "tiny-cache")
@@ -114,12 +117,7 @@ def roi_stage_agreement(model: Path, case: Path) -> dict:
     labels compare the two pipelines' preprocessing, tiling and resampling back on a network
     whose output means something.
     """
-    from pocketseg.benchmarks.peers.nnunet import NnUNetCascade
-    from pocketseg.runtime.cascade import CascadePredictor
-    from pocketseg.runtime.resample import resample_labels, separate_z_axis
-    from pocketseg.trainer.preprocess import canonical_zyx
-    from pocketseg.volume import load_volume
-
+    from pocketseg.benchmarks.peers.nnunet import NnUNetCascade  # the peer needs nnU-Net (peers extra)
     image, spacing = canonical_zyx(load_volume(case))
     ours = CascadePredictor(model, device="cpu")
     roi = ours.manifest.roi
@@ -134,11 +132,8 @@ def roi_stage_agreement(model: Path, case: Path) -> dict:
 
 def run(out: Path, model: Path | None, slices: int, seed: int, repeats: int, pipelines=PIPELINES,
         trained_tiny: bool = False) -> dict:
-    from pocketseg.nifti import read_nifti, write_nifti
-    from pocketseg.synth.phantom import make_phantom
-
-    out.mkdir(parents=True, exist_ok=True)
-    case = out / f"bench_512x512x{slices}_0000.nii.gz"
+    ensure_dir(out)
+    case = out / image_name(f"bench_512x512x{slices}")
     if not case.is_file():
         ph = make_phantom(seed, slices=slices, orientation="LPS")
         write_nifti(ph.image, case, affine=ph.affine)
@@ -147,8 +142,6 @@ def run(out: Path, model: Path | None, slices: int, seed: int, repeats: int, pip
     if model is None:
         model = out / "model_untrained_cpu"
         if not (model / "manifest.json").is_file():
-            from pocketseg.engine_build.export import untrained_package
-
             untrained_package(model, roi="roi-cpu", detail="detail-cpu", seed=seed, fp16=False, overwrite=True)
     results: dict[str, list[dict]] = {name: [] for name in pipelines}
     for _ in range(repeats):
@@ -217,7 +210,7 @@ def main(argv=None) -> int:
     summary = run(args.out, args.model, args.slices, args.seed, args.repeats,
                   pipelines=(args.only,) if args.only else PIPELINES, trained_tiny=args.trained_tiny)
     name = "predict_cpu_trained_tiny.json" if args.trained_tiny and args.model is None else "predict_cpu.json"
-    (args.out / name).write_text(json.dumps(summary, indent=1))
+    write_json(args.out / name, summary, overwrite=True)
     _print(summary)
     return 0
 

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pocketseg.atomic import atomic_write_bytes
-from pocketseg.errors import InputError, MissingDependencyError, OutputError
+from pocketseg import atomic
+from pocketseg.atomic import atomic_write_bytes, check_targets, ensure_dir, write_text
+from pocketseg.errors import InputError, OutputError
+from pocketseg.plotting import png_bytes, pyplot
 
 __all__ = [
     "BACKEND_COLUMNS",
@@ -37,7 +39,6 @@ __all__ = [
     "backends_markdown",
     "bench_markdown",
     "bench_table_markdown",
-    "check_targets",
     "csv_text",
     "markdown_table",
     "plot_memory_curves",
@@ -45,7 +46,6 @@ __all__ = [
     "write_bench_report",
     "write_demo_report",
     "write_json",
-    "write_text",
 ]
 
 MISSING = "—"
@@ -93,49 +93,9 @@ def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[Column]) -> st
 
 # -------------------------------------------------------------------------------------------------- file writing
 
-def check_targets(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> None:
-    """Refuse, before any work, to replace existing report files unless ``overwrite``."""
-    for path in map(Path, paths):
-        if path.is_dir():
-            raise OutputError(path, "is a folder, expected a report file path")
-        if path.exists() and not overwrite:
-            raise OutputError(path, "already exists (pass overwrite=True / --overwrite to replace it)")
-
-
-def _ensure_parent(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(path.parent, f"cannot create the folder ({exc.strerror or exc})") from None
-
-
-def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    target = Path(path)
-    _ensure_parent(target)
-    return atomic_write_bytes(target, text.encode("utf-8"), overwrite=overwrite)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):  # NumPy scalars and arrays
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = False) -> Path:
-    return write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n", overwrite=overwrite)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on servers and in containers
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("matplotlib", "Report plots", "viz") from None
-    return plt
+    """A benchmark result as JSON: a measurement may be NaN (a ratio of a failed run), and is kept as such."""
+    return atomic.write_json(path, data, overwrite=overwrite, allow_nan=True)
 
 
 @dataclass(frozen=True)
@@ -152,7 +112,7 @@ class Curve:
 
 def plot_memory_curves(curves: Sequence[Curve], *, title: str, ylabel: str) -> bytes:
     """PNG bytes: one panel per distinct ``panel`` (e.g. cold, warm), memory (MB) over time (s)."""
-    plt = _pyplot()
+    plt = pyplot("Report plots")
     panels = list(dict.fromkeys(c.panel for c in curves)) or [""]
     keys = list(dict.fromkeys(c.color_key or c.label for c in curves))
     colors = plt.get_cmap("tab10")
@@ -170,10 +130,7 @@ def plot_memory_curves(curves: Sequence[Curve], *, title: str, ylabel: str) -> b
             ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, dpi=110)
 
 
 # -------------------------------------------------------------------------------------------------- bench report
@@ -352,7 +309,7 @@ def write_bench_report(result: dict[str, Any], out_dir: str | os.PathLike, *, ov
         png = plot_memory_curves(curves, title=f"{result.get('device')} / {result.get('backend')}: "
                                                f"{memory.get('description', '')}",
                                  ylabel="memory (MB)")
-        _ensure_parent(paths["plot"])
+        ensure_dir(out)
         files["plot"] = atomic_write_bytes(paths["plot"], png, overwrite=overwrite)
     result["files"] = {k: str(p) for k, p in paths.items() if k != "plot" or curves}
     files["csv"] = write_text(paths["csv"], csv_text(run_rows(result), RUN_CSV_COLUMNS), overwrite=overwrite)
@@ -442,7 +399,6 @@ def write_demo_report(out: str | os.PathLike, *, previews: str | os.PathLike | N
         if folder is not None and not folder.is_dir():
             raise InputError(folder, f"{name} folder does not exist" if not folder.exists() else "is not a folder")
     base = target.parent if str(target.parent) else Path(".")
-    _ensure_parent(target)
     lines = [f"# {title}", "", f"{os.cpu_count()} CPUs" + (f", load average {os.getloadavg()[0]:.2f}"
                                                          if hasattr(os, "getloadavg") else "") + ".", ""]
     data_pngs = _pngs(folders["previews"])

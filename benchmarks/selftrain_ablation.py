@@ -17,7 +17,7 @@ trained once on the fully labelled cases. Every detail training has the same bud
 * ``selftrain-no-tumor-pseudo``: the same with the tumor voxels of pseudo labels kept out.
 
 Each model package segments the test cases through the cascade (ROI crop as at inference)
-and is scored with :mod:`pocketseg.benchmarks.metrics` (FLARE 2023 DSC and NSD per class).
+and is scored with :mod:`pocketseg.evaluation.metrics` (FLARE 2023 DSC and NSD per class).
 Outputs in ``--out``: ``ablation.json``, ``ablation.md``, and the data, work folders and
 per-variant scores, so a rerun continues where it stopped.
 """
@@ -33,6 +33,13 @@ from typing import Any
 import numpy as np
 
 from pocketseg import labels as L
+from pocketseg.atomic import ensure_dir, write_text
+from pocketseg.benchmarks.report import write_json
+from pocketseg.evaluation.metrics import organ_column
+from pocketseg.nifti import read_nifti
+from pocketseg.synth.dataset import synthesize_dataset
+from pocketseg.trainer.dataset import open_dataset
+from pocketseg.trainer.selftrain import score_package, selftrain
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +47,12 @@ VARIANTS = ("full-only", "all-pseudo", "selftrain", "selftrain-no-tumor-pseudo")
 
 
 def _test_cases(test: Path) -> list[tuple[str, Path, Path]]:
-    from pocketseg.trainer.dataset import open_dataset
-
     return [(c.name, c.image, c.label) for c in open_dataset(test).labelled(full_only=True)]
 
 
 def run(out: Path, *, full: int, partial: int, unlabeled: int, test: int, slices: int, preset: str, roi_preset: str,
         epochs: int, iterations: int, rounds: int, threshold: float | None, seed: int, device: str) -> dict[str, Any]:
-    from pocketseg.nifti import read_nifti
-    from pocketseg.synth.dataset import synthesize_dataset
-    from pocketseg.trainer.selftrain import score_package, selftrain
-
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     data, test_data, cache = out / "train-data", out / "test-data", out / "cache"
     if not (data / "dataset.json").is_file():
         synthesize_dataset(data, full=full, partial=partial, unlabeled=unlabeled, seed=seed, small=True, slices=slices,
@@ -74,8 +75,7 @@ def run(out: Path, *, full: int, partial: int, unlabeled: int, test: int, slices
     for variant, package in packages.items():
         path = out / "scores" / f"{variant}.json"
         if not path.is_file():
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps(score_package(package, cases, device=device), indent=1) + "\n")
+            write_json(path, score_package(package, cases, device=device), overwrite=True)
         results[variant] = json.loads(path.read_text())["summary"]
     selections = {name: json.loads((work / "selection.json").read_text())
                   for name, work in (("tumor-pseudo", with_tumor), ("no-tumor-pseudo", no_tumor))}
@@ -101,8 +101,6 @@ def run(out: Path, *, full: int, partial: int, unlabeled: int, test: int, slices
 
 
 def format_markdown(res: dict[str, Any]) -> str:
-    from pocketseg.benchmarks.metrics import organ_column
-
     s = res["setup"]
     variants = [v for v in VARIANTS if v in res["summary"]]
     lines = [f"Self-training ablation: {s['full']} full, {s['partial']} partial, {s['unlabeled']} unlabelled synthetic "
@@ -157,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
               slices=args.slices, preset=args.preset, roi_preset=args.roi_preset, epochs=args.epochs,
               iterations=args.iterations, rounds=args.rounds, threshold=args.threshold, seed=args.seed,
               device=args.device)
-    (args.out / "ablation.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(args.out / "ablation.json", res, overwrite=True)
     table = format_markdown(res)
-    (args.out / "ablation.md").write_text(table)
+    write_text(args.out / "ablation.md", table, overwrite=True)
     print(table, end="")
     return 0
 

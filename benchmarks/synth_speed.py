@@ -9,7 +9,6 @@ image and label map as .nii.gz, per case, best of ``--repeat`` seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -18,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketseg.benchmarks.report import write_json
+from pocketseg.layout import image_name
+from pocketseg.nifti import write_nifti
+from pocketseg.synth.phantom import make_phantom
+
 log = logging.getLogger(__name__)
 
 
 def measure(slices: int = 200, repeat: int = 3, matrix: int = 512) -> dict:
-    from pocketseg.nifti import write_nifti
-    from pocketseg.synth.phantom import make_phantom
-
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as the target says
     gen, write = [], []
@@ -33,7 +34,7 @@ def measure(slices: int = 200, repeat: int = 3, matrix: int = 512) -> dict:
             t0 = time.perf_counter()
             ph = make_phantom(seed, slices=slices, matrix=matrix)
             t1 = time.perf_counter()
-            write_nifti(ph.image, Path(tmp) / f"{seed}_0000.nii.gz", affine=ph.affine, overwrite=True)
+            write_nifti(ph.image, Path(tmp) / image_name(str(seed)), affine=ph.affine, overwrite=True)
             write_nifti(ph.labels, Path(tmp) / f"{seed}.nii.gz", affine=ph.affine, overwrite=True)
             t2 = time.perf_counter()
             gen.append(t1 - t0)
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"phantom {shape} on 1 core: generate median {res['generate_median_s']:.2f} s "
           f"(best {res['generate_best_s']:.2f} s; target <= 10 s), write .nii.gz median {res['write_median_s']:.2f} s")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "synth_speed.json").write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.out / "synth_speed.json", res, overwrite=True)
     return 0
 
 

@@ -21,23 +21,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from pocketseg.atomic import ensure_dir
+from pocketseg.benchmarks.report import write_json
+from pocketseg.manifest import Intensity
+from pocketseg.runtime.network import PocketUNet
+from pocketseg.synth.dataset import synthesize_dataset
+from pocketseg.trainer import checkpoint as ckpt
+from pocketseg.trainer.data import SamplingConfig
+from pocketseg.trainer.dataset import open_dataset
+from pocketseg.trainer.preprocess import preprocess_cases
+from pocketseg.trainer.presets import get_preset
+from pocketseg.trainer.train import train, validate
 
 log = logging.getLogger(__name__)
 
 
 def run(out: Path, minutes: float, train_cases: int, test_cases: int, iterations: int, seed: int) -> dict:
-    import torch
-
-    from pocketseg.synth.dataset import synthesize_dataset
-    from pocketseg.trainer import checkpoint as ckpt
-    from pocketseg.trainer.data import SamplingConfig
-    from pocketseg.trainer.dataset import open_dataset
-    from pocketseg.trainer.network import PocketUNet
-    from pocketseg.trainer.preprocess import IntensityStats, preprocess_cases
-    from pocketseg.trainer.presets import get_preset
-    from pocketseg.trainer.train import train, validate
-
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     data, test, cache, run_dir = out / "train-data", out / "test-data", out / "cache", out / "run"
     t0 = time.perf_counter()
     if not (data / "dataset.json").is_file():
@@ -60,7 +62,7 @@ def run(out: Path, minutes: float, train_cases: int, test_cases: int, iterations
 
     config = json.loads((run_dir / "config.json").read_text())
     preset = get_preset("detail-cpu", "detail")
-    stats = IntensityStats(**config["intensity"])
+    stats = Intensity(**config["intensity"])
     cases = open_dataset(test).labelled(full_only=True)
     folder = preprocess_cases(cases, stats, preset.spacing_mm_zyx, cache)
     model = PocketUNet(preset.unet_config(), deep_supervision=True)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     res = run(args.out, args.minutes, args.train_cases, args.test_cases, args.iterations, args.seed)
-    (args.out / "train_cpu.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.out / "train_cpu.json", res, overwrite=True)
     print(f"detail-cpu, {res['epochs']} epochs x {res['iterations_per_epoch']} it in {res['seconds_train'] / 60:.1f} min "
           f"on CPU; train loss {res['train_loss_first']:.3f} -> {res['train_loss_last']:.3f}")
     print(f"held-out DSC ({res['test_cases']} synthetic cases, detail stage on its grid, true-box ROI crop):")

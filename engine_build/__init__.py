@@ -1,1 +1,1 @@
-"""pocketseg.engine_build: torch -> ONNX export, graph cleanup, fp16 conversion, TensorRT engines."""
+"""pocketseg.engine_build: model packages from torch nets (ONNX, fp16 ONNX, checks) and TensorRT engines."""

@@ -1,17 +1,35 @@
-"""pocketseg: cascaded Pocket U-Net segmentation of abdominal CT with FLARE 2023 labels."""
+"""pocketseg: cascaded Pocket U-Net segmentation of abdominal CT with FLARE 2023 labels.
 
-__version__ = "0.1.0"
+The public entry points are module attributes, imported on first use so that
+``import pocketseg`` stays light (no SciPy, nibabel or runtime until asked for):
+
+* :func:`pocketseg.segment` - one scan in, one nibabel label image out;
+* :func:`pocketseg.predict` - files, DICOM series and folders in, label files out;
+* :class:`pocketseg.CascadePredictor` - a loaded model package for many scans.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pocketseg.version import __version__
+
+__all__ = ["CascadePredictor", "__version__", "predict", "segment"]
+
+#: Public attribute -> the module that defines it.
+_LAZY = {"segment": "pocketseg.runtime.predict", "predict": "pocketseg.runtime.predict",
+         "CascadePredictor": "pocketseg.runtime.cascade"}
 
 
-def segment(image, model, **options):
-    """Segment one abdominal CT scan with a model package; returns a uint8 nibabel label image.
+def __getattr__(name: str) -> Any:
+    # PEP 562: the runtime is imported when one of its entry points is first used, not at `import pocketseg`.
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pocketseg' has no attribute {name!r}")
 
-    ``image`` is a path (NIfTI file or DICOM series folder), a nibabel image or a
-    :class:`pocketseg.volume.Volume`; ``model`` is a model package folder. Options:
-    ``device`` (auto|cpu|cuda), ``backend`` (auto|tensorrt|onnxruntime|torch),
-    ``precision``, ``overlap``, ``gaussian``, ``batch_size``, ``series_uid``,
-    ``check_intensities`` (see :func:`pocketseg.runtime.predict.segment`).
-    """
-    from pocketseg.runtime.predict import segment as _segment
 
-    return _segment(image, model, **options)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,19 +1,25 @@
-"""Atomic file output: write to a temporary file beside the target, then rename.
+"""Files, in one place: folders, atomic writes, JSON and text (and reading JSON back).
 
-A crash or an exception mid-write therefore never leaves a partial file at the
-target path, and an existing file is only replaced when the caller asked for it.
+Every file is written to a temporary file beside the target and renamed over
+it, so a crash or an exception mid-write never leaves a partial file at the
+target path, and an existing file is only replaced when the caller asked for
+it. Every folder the package creates goes through :func:`ensure_dir`, every
+JSON file through :func:`write_json`, so they fail the same way: one
+:class:`~pocketseg.errors.OutputError` naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from pocketseg.errors import OutputError
+from pocketseg.errors import InputError, OutputError
 
 
 def _umask() -> int:
@@ -38,6 +44,27 @@ def chmod_like_new(path: str | os.PathLike | int, base: int) -> None:
             os.fchmod(path, mode)
         else:
             os.chmod(path, mode)
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Create ``path`` (and its parents) unless it is a folder already; ``what`` names it in the error."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(folder, f"exists and is not a folder (expected the {what})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(folder, f"cannot create the {what} ({exc.strerror or exc})") from None
+    return folder
+
+
+def check_targets(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> None:
+    """Refuse, before any work, to replace existing output files unless ``overwrite``."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise OutputError(path, "is a folder, expected a file path")
+        if path.exists() and not overwrite:
+            raise OutputError(path, "already exists (pass overwrite=True / --overwrite to replace it)")
 
 
 def check_writable_target(path: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -136,3 +163,42 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
+    """Write ``text`` (UTF-8) atomically, creating the parent folder."""
+    target = Path(path)
+    ensure_dir(target.parent)
+    return atomic_write_bytes(target, text.encode("utf-8"), overwrite=overwrite)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # NumPy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_text(data: Any, *, indent: int | None = 1, allow_nan: bool = False) -> str:
+    """The package's JSON: paths and NumPy values converted, one final newline; NaN and infinity refused
+    (a ValueError) unless ``allow_nan``, for records where a NaN is itself the finding (a diverged loss)."""
+    return json.dumps(data, indent=indent, allow_nan=allow_nan, default=_json_default) + "\n"
+
+
+def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = False, indent: int | None = 1,
+               allow_nan: bool = False) -> Path:
+    """Write ``data`` as JSON atomically (see :func:`json_text`), creating the parent folder."""
+    return write_text(path, json_text(data, indent=indent, allow_nan=allow_nan), overwrite=overwrite)
+
+
+def read_json(path: str | os.PathLike, *, missing: str = "does not exist") -> Any:
+    """The JSON document at ``path``; one :class:`~pocketseg.errors.InputError` naming the file when it is
+    missing (with ``missing`` as the problem) or not valid JSON."""
+    source = Path(path)
+    try:
+        return json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(source, missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(source, f"is not valid JSON ({exc})") from None

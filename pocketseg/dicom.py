@@ -90,7 +90,7 @@ class _Header:
 
 def _import_pydicom() -> tuple[ModuleType, type[Exception]]:
     """pydicom and its InvalidDicomError, or the package's missing-dependency error."""
-    try:
+    try:  # optional (dicom extra): a missing pydicom is named with its extra
         import pydicom
         from pydicom.errors import InvalidDicomError
     except ImportError:

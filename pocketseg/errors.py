@@ -6,6 +6,7 @@ names the file and the problem; the CLI prints it as a single line.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 
@@ -43,7 +44,5 @@ class MissingDependencyError(PocketsegError, ImportError):
 
 def require(module: str, feature: str, extra: str) -> None:
     """Raise :class:`MissingDependencyError` unless ``module`` is importable (without importing it)."""
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         raise MissingDependencyError(module, feature, extra)

@@ -5,6 +5,8 @@ See :mod:`pocketseg.types` for the axis-order conventions.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,29 @@ import nibabel as nib
 import numpy as np
 
 from pocketseg.types import Affine, Shape3, Spacing3
+
+
+#: Margin (mm) added on every side of the abdomen box the ROI net finds, before the detail stage crops
+#: (paper Sec. 2.1); the trainer crops its detail patches the same way. Packages record their own.
+ROI_MARGIN_MM = 20.0
+
+Box = tuple[slice, slice, slice]
+
+
+def grow_box(box: Sequence[slice], spacing_mm: Sequence[float], margin_mm: Any, shape: Sequence[int]) -> Box:
+    """``box`` widened by ``margin_mm`` on each side and clipped to ``shape``: the one box-plus-margin rule.
+
+    ``margin_mm`` is one number, or a (3, 2) array of per-side margins (the trainer jitters each
+    side). A margin becomes whole voxels by rounding outwards (``ceil(margin / spacing)``), so
+    the box never grows by less than asked; the result holds at least one voxel per axis.
+    """
+    margins = np.broadcast_to(np.maximum(np.asarray(margin_mm, dtype=np.float64), 0.0), (3, 2))
+    out = []
+    for axis, (sl, sp, n) in enumerate(zip(box, spacing_mm, shape)):
+        lo = max(sl.start - math.ceil(margins[axis, 0] / float(sp)), 0)
+        hi = min(sl.stop + math.ceil(margins[axis, 1] / float(sp)), int(n))
+        out.append(slice(int(lo), int(max(hi, lo + 1))))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def spacing_from_affine(affine: Affine) -> Spacing3:
@@ -73,21 +98,20 @@ class CanonicalGrid:
         ras = [ijk[i] for i in self._perm]
         return (ras[2], ras[1], ras[0])
 
-    def to_zyx(self, data_ijk: Any, xp: Any = np) -> Any:
-        """The (z, y, x) view of an (i, j, k) array (same result as nibabel's apply_orientation)."""
-        out = data_ijk
-        for axis, flip in enumerate(self.ornt[:, 1]):
-            if flip == -1:
-                out = xp.flip(out, axis)
-        return out.transpose(tuple(self._perm)).transpose(2, 1, 0)
+    def to_zyx(self, data_ijk: Any) -> Any:
+        """The (z, y, x) view of an (i, j, k) array (same result as nibabel's apply_orientation).
 
-    def from_zyx(self, data_zyx: Any, xp: Any = np) -> Any:
+        Flips are negative-step slices and the permutation a transpose, so NumPy and CuPy
+        arrays alike give a view, never a copy.
+        """
+        flips = tuple(slice(None, None, -1) if flip == -1 else slice(None) for flip in self.ornt[:, 1])
+        return data_ijk[flips].transpose(tuple(self._perm)).transpose(2, 1, 0)
+
+    def from_zyx(self, data_zyx: Any) -> Any:
         """The (i, j, k) view of a (z, y, x) array: the inverse of :meth:`to_zyx`."""
         out = data_zyx.transpose(2, 1, 0).transpose(tuple(int(a) for a in self.ornt[:, 0]))
-        for axis, flip in enumerate(self.ornt[:, 1]):
-            if flip == -1:
-                out = xp.flip(out, axis)
-        return out
+        flips = tuple(slice(None, None, -1) if flip == -1 else slice(None) for flip in self.ornt[:, 1])
+        return out[flips]
 
 
 def canonical_grid(affine: Affine, shape_ijk: Shape3) -> CanonicalGrid:

@@ -17,18 +17,22 @@ Sizes and spacings are (z, y, x).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pocketseg import __version__
 from pocketseg import labels as L
+from pocketseg.atomic import json_text, read_json
 from pocketseg.errors import InputError
+from pocketseg.geometry import ROI_MARGIN_MM
+from pocketseg.version import __version__
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: Tensor names of every network in a package (ONNX graphs and TensorRT engines): (B, 1, z, y, x) -> (B, C, z, y, x).
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class PostProcess:
 class Manifest:
     stages: dict[str, Stage]
     labels: dict[str, int] = field(default_factory=L.dataset_json_labels)
-    roi_margin_mm: float = 20.0
+    roi_margin_mm: float = ROI_MARGIN_MM
     postprocess: PostProcess = field(default_factory=PostProcess)
     axis_order: str = "zyx"
     format_version: int = FORMAT_VERSION
@@ -113,7 +117,7 @@ class Manifest:
         return replace(self, checksums={name: sha256_file(Path(folder) / name) for name in sorted(self.files())})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        return json_text(asdict(self), indent=2)
 
     @staticmethod
     def from_dict(data: dict[str, Any], source: Path | None = None) -> Manifest:
@@ -163,11 +167,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise InputError(folder, f"is not a pocketseg model package (no {MANIFEST_NAME})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"is not valid JSON ({exc})") from None
-    return Manifest.from_dict(data, path)
+    return Manifest.from_dict(read_json(path), path)
 
 
 def load_package(folder: str | os.PathLike) -> Manifest:

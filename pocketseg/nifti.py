@@ -20,7 +20,8 @@ import numpy as np
 
 from pocketseg.atomic import atomic_write_bytes, check_writable_target
 from pocketseg.errors import InputError, OutputError
-from pocketseg.volume import Volume, is_nifti_path
+from pocketseg.layout import is_nifti_path
+from pocketseg.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
-"""The in-memory CT volume and the one entry point that reads any supported input.
+"""The in-memory CT volume.
 
 Axis order: ``Volume.data`` is in the file's voxel order (i, j, k); ``affine``
-maps those indices to RAS+ millimetres (see :mod:`pocketseg.types`).
+maps those indices to RAS+ millimetres (see :mod:`pocketseg.types`). Reading
+any supported input into a Volume: :func:`pocketseg.imageio.load_volume`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from pocketseg import geometry
-from pocketseg.errors import InputError
 from pocketseg.types import Affine, ArrayIJK, Shape3, Spacing3
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,41 +46,7 @@ class Volume:
         return geometry.orientation_codes(self.affine)
 
 
-def is_nifti_path(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
-def load_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Volume:
-    """Read a NIfTI file (``.nii``/``.nii.gz``) or a DICOM series folder.
-
-    ``series_uid`` picks one series when a DICOM folder holds several.
-    Raises :class:`InputError` naming the path and the problem.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, "does not exist")
-    if p.is_dir():
-        from pocketseg.dicom import read_dicom_series
-
-        return read_dicom_series(p, series_uid=series_uid)
-    if is_nifti_path(p):
-        from pocketseg.nifti import read_nifti
-
-        return read_nifti(p)
-    raise InputError(p, "unsupported input: expected a .nii/.nii.gz file or a DICOM series folder")
-
-
-def volume_info(path: str | os.PathLike, *, series_uid: str | None = None) -> dict[str, Any]:
-    """Shape, spacing (mm, i/j/k order), orientation codes, dtype and intensity range of an image."""
-    vol = load_volume(path, series_uid=series_uid)
-    data = vol.data
-    return {
-        "path": str(path),
-        "shape": list(vol.shape),
-        "spacing_mm": [round(s, 6) for s in vol.spacing_mm],
-        "orientation": vol.orientation,
-        "oblique": geometry.is_oblique(vol.affine),
-        "dtype": str(data.dtype),
-        "min": float(np.min(data)) if data.size else None,
-        "max": float(np.max(data)) if data.size else None,
-    }
+def canonical_zyx(volume: Volume) -> tuple[np.ndarray, Spacing3]:
+    """The volume on the nearest RAS grid as a (z, y, x) view, with its spacing in the same order."""
+    grid = geometry.canonical_grid(volume.affine, volume.shape)
+    return grid.to_zyx(volume.data), grid.spacing_zyx(volume.affine)

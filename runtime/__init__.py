@@ -1,1 +1,1 @@
-"""pocketseg.runtime: the cascade inference runtime (NumPy on CPU, CuPy on GPU)."""
+"""pocketseg.runtime: inference on CPU and GPU: arrays, resampling, tiling, engines, the cascade, predict."""

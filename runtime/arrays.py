@@ -23,7 +23,7 @@ import scipy.ndimage
 
 from pocketseg.errors import PocketsegError
 
-__all__ = ["ArrayModule", "DeviceUnavailableError", "array_module", "cuda_available", "cpu_module"]
+__all__ = ["ArrayModule", "DeviceUnavailableError", "array_module", "bounding_box", "cuda_available", "cpu_module"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,23 @@ class ArrayModule:
             self.xp.get_default_memory_pool().free_all_blocks()
 
 
+def bounding_box(mask: Any, am: ArrayModule | None = None) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every True voxel of a mask, or None when it is empty: the one bounding-box rule.
+
+    One reduction per axis (``any`` over the others), so no index array of the mask's size is made.
+    """
+    am = am or cpu_module()
+    xp = am.xp
+    box = []
+    for axis in range(mask.ndim):
+        profile = mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))
+        idx = xp.flatnonzero(profile)
+        if idx.size == 0:
+            return None
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
 def _scipy_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     structure = np.ones((3,) * mask.ndim, dtype=bool)
     labels, n = scipy.ndimage.label(mask, structure=structure, output=np.int32)
@@ -77,7 +94,7 @@ def _scipy_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _cc3d_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    import cc3d
+    import cc3d  # optional (runtime extra); cpu_module() checked that it imports
 
     # cc3d picks the smallest output dtype that fits; int32 keeps bincount and comparisons uniform.
     labels, n = cc3d.connected_components(np.ascontiguousarray(mask, dtype=bool), connectivity=CONNECTIVITY,
@@ -86,7 +103,7 @@ def _cc3d_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _cc3d_label_multi(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    import cc3d
+    import cc3d  # optional (runtime extra); cpu_module() checked that it imports
 
     # One pass for every value: voxels are connected only to neighbours of the same value.
     out, n = cc3d.connected_components(np.ascontiguousarray(labels), connectivity=CONNECTIVITY, return_N=True)
@@ -106,7 +123,7 @@ def cpu_module() -> ArrayModule:
 def cuda_available() -> tuple[bool, str]:
     """(usable, why not): a CUDA GPU that CuPy can use."""
     try:
-        cupy = importlib.import_module("cupy")
+        cupy = importlib.import_module("cupy")  # optional (gpu extra): only when a GPU is asked about
     except Exception as exc:  # ImportError, or a CUDA library that fails to load
         return False, f"CuPy is not usable ({type(exc).__name__}: {exc}); install pocketseg[gpu]"
     try:

@@ -34,14 +34,14 @@ import numpy as np
 
 from pocketseg import labels as L
 from pocketseg.errors import InputError, PocketsegError
-from pocketseg.geometry import canonical_grid
+from pocketseg.geometry import canonical_grid, grow_box
 from pocketseg.manifest import Intensity, Stage, load_package
-from pocketseg.runtime.arrays import ArrayModule, array_module
+from pocketseg.runtime.arrays import ArrayModule, array_module, bounding_box
 from pocketseg.runtime.engines import Engine, Selection, open_engine, resolve
 from pocketseg.runtime.intensity import ct_normalize
-from pocketseg.runtime.postprocess import bounding_box, clean_components, keep_largest_components
+from pocketseg.runtime.postprocess import clean_components, keep_largest_components
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
-from pocketseg.runtime.sliding_window import sliding_window_labels
+from pocketseg.runtime.sliding_window import check_overlap, sliding_window_labels
 from pocketseg.volume import Volume
 
 __all__ = ["AIR_HU", "CascadePredictor", "Prediction", "check_ct_intensities"]
@@ -86,12 +86,11 @@ def check_ct_intensities(minimum: float, maximum: float, source: Any = None) -> 
                                  "are refused; check_intensities=False (--no-intensity-check) runs anyway")
 
 
-def _normalizer(intensity: Intensity, xp: Any):
+def _normalizer(intensity: Intensity, am: ArrayModule):
     """The stage's CT normalisation as a one-argument function (for ``resample_image(prepare=...)``)."""
 
     def normalize(raw: Any) -> Any:
-        return ct_normalize(raw, mean=intensity.mean, std=intensity.std, lower=intensity.percentile_00_5,
-                            upper=intensity.percentile_99_5, xp=xp)
+        return ct_normalize(raw, intensity, am=am)
 
     return normalize
 
@@ -114,25 +113,39 @@ def _given_box(box: Any, shape: tuple[int, ...], source: Any) -> tuple[slice, sl
 
 
 class CascadePredictor:
-    """A loaded model package on one device: ``predict(volume) -> Prediction``.
+    """A loaded model package on one device: ``predict(volume) -> Prediction``; load once, predict many scans.
 
-    ``overlap`` is the tile overlap fraction (0 is the paper's tile step 1.0);
-    ``gaussian`` blends overlapping tiles with nnU-Net's Gaussian weights;
-    ``batch_size`` tiles run per engine call. Load once, predict many scans.
+    Args:
+        model: a model package folder (verified on loading: checksums, manifest).
+        device: ``auto`` (a CUDA GPU when one is usable), ``cpu`` or ``cuda``.
+        backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch``.
+        precision: ``auto`` (fp16 on a GPU, fp32 on the CPU), ``fp32`` or ``fp16``.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1); 0 is the paper's tile step 1.0.
+        gaussian: blend overlapping tiles with nnU-Net's Gaussian weights.
+        batch_size: tiles per engine call.
+        threads: CPU threads of ONNX Runtime (default: all cores).
+        progress: show a progress bar of the tiles.
+        fallback_to_cpu: after a GPU out-of-memory error with one tile per batch, run the scan on the CPU.
+
+    Raises:
+        InputError: a bad argument or a package that does not load.
+        EngineUnavailableError, DeviceUnavailableError: the asked backend or device cannot run here.
     """
 
     def __init__(self, model: str | Path, *, device: str = "auto", backend: str = "auto", precision: str = "auto",
                  overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1, threads: int | None = None,
                  progress: bool = False, fallback_to_cpu: bool = True):
-        if not (isinstance(overlap, (int, float)) and 0.0 <= float(overlap) < 1.0):
-            raise InputError(None, f"overlap must be a fraction in [0, 1), got {overlap!r}")
+        try:
+            overlap = check_overlap(overlap)
+        except ValueError as exc:
+            raise InputError(None, str(exc)) from None
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
         self.package_dir = Path(model)
         self.manifest = load_package(self.package_dir)
         self.selection: Selection = resolve(backend, device, self.manifest, precision)
         self.am: ArrayModule = array_module(self.selection.device)
-        self.step_fraction = 1.0 - float(overlap)
+        self.overlap = overlap
         self.gaussian = bool(gaussian)
         self.batch_size = batch_size
         self.threads = threads
@@ -176,9 +189,7 @@ class CascadePredictor:
             failure = None
             try:
                 return self._predict(volume, batch, check_intensities, roi_box_zyx)
-            except PocketsegError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # only a GPU out of memory is retried; anything else is the caller's
                 if self.device != "cuda" or not _is_out_of_memory(exc):
                     raise
                 failure = f"{type(exc).__name__}: {exc}"
@@ -210,7 +221,7 @@ class CascadePredictor:
     def _cpu_predictor(self) -> CascadePredictor:
         if self._cpu is None:
             self._cpu = CascadePredictor(self.package_dir, device="cpu", backend="auto",
-                                         overlap=1.0 - self.step_fraction, gaussian=self.gaussian,
+                                         overlap=self.overlap, gaussian=self.gaussian,
                                          batch_size=1, threads=self.threads, progress=self.progress)
         return self._cpu
 
@@ -224,14 +235,14 @@ class CascadePredictor:
         new_shape = target_shape(image.shape, spacing_zyx, stage.spacing_mm_zyx)
         axis = separate_z_axis(spacing_zyx, stage.spacing_mm_zyx)
         net_input = resample_image(image, new_shape, order=3, separate_z=axis,
-                                   prepare=_normalizer(stage.intensity, am.xp), xp=am.xp, ndi=am.ndi)
+                                   prepare=_normalizer(stage.intensity, am), am=am)
         engine = self.engines[stage.name]
         # float16 accumulation halves the largest buffer where the network itself runs in fp16; not with
         # Gaussian weights, whose products at the tile borders (~1e-7) underflow in float16.
         acc = am.xp.float16 if engine.precision == "fp16" and not self.gaussian else am.xp.float32
         return sliding_window_labels(net_input, stage.patch_zyx, engine, stage.num_classes,
-                                     step_fraction=self.step_fraction, gaussian=self.gaussian,
-                                     batch_size=min(batch, engine.max_batch or batch), xp=am.xp,
+                                     overlap=self.overlap, gaussian=self.gaussian,
+                                     batch_size=min(batch, engine.max_batch or batch), am=am,
                                      progress=self.progress, accumulate_dtype=acc)
 
     def _roi_box(self, canonical: Any, spacing_zyx, batch: int, warnings: list[str], name: str
@@ -248,15 +259,11 @@ class CascadePredictor:
             log.warning("%s: %s", name, message)
             warnings.append(message)
             return tuple(slice(0, s) for s in shape)  # type: ignore[return-value]
-        out = []
-        for sl, n_roi, n_in, sp in zip(box, roi_labels.shape, shape, spacing_zyx):
-            # ROI voxel o covers [o, o + 1) * n_in / n_roi of the input in voxel-edge coordinates
-            # (resampling keeps the outer edges, see runtime.resample).
-            lo = math.floor(sl.start * n_in / n_roi)
-            hi = math.ceil(sl.stop * n_in / n_roi)
-            margin = math.ceil(self.manifest.roi_margin_mm / sp)
-            out.append(slice(max(lo - margin, 0), min(hi + margin, n_in)))
-        return tuple(out)  # type: ignore[return-value]
+        # ROI voxel o covers [o, o + 1) * n_in / n_roi of the input in voxel-edge coordinates (resampling keeps
+        # the outer edges, see runtime.resample): the box on the input grid, rounded outwards, plus the margin.
+        on_input = tuple(slice(math.floor(sl.start * n_in / n_roi), math.ceil(sl.stop * n_in / n_roi))
+                         for sl, n_roi, n_in in zip(box, roi_labels.shape, shape))
+        return grow_box(on_input, spacing_zyx, self.manifest.roi_margin_mm, shape)
 
     def _postprocess(self, labels: Any, spacing_zyx) -> Any:
         rules = self.manifest.postprocess
@@ -277,7 +284,7 @@ class CascadePredictor:
         if check_intensities:
             check_ct_intensities(float(device_data.min()), float(device_data.max()), volume.source)
         grid = canonical_grid(volume.affine, volume.shape)
-        canonical = grid.to_zyx(device_data, xp)
+        canonical = grid.to_zyx(device_data)
         spacing = grid.spacing_zyx(volume.affine)
         timings["upload"] = self._sync_time(start)
 
@@ -294,7 +301,7 @@ class CascadePredictor:
         crop = canonical[box]
         crop_labels = self._segment_stage(detail, crop, spacing, batch)
         back_axis = separate_z_axis(detail.spacing_mm_zyx, spacing)
-        crop_labels = resample_labels(crop_labels, crop.shape, separate_z=back_axis, xp=xp, ndi=am.ndi)
+        crop_labels = resample_labels(crop_labels, crop.shape, separate_z=back_axis, am=am)
         timings["detail"] = self._sync_time(t)
 
         t = time.perf_counter()
@@ -302,7 +309,7 @@ class CascadePredictor:
         # The output is allocated in the file's voxel order and filled through its canonical view,
         # so the download needs no transposed copy.
         full = xp.zeros(volume.shape, dtype=xp.uint8)
-        grid.to_zyx(full, xp)[box] = crop_labels
+        grid.to_zyx(full)[box] = crop_labels
         del crop_labels, canonical, device_data
         labels = am.to_host(full)
         del full

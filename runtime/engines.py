@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
-from pocketseg.manifest import Manifest, Stage
+from pocketseg.manifest import INPUT_NAME, OUTPUT_NAME, Manifest, Stage
 from pocketseg.runtime.arrays import DeviceUnavailableError, array_module, cuda_available
+from pocketseg.runtime.tensorrt_probe import TensorRTError, gpu_identity, import_tensorrt, select_engine
 
 __all__ = [
     "BACKENDS",
@@ -51,8 +52,6 @@ DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16")
 #: Preference of ``backend="auto"`` per device, fastest first.
 AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("onnxruntime", "torch")}
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 
 
 class EngineUnavailableError(PocketsegError, RuntimeError):
@@ -78,7 +77,7 @@ def _version(module: Any) -> str | None:
 
 def _probe_onnxruntime() -> BackendStatus:
     try:
-        ort = importlib.import_module("onnxruntime")
+        ort = importlib.import_module("onnxruntime")  # optional (runtime extra): imported when asked about
     except ImportError as exc:
         return BackendStatus("onnxruntime", False, None, (), f"not installed ({exc}); pip install 'pocketseg[runtime]'")
     providers = tuple(ort.get_available_providers())
@@ -87,8 +86,6 @@ def _probe_onnxruntime() -> BackendStatus:
 
 
 def _probe_tensorrt() -> BackendStatus:
-    from pocketseg.engine_build.tensorrt_build import import_tensorrt
-
     try:
         trt = import_tensorrt()
     except MissingDependencyError as exc:
@@ -101,7 +98,7 @@ def _probe_torch(import_it: bool = True) -> BackendStatus:
         return BackendStatus("torch", False, None, (), "not installed; pip install 'pocketseg[train]'")
     if not import_it:
         return BackendStatus("torch", True, None, ("cpu",), "not imported")
-    torch = importlib.import_module("torch")
+    torch = importlib.import_module("torch")  # optional and heavy: only when asked (import_it)
     cuda = bool(torch.cuda.is_available())
     return BackendStatus("torch", True, _version(torch), ("cpu", "cuda") if cuda else ("cpu",),
                          f"CUDA {torch.version.cuda}" if cuda else "CPU build or no GPU")
@@ -136,8 +133,6 @@ def _tensorrt_engines(manifest: Manifest | None) -> tuple[dict[str, str], str]:
     """Engine files of both stages usable with this GPU and TensorRT, or ({}, why not)."""
     if manifest is None:
         return {}, "no model package given"
-    from pocketseg.engine_build.tensorrt_build import gpu_identity, import_tensorrt, select_engine
-
     try:
         version = import_tensorrt().__version__
         gpu = gpu_identity(0)
@@ -275,7 +270,7 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, *, threads: int | None = None):
         super().__init__(stage, device, precision)
-        ort = importlib.import_module("onnxruntime")
+        ort = importlib.import_module("onnxruntime")  # optional (runtime extra): imported when an engine opens
         target = "onnx-fp16" if precision == "fp16" and "onnx-fp16" in stage.files else "onnx-fp32"
         if precision == "fp16" and target == "onnx-fp32":
             log.warning("%s: the package has no fp16 ONNX; running fp32", stage.name)
@@ -327,10 +322,11 @@ class TorchEngine(Engine):
 
     def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str):
         super().__init__(stage, device, precision)
+        # torch, safetensors and the network module (which needs torch) are optional: the torch backend only.
         self.torch = torch = importlib.import_module("torch")
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional (train extra)
 
-        from pocketseg.trainer.network import PocketUNet, UNetConfig
+        from pocketseg.runtime.network import PocketUNet, UNetConfig  # needs torch
 
         path = Path(package_dir) / stage.files["torch"]
         net_cfg = stage.network
@@ -369,8 +365,6 @@ class TensorRTEngine(Engine):
 
     def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, engine_file: str):
         super().__init__(stage, device, precision)
-        from pocketseg.engine_build.tensorrt_build import import_tensorrt
-
         trt = self.trt = import_tensorrt()
         path = Path(package_dir) / engine_file
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -380,7 +374,7 @@ class TensorRTEngine(Engine):
             raise InputError(path, "TensorRT cannot deserialize this engine (built by another TensorRT or GPU?)")
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise RuntimeError(f"{path}: TensorRT could not create an execution context: out of memory")
+            raise TensorRTError(f"{path}: TensorRT could not create an execution context: out of memory")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if INPUT_NAME not in names or OUTPUT_NAME not in names:
             raise InputError(path, f"engine tensors are {names}, expected {INPUT_NAME!r} and {OUTPUT_NAME!r}")
@@ -393,13 +387,13 @@ class TensorRTEngine(Engine):
         xp = self.am.xp
         batch = xp.ascontiguousarray(batch, dtype=self.in_dtype)
         if not self.context.set_input_shape(INPUT_NAME, tuple(batch.shape)):
-            raise RuntimeError(f"TensorRT refused input shape {tuple(batch.shape)} (max batch {self.max_batch})")
+            raise TensorRTError(f"TensorRT refused input shape {tuple(batch.shape)} (max batch {self.max_batch})")
         out = xp.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=self.out_dtype)
         self.context.set_tensor_address(INPUT_NAME, int(batch.data.ptr))
         self.context.set_tensor_address(OUTPUT_NAME, int(out.data.ptr))
         stream = xp.cuda.get_current_stream()
         if not self.context.execute_async_v3(stream.ptr):
-            raise RuntimeError("TensorRT execution failed (out of memory or a bad input; see TensorRT's log)")
+            raise TensorRTError("TensorRT execution failed (out of memory or a bad input; see TensorRT's log)")
         return out
 
     def close(self) -> None:

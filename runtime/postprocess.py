@@ -1,4 +1,4 @@
-"""Post-processing of label maps: connected components, bounding boxes.
+"""Post-processing of label maps: connected components.
 
 The paper keeps the largest connected component of every organ (Sec. 2.3,
 "post-processing"): an organ is one piece, and stray islands are false positives.
@@ -17,27 +17,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pocketseg.runtime.arrays import ArrayModule, cpu_module
+from pocketseg.runtime.arrays import ArrayModule, bounding_box, cpu_module
 
 #: Slices per slab when counting and masking components (bounds the int64 temporaries).
 SLAB = 16
 
-__all__ = ["bounding_box", "clean_components", "keep_largest_components", "label_each_value",
+__all__ = ["clean_components", "keep_largest_components", "label_each_value",
            "remove_small_components"]
-
-
-def bounding_box(mask: Any, am: ArrayModule | None = None) -> tuple[slice, slice, slice] | None:
-    """The smallest box holding every True voxel of a 3D mask, or None when it is empty."""
-    am = am or cpu_module()
-    xp = am.xp
-    box = []
-    for axis in range(mask.ndim):
-        profile = mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))
-        idx = xp.flatnonzero(profile)
-        if idx.size == 0:
-            return None
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
 
 
 def label_each_value(labels: Any, values: Iterable[int], am: ArrayModule) -> tuple[Any, int]:

@@ -16,7 +16,6 @@ replaced only with ``overwrite``: an interrupted run leaves no partial file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,21 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes, check_writable_target
-from pocketseg.errors import InputError, OutputError, PocketsegError, require
+from pocketseg.atomic import atomic_write_bytes, check_writable_target, ensure_dir, write_json
+from pocketseg.errors import InputError, PocketsegError, require
+from pocketseg.imageio import load_volume
+from pocketseg.layout import case_name, is_nifti_path, label_name, nifti_files
+from pocketseg.nifti import nifti_image, write_labels
+from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
-from pocketseg.volume import NIFTI_SUFFIXES, Volume, is_nifti_path, load_volume
+from pocketseg.volume import Volume
 
-__all__ = ["CaseJob", "PredictFailures", "case_statistics", "plan_cases", "predict", "segment"]
+__all__ = ["CaseJob", "PredictFailures", "case_name", "case_statistics", "plan_cases", "predict", "segment"]
 
 log = logging.getLogger(__name__)
-
-#: nnU-Net's channel suffix of image files, dropped from output names.
-CHANNEL_SUFFIX = "_0000"
 
 
 class PredictFailures(PocketsegError):
@@ -67,35 +68,17 @@ class CaseJob:
         return self.output.with_name(self.case + ".png")
 
 
-def _strip_nifti(name: str) -> str:
-    lower = name.lower()
-    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def case_name(path: Path) -> str:
-    """``CASE`` for ``CASE_0000.nii.gz``, ``CASE.nii.gz`` or a DICOM folder ``CASE``."""
-    stem = _strip_nifti(path.name) if path.is_file() or is_nifti_path(path) else path.name
-    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
-
-
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
-
-
 def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[list[CaseJob], bool]:
     """The cases of INPUT and their output files; True when INPUT is a folder of NIfTI files."""
     src, dst = Path(input), Path(output)
     if not src.exists():
         raise InputError(src, "does not exist")
     if src.is_dir():
-        files = _nifti_files(src)
+        files = nifti_files(src)
         if files:
             if is_nifti_path(dst):
                 raise InputError(dst, "INPUT is a folder of NIfTI files, so OUTPUT must be a folder, not a file name")
-            jobs = [CaseJob(case_name(f), f, dst / f"{case_name(f)}.nii.gz") for f in files]
+            jobs = [CaseJob(case_name(f), f, dst / label_name(case_name(f))) for f in files]
             inputs = {f.resolve() for f in files}
             clash = [j.output for j in jobs if j.output.resolve() in inputs]
             if clash:
@@ -111,7 +94,7 @@ def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[lis
         raise InputError(src, "unsupported input: expected a .nii/.nii.gz file, a DICOM series folder "
                               "or a folder of NIfTI files")
     name = case_name(src)
-    out = dst if is_nifti_path(dst) else dst / f"{name}.nii.gz"
+    out = dst if is_nifti_path(dst) else dst / label_name(name)
     if out.resolve() == src.resolve():
         raise InputError(out, "OUTPUT is the input image itself; choose another output name")
     return [CaseJob(name, src, out)], False
@@ -136,18 +119,14 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[flo
 
 def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, statistics: bool, preview: bool,
                    overwrite: bool) -> Path:
-    from pocketseg.nifti import write_labels
-
     if statistics:
         report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
                   "device": prediction.device, "backend": prediction.backend,
                   "timings_s": {k: round(v, 4) for k, v in prediction.timings_s.items()},
                   "warnings": prediction.warnings,
                   "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm)}
-        atomic_write_bytes(job.statistics_path, (json.dumps(report, indent=1) + "\n").encode(), overwrite=overwrite)
+        write_json(job.statistics_path, report, overwrite=overwrite)
     if preview:
-        from pocketseg.synth.preview import render_preview
-
         png = render_preview(volume.data, volume.affine, prediction.labels, title=f"{job.case} - pocketseg")
         atomic_write_bytes(job.preview_path, png, overwrite=overwrite)
     # The label map last: its presence marks the case finished for ``resume``.
@@ -178,7 +157,36 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             preview: bool = False, overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
             check_intensities: bool = True, threads: int | None = None, progress: bool = True) -> list[Path]:
-    """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files; returns the label files written."""
+    """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
+
+    Args:
+        input: a ``.nii``/``.nii.gz`` file, a DICOM series folder, or a folder of NIfTI files.
+        output: for one scan a label file (``.nii.gz``) or a folder; for a folder of NIfTI files a
+            folder that receives one ``CASE.nii.gz`` per ``CASE_0000.nii.gz``.
+        model: a model package folder (``pocketseg export``).
+        device: ``auto`` (a CUDA GPU when one is usable), ``cpu`` or ``cuda``.
+        backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch`` (see :func:`pocketseg.runtime.engines.resolve`).
+        precision: ``auto`` (fp16 on a GPU, fp32 on the CPU), ``fp32`` or ``fp16``.
+        statistics: also write ``CASE.statistics.json`` (volume in mL and mean HU per class, timings).
+        preview: also write ``CASE.png`` (three views with the label overlay; needs the ``viz`` extra).
+        overlap: fraction of a tile shared with its neighbour, in [0, 1); 0 is the paper's tile step 1.0.
+        gaussian: blend overlapping tiles with Gaussian weights.
+        batch_size: tiles per network call.
+        resume: skip cases whose outputs exist, finish interrupted ones (``--continue``).
+        overwrite: replace existing outputs; without it an existing output is an error.
+        series_uid: the series to read when a DICOM folder holds several.
+        check_intensities: refuse images that are not CT in Hounsfield units.
+        threads: CPU threads of ONNX Runtime (default: all cores).
+        progress: show progress bars.
+
+    Returns:
+        The label files written, in case order.
+
+    Raises:
+        InputError: bad input, named with its path (nothing is written for it).
+        OutputError: an output exists (without ``overwrite``) or cannot be written.
+        PredictFailures: in folder mode, the cases that failed (the others were written).
+    """
     jobs, folder_mode = plan_cases(input, output)
     if preview:
         require("matplotlib", "Preview images (--preview)", "viz")
@@ -190,12 +198,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         todo.append(job)
     if not todo:
         return []
-    folder = Path(output) if folder_mode else jobs[0].output.parent
-    if not folder.is_dir():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(folder, f"cannot create the output folder ({exc.strerror or exc})") from None
+    ensure_dir(Path(output) if folder_mode else jobs[0].output.parent, "output folder")
     if not folder_mode:
         _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume))
 
@@ -285,8 +288,6 @@ def _as_volume(image: Any, series_uid: str | None) -> Volume:
         return image
     if isinstance(image, (str, os.PathLike)):
         return load_volume(image, series_uid=series_uid)
-    import nibabel as nib
-
     if isinstance(image, nib.spatialimages.SpatialImage):
         data = np.asanyarray(image.dataobj)
         header = image.header if isinstance(image.header, nib.Nifti1Header) else None
@@ -297,13 +298,30 @@ def _as_volume(image: Any, series_uid: str | None) -> Volume:
 def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backend: str = "auto",
             precision: str = "auto", overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1,
             series_uid: str | None = None, check_intensities: bool = True):
-    """Segment one CT scan: a path (NIfTI or DICOM folder), a nibabel image or a Volume -> nibabel label image.
+    """Segment one CT scan and return its label map as a nibabel image (``pocketseg.segment``).
 
-    The label image is uint8 with the input's geometry (affine, qform and sform). The
-    loaded model stays cached for the next call with the same settings.
+    The loaded model stays cached for the next call with the same model and settings.
+
+    Args:
+        image: a path (NIfTI file or DICOM series folder), a nibabel image or a
+            :class:`pocketseg.volume.Volume`.
+        model: a model package folder.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch``.
+        precision: ``auto``, ``fp32`` or ``fp16``.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        gaussian: blend overlapping tiles with Gaussian weights.
+        batch_size: tiles per network call.
+        series_uid: the series to read when a DICOM folder holds several.
+        check_intensities: refuse images that are not CT in Hounsfield units.
+
+    Returns:
+        A uint8 ``nibabel.Nifti1Image`` (label ids of the package) with the input's geometry:
+        affine, qform and sform exactly as the input's.
+
+    Raises:
+        InputError: an unreadable image or package, or an image that is not CT.
     """
-    from pocketseg.nifti import nifti_image
-
     volume = _as_volume(image, series_uid)
     key = (str(Path(model).resolve()), device, backend, precision, float(overlap), bool(gaussian), int(batch_size))
     predictor = _PREDICTORS.get(key)

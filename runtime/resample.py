@@ -25,9 +25,9 @@ What "as nnU-Net does it" means here:
   linearly interpolated and thresholded at 0.5, which keeps organ volumes and
   shapes far better than nearest-neighbour interpolation of the label map.
 
-All array code takes the array module ``xp`` (NumPy or CuPy) and the matching
-``ndi`` (``scipy.ndimage`` or ``cupyx.scipy.ndimage``) so the same code runs on
-the GPU; nothing here imports CuPy. Arrays are ``(z, y, x)`` and spacings are in
+The public functions take one :class:`~pocketseg.runtime.arrays.ArrayModule`
+(``am``: NumPy + ``scipy.ndimage``, or CuPy + ``cupyx.scipy.ndimage``) so the
+same code runs on the GPU; nothing here imports CuPy. Arrays are ``(z, y, x)`` and spacings are in
 millimetres in the same order.
 """
 
@@ -40,7 +40,8 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
-import scipy.ndimage
+
+from pocketseg.runtime.arrays import ArrayModule, cpu_module
 
 __all__ = [
     "ANISOTROPY_THRESHOLD",
@@ -343,8 +344,7 @@ def resample_image(
     separate_z: int | None = None,
     order_z: int = 0,
     prepare: Callable[[Any], Any] | None = None,
-    xp: ModuleType = np,
-    ndi: ModuleType = scipy.ndimage,
+    am: ArrayModule | None = None,
 ) -> Any:
     """Resample a (z, y, x) image to ``new_shape``; float32 on ``xp``.
 
@@ -359,6 +359,7 @@ def resample_image(
     and the float32 copies are made chunk by chunk where the passes allow.
     """
     _check_volume(image, "image")
+    xp, ndi = (am or cpu_module()).xp, (am or cpu_module()).ndi
     new_shape = _check_shape3(new_shape, "new_shape")
     order = _check_order(order, "order")
     order_z = _check_order(order_z, "order_z")
@@ -440,8 +441,7 @@ def resample_labels(
     new_shape: Sequence[int],
     *,
     separate_z: int | None = None,
-    xp: ModuleType = np,
-    ndi: ModuleType = scipy.ndimage,
+    am: ArrayModule | None = None,
 ) -> Any:
     """Resample a (z, y, x) label map to ``new_shape``; uint8 on ``xp``.
 
@@ -453,6 +453,7 @@ def resample_labels(
     as the whole volume at a fraction of the cost for small organs.
     """
     _check_volume(labels, "labels")
+    xp, ndi = (am or cpu_module()).xp, (am or cpu_module()).ndi
     new_shape = _check_shape3(new_shape, "new_shape")
     separate_z = _check_axis(separate_z)
     kind = getattr(getattr(labels, "dtype", None), "kind", None)
@@ -504,8 +505,7 @@ def resample_to_spacing(
     order: int = 3,
     order_z: int = 0,
     threshold: float = ANISOTROPY_THRESHOLD,
-    xp: ModuleType = np,
-    ndi: ModuleType = scipy.ndimage,
+    am: ArrayModule | None = None,
 ) -> Any:
     """Resample a (z, y, x) image or label map from one spacing to another, nnU-Net style.
 
@@ -518,5 +518,5 @@ def resample_to_spacing(
     new_shape = target_shape(tuple(image.shape), spacing_mm_zyx, new_spacing_mm_zyx)
     axis = separate_z_axis(spacing_mm_zyx, new_spacing_mm_zyx, threshold)
     if is_labels:
-        return resample_labels(image, new_shape, separate_z=axis, xp=xp, ndi=ndi)
-    return resample_image(image, new_shape, order=order, separate_z=axis, order_z=order_z, xp=xp, ndi=ndi)
+        return resample_labels(image, new_shape, separate_z=axis, am=am)
+    return resample_image(image, new_shape, order=order, separate_z=axis, order_z=order_z, am=am)

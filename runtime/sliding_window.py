@@ -7,8 +7,13 @@ and the weighted sum is divided by the summed weights. The network is just a
 callable ``infer(batch) -> logits``, so the same code drives PyTorch during
 training validation, ONNX Runtime on CPU and TensorRT/CuPy on the GPU.
 
-Array code takes the array module ``xp`` (NumPy or CuPy); nothing here imports
-CuPy or torch. Arrays are ``(z, y, x)``.
+Array code takes one :class:`~pocketseg.runtime.arrays.ArrayModule` (NumPy or
+CuPy); nothing here imports CuPy or torch. Arrays are ``(z, y, x)``.
+
+``overlap`` is the one name of the tiling, inside and out (``pocketseg predict
+--overlap``): the fraction of a tile shared with its neighbour, 0 <= overlap < 1.
+nnU-Net's ``tile_step_size`` is ``1 - overlap`` (its default 0.5 is overlap 0.5;
+the paper's tile step 1.0 is overlap 0).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+
+from pocketseg.runtime.arrays import ArrayModule, cpu_module
 
 __all__ = [
     "compute_steps",
@@ -57,51 +63,55 @@ def _check_patch(patch_zyx: Any, name: str = "patch_zyx") -> tuple[int, int, int
     return (int(values[0]), int(values[1]), int(values[2]))
 
 
-def _check_step_fraction(step_fraction: Any) -> float:
+def check_overlap(overlap: Any) -> float:
+    """``overlap`` as a float in [0, 1), or a ValueError naming it."""
+    if isinstance(overlap, (bool, np.bool_)):
+        raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
     try:
-        value = float(step_fraction)
+        value = float(overlap)
     except (TypeError, ValueError):
-        raise ValueError(f"step_fraction must be a number in (0, 1], got {step_fraction!r}") from None
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction!r}")
+        raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}") from None
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
     return value
 
 
 # --------------------------------------------------------------------------- tiling
 
 
-def compute_steps(size: int, tile: int, step_fraction: float) -> list[int]:
+def compute_steps(size: int, tile: int, overlap: float) -> list[int]:
     """Start indices of the tiles along one axis of length ``size``: nnU-Net's rule.
 
     The number of tiles is the fewest whose stride does not exceed
-    ``tile * step_fraction``; their starts are then spread evenly from 0 to
+    ``tile * (1 - overlap)``; their starts are then spread evenly from 0 to
     ``size - tile`` so the last tile ends exactly at the border (overlap is shared
     out instead of piling up at the end). A volume no larger than the tile gets one
     tile at 0 (the caller pads it to the tile size).
     """
     size = _check_positive_int(size, "size")
     tile = _check_positive_int(tile, "tile")
-    step_fraction = _check_step_fraction(step_fraction)
+    overlap = check_overlap(overlap)
     if size <= tile:
         return [0]
-    target_step = tile * step_fraction
+    target_step = tile * (1.0 - overlap)
     num_steps = int(math.ceil((size - tile) / target_step)) + 1
     actual_step = (size - tile) / (num_steps - 1)
     return [int(round(actual_step * i)) for i in range(num_steps)]
 
 
-def count_tiles(shape_zyx: Sequence[int], patch_zyx: Sequence[int], step_fraction: float) -> int:
+def count_tiles(shape_zyx: Sequence[int], patch_zyx: Sequence[int], overlap: float) -> int:
     """How many tiles (network calls at batch size 1) :func:`sliding_window_predict` runs.
 
     Axes smaller than the patch are padded to it and hold one tile.
     """
     shape = _check_patch(shape_zyx, "shape_zyx")
     patch = _check_patch(patch_zyx)
-    step_fraction = _check_step_fraction(step_fraction)
-    return math.prod(len(compute_steps(max(s, p), p, step_fraction)) for s, p in zip(shape, patch))
+    overlap = check_overlap(overlap)
+    return math.prod(len(compute_steps(max(s, p), p, overlap)) for s, p in zip(shape, patch))
 
 
-def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 / 8, xp: ModuleType = np) -> Any:
+def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 / 8,
+                            am: ArrayModule | None = None) -> Any:
     """Per-voxel blending weight of a tile: a Gaussian on the patch centre, max 1; float32.
 
     Logits near a tile's border see less context and are less reliable, so overlapping
@@ -131,7 +141,7 @@ def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 /
         weights[:] = 1.0
     elif zeros.any():
         weights[zeros] = weights[~zeros].min()
-    return xp.asarray(weights)
+    return (am or cpu_module()).to_device(weights)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -140,12 +150,12 @@ def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 /
 class _Plan:
     """Padding and tile corners of one volume; shared by both prediction functions."""
 
-    def __init__(self, shape: tuple[int, int, int], patch: tuple[int, int, int], step_fraction: float):
+    def __init__(self, shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float):
         # Pad to at least the patch: below = diff // 2, above = the rest (nnU-Net's pad_nd_image).
         self.pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(shape, patch)]
         self.padded = tuple(s + lo + hi for s, (lo, hi) in zip(shape, self.pads))
         self.crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(self.pads, shape))
-        self.steps = [compute_steps(s, p, step_fraction) for s, p in zip(self.padded, patch)]
+        self.steps = [compute_steps(s, p, overlap) for s, p in zip(self.padded, patch)]
         self.patch = patch
 
     @property
@@ -158,13 +168,13 @@ class _Plan:
                 for corner in itertools.product(zs, self.steps[1], self.steps[2])]
 
 
-def _check_predict_args(image, patch_zyx, infer, num_classes, batch_size, step_fraction, out_dtype):
+def _check_predict_args(image, patch_zyx, infer, num_classes, batch_size, overlap, out_dtype):
     if getattr(image, "ndim", None) != 3:
         raise ValueError(f"image must be a 3D (z, y, x) array, got shape {getattr(image, 'shape', None)}")
     patch = _check_patch(patch_zyx)
     num_classes = _check_positive_int(num_classes, "num_classes")
     batch_size = _check_positive_int(batch_size, "batch_size")
-    step_fraction = _check_step_fraction(step_fraction)
+    overlap = check_overlap(overlap)
     if not callable(infer):
         raise ValueError(f"infer must be callable, got {type(infer).__name__}")
     try:
@@ -175,7 +185,7 @@ def _check_predict_args(image, patch_zyx, infer, num_classes, batch_size, step_f
         raise ValueError(f"out_dtype must be a floating dtype, got {acc_dtype}")
     if min(image.shape) < 1:
         raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
-    return patch, num_classes, batch_size, step_fraction, acc_dtype
+    return patch, num_classes, batch_size, overlap, acc_dtype
 
 
 def _run_tiles(volume, tiles, infer, batch_size, expected, xp, bar):
@@ -206,10 +216,10 @@ def sliding_window_predict(
     infer: Callable[[Any], Any],
     num_classes: int,
     *,
-    step_fraction: float = 1.0,
+    overlap: float = 0.0,
     gaussian: bool = False,
     batch_size: int = 1,
-    xp: ModuleType = np,
+    am: ArrayModule | None = None,
     progress: bool = False,
     out_dtype: Any = np.float32,
 ) -> Any:
@@ -217,29 +227,31 @@ def sliding_window_predict(
 
     The volume is zero-padded symmetrically up to the patch size where it is smaller,
     cut into tiles at :func:`compute_steps` positions, and ``infer`` is called on
-    batches of up to ``batch_size`` tiles, shape (B, 1, pz, py, px) float32 on ``xp``;
-    it must return (B, num_classes, pz, py, px) logits (an ``xp`` array or anything
-    ``xp.asarray`` accepts). Overlaps are blended with uniform or Gaussian weights
+    batches of up to ``batch_size`` tiles, shape (B, 1, pz, py, px) float32 on the array
+    module ``am`` (default: the CPU's); it must return (B, num_classes, pz, py, px) logits
+    (an array of ``am`` or anything ``am.xp.asarray`` accepts). Overlaps are blended with uniform or Gaussian weights
     (``gaussian``), and the result is cropped back to the input's shape.
 
     ``out_dtype`` is also the accumulation dtype (float16 halves the largest buffer on
     the GPU, as nnU-Net does); the weight sum is kept in float32. When only the label
     map is wanted, :func:`sliding_window_labels` needs far less memory.
     """
-    patch, num_classes, batch_size, step_fraction, acc_dtype = _check_predict_args(
-        image, patch_zyx, infer, num_classes, batch_size, step_fraction, out_dtype)
+    patch, num_classes, batch_size, overlap, acc_dtype = _check_predict_args(
+        image, patch_zyx, infer, num_classes, batch_size, overlap, out_dtype)
+    am = am or cpu_module()
+    xp = am.xp
     shape = tuple(int(s) for s in image.shape)
-    plan = _Plan(shape, patch, step_fraction)
+    plan = _Plan(shape, patch, overlap)
     volume = _padded_volume(image, plan, xp)
     tiles = plan.tiles()
     logger.debug(
-        "sliding window: image %s padded %s patch %s step %.3g -> %d tiles (%s per axis), batch %d",
-        shape, plan.padded, patch, step_fraction, len(tiles), "x".join(str(len(s)) for s in plan.steps), batch_size,
+        "sliding window: image %s padded %s patch %s overlap %.3g -> %d tiles (%s per axis), batch %d",
+        shape, plan.padded, patch, overlap, len(tiles), "x".join(str(len(s)) for s in plan.steps), batch_size,
     )
 
     logits = xp.zeros((num_classes,) + plan.padded, dtype=acc_dtype)
     weight_sum = xp.zeros(plan.padded, dtype=xp.float32)
-    weights = gaussian_importance_map(patch, xp=xp) if gaussian else None
+    weights = gaussian_importance_map(patch, am=am) if gaussian else None
 
     with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
         for tile, tile_logits in _run_tiles(volume, tiles, infer, batch_size, (num_classes,) + patch, xp, bar):
@@ -262,10 +274,10 @@ def sliding_window_labels(
     infer: Callable[[Any], Any],
     num_classes: int,
     *,
-    step_fraction: float = 1.0,
+    overlap: float = 0.0,
     gaussian: bool = False,
     batch_size: int = 1,
-    xp: ModuleType = np,
+    am: ArrayModule | None = None,
     progress: bool = False,
     accumulate_dtype: Any = np.float32,
 ) -> Any:
@@ -279,21 +291,23 @@ def sliding_window_labels(
     :func:`sliding_window_predict`, and the argmax needs no division by the weight sum
     (a positive factor per voxel), so the labels equal the argmax of its logits.
     """
-    patch, num_classes, batch_size, step_fraction, acc_dtype = _check_predict_args(
-        image, patch_zyx, infer, num_classes, batch_size, step_fraction, accumulate_dtype)
+    patch, num_classes, batch_size, overlap, acc_dtype = _check_predict_args(
+        image, patch_zyx, infer, num_classes, batch_size, overlap, accumulate_dtype)
     if num_classes > 256:
         raise ValueError(f"num_classes must be <= 256 for a uint8 label map, got {num_classes}")
+    am = am or cpu_module()
+    xp = am.xp
     shape = tuple(int(s) for s in image.shape)
-    plan = _Plan(shape, patch, step_fraction)
+    plan = _Plan(shape, patch, overlap)
     volume = _padded_volume(image, plan, xp)
     z_starts = plan.steps[0]
     n_tiles = len(z_starts) * len(plan.steps[1]) * len(plan.steps[2])
-    logger.debug("streamed sliding window: image %s padded %s patch %s step %.3g -> %d tiles, batch %d",
-                 shape, plan.padded, patch, step_fraction, n_tiles, batch_size)
+    logger.debug("streamed sliding window: image %s padded %s patch %s overlap %.3g -> %d tiles, batch %d",
+                 shape, plan.padded, patch, overlap, n_tiles, batch_size)
     pz = patch[0]
     band = xp.zeros((num_classes, pz) + plan.padded[1:], dtype=acc_dtype)
     labels = xp.empty(plan.padded, dtype=xp.uint8)
-    weights = gaussian_importance_map(patch, xp=xp) if gaussian else None
+    weights = gaussian_importance_map(patch, am=am) if gaussian else None
 
     with tqdm(total=n_tiles, desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
         for k, z0 in enumerate(z_starts):

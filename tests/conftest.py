@@ -1,8 +1,8 @@
 """Shared fixtures.
 
 ``backend``: the array modules of the two devices, NumPy/SciPy and CuPy/cupyx
-(the CuPy variant is marked ``gpu`` and skipped, with the reason, where CuPy or
-a GPU is missing).
+(``backend.am``, the runtime's :class:`ArrayModule`; the CuPy variant is marked
+``gpu`` and skipped, with the reason, where CuPy or a GPU is missing).
 
 ``ct_examples``: the folder of small real CT volumes (see its NOTICE.md). It is
 not part of the repository: it sits beside the clone at
@@ -21,6 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import scipy.ndimage
+
+from pocketseg.runtime.arrays import array_module, cpu_module
 
 CT_EXAMPLES_ENV = "POCKETSEG_CT_EXAMPLES"
 
@@ -55,7 +57,7 @@ def _cupy_backend() -> SimpleNamespace:
         pytest.skip(f"no CUDA GPU available: {exc}")
     if n_gpus < 1:
         pytest.skip("no CUDA GPU available")
-    return SimpleNamespace(xp=cupy, ndi=cundi, to_np=cupy.asnumpy)
+    return SimpleNamespace(xp=cupy, ndi=cundi, to_np=cupy.asnumpy, am=array_module("cuda"))
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
@@ -63,7 +65,7 @@ def backend(request: pytest.FixtureRequest) -> SimpleNamespace:
     """xp/ndi of one device: the same test body runs on NumPy here and on CuPy where a GPU is lent."""
     if request.param == "cupy":
         return _cupy_backend()
-    return SimpleNamespace(xp=np, ndi=scipy.ndimage, to_np=np.asarray)
+    return SimpleNamespace(xp=np, ndi=scipy.ndimage, to_np=np.asarray, am=cpu_module())
 
 
 # ------------------------------------------------------------------------------------------ tiny model packages
@@ -73,7 +75,7 @@ INTENSITY = {"mean": 80.0, "std": 70.0, "percentile_00_5": -110.0, "percentile_9
 
 def make_run(folder: Path, stage: str, preset_name: str, seed: int = 0) -> Path:
     """A run folder as `pocketseg train` leaves it (config + checkpoint), with He-initialised weights."""
-    from pocketseg.engine_build.export import write_untrained_run
+    from pocketseg.trainer.package import write_untrained_run
 
     return write_untrained_run(folder, stage, preset_name, intensity=INTENSITY, seed=seed)
 
@@ -83,7 +85,7 @@ def tiny_package(tmp_path_factory) -> Path:
     """A verified model package of the tiny presets (random He-initialised weights), fp32 ONNX + safetensors."""
     pytest.importorskip("torch", reason="torch (extra 'train') is needed to build a test package")
     pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'runtime') is not installed")
-    from pocketseg.engine_build.export import export_package
+    from pocketseg.trainer.package import export_package
 
     root = tmp_path_factory.mktemp("tiny_package")
     roi = make_run(root / "roi", "roi", "roi-tiny")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pocketseg.benchmarks import bench as B
+from pocketseg.atomic import check_targets
 from pocketseg.benchmarks import report as R
 from pocketseg.cli import main
 from pocketseg.errors import InputError, MissingDependencyError, OutputError
@@ -140,7 +141,7 @@ def test_bench_report_files(tmp_path):
     assert "ROI stage was *skipped*" in md and "nnU-Net" in md and "![memory-time curves](memory.png)" in md
     assert "| Liver | 97.00 |" in md and "| Spleen | — |" in md
     with pytest.raises(OutputError, match="--overwrite"):
-        R.check_targets([tmp_path / "bench.md"], overwrite=False)
+        check_targets([tmp_path / "bench.md"], overwrite=False)
     with pytest.raises(OutputError):
         R.write_bench_report(_fake_result(), tmp_path)
     R.write_bench_report(_fake_result(with_comparison=False), tmp_path, overwrite=True)
@@ -196,9 +197,12 @@ def test_bench_cold_and_warm_on_the_cpu(bench_run):
         labels = read_nifti(run["labels"])
         assert labels.shape == (128, 128, 20) and labels.data.dtype == np.uint8
     assert np.array_equal(read_nifti(cold["labels"]).data, read_nifti(warm["labels"]).data)
-    for name in R.BENCH_FILES.values():
-        assert (out / name).is_file()
-    assert (out / "cases" / "imagesTr" / "bench_128x128x20_0000.nii.gz").is_file()
+    assert json.loads((out / R.BENCH_FILES["json"]).read_text())["runs"] == json.loads(json.dumps(result["runs"]))
+    assert (out / R.BENCH_FILES["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(io.StringIO((out / R.BENCH_FILES["csv"]).read_text())))
+    assert [(r["case"], r["mode"]) for r in rows] == [("bench_128x128x20", "cold"), ("bench_128x128x20", "warm")]
+    case = read_nifti(out / "cases" / "imagesTr" / "bench_128x128x20_0000.nii.gz")
+    assert case.shape == (128, 128, 20) and float(case.data.min()) < -500  # a CT phantom: air in HU
     md = (out / "bench.md").read_text()
     assert "| bench_128x128x20 | 128 × 128 × 20 | pocketseg | cold |" in md and "ROI stage was" not in md
 

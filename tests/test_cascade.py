@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
@@ -35,7 +36,7 @@ torch = pytest.importorskip("torch", reason="the reference pipeline runs the net
 def _torch_net(package, stage):
     from safetensors.torch import load_file
 
-    from pocketseg.trainer.network import PocketUNet, UNetConfig
+    from pocketseg.runtime.network import PocketUNet, UNetConfig
 
     n = stage.network
     net = PocketUNet(UNetConfig(1, stage.num_classes, n.width, n.kernels, n.strides, n.channels_growth))
@@ -190,20 +191,41 @@ def test_roi_box_at_the_border_is_clipped(tiny_package):
 
 
 @pytest.mark.parametrize("slices", [1, 4, 10])
-def test_very_thin_scans(predictor, slices):
+def test_very_thin_scans_equal_the_reference_pipeline(tiny_package, predictor, slices):
     volume = _volume(7, slices=slices)
     result = predictor.predict(volume)
-    assert result.labels.shape == volume.shape
+    assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
+    ref = reference_pipeline(tiny_package, volume)
+    assert float((result.labels == ref).mean()) >= 0.999
+
+
+def _traced_peak_bytes(predictor, volume) -> int:
+    predictor.predict(volume)  # warm: first calls allocate ONNX Runtime's arena and caches
+    tracemalloc.start()
+    try:
+        predictor.predict(volume)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.mark.slow
-def test_very_long_scan(predictor):
+def test_long_thick_slice_scans_cost_a_fixed_number_of_bytes_per_voxel(predictor):
+    """What docs/inference.md states: on the CPU, for scans whose slices are the thick axis, the runtime's own
+    NumPy allocations (tracemalloc; the input not counted) stay under 12 bytes per input voxel at any length:
+    the label maps of the crop and of the scan, and the int32 component ids of the post-processing. The
+    sliding window and the resampling add only patch- and chunk-sized buffers."""
     rng = np.random.default_rng(0)
-    data = rng.normal(40, 30, size=(24, 24, 1100)).astype(np.int16)
-    data[:, :3] = -1000  # air
-    affine = np.diag([12.0, 12.0, 1.0, 1.0])
-    result = predictor.predict(Volume(data, affine))
-    assert result.labels.shape == data.shape
+    per_voxel = {}
+    for slices in (275, 1100):
+        data = rng.normal(40, 30, size=(64, 64, slices)).astype(np.int16)
+        data[:, :6] = -1000  # air
+        volume = Volume(data, np.diag([1.5, 1.5, 5.0, 1.0]))
+        result = predictor.predict(volume)
+        assert result.labels.shape == data.shape
+        per_voxel[slices] = _traced_peak_bytes(predictor, volume) / data.size
+    assert per_voxel[1100] < 12.0, per_voxel
+    assert per_voxel[1100] < 1.1 * per_voxel[275], per_voxel  # linear in the slices, nothing worse
 
 
 def test_non_ct_intensities_are_refused(predictor):

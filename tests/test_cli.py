@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pocketseg.cli import build_parser, main
-from pocketseg.nifti import write_nifti
+from pocketseg.nifti import read_nifti, write_nifti
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def test_flags_map_to_function_keywords():
     import inspect
 
     from pocketseg.synth.dataset import synthesize_dataset
-    from pocketseg.volume import volume_info
+    from pocketseg.imageio import volume_info
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -76,7 +76,9 @@ def test_synth_cli_writes_a_data_set(tmp_path):
     assert res.returncode == 0, res.stderr
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["numTraining"] == 1 and meta["pocketseg"]["seed"] == 2
-    assert (out / "imagesUnlabeled" / "FLARESyn_0002_0000.nii.gz").is_file()
+    unlabeled = read_nifti(out / "imagesUnlabeled" / "FLARESyn_0002_0000.nii.gz")
+    assert unlabeled.shape == (128, 128, 24) and unlabeled.data.dtype == np.int16
+    assert not (out / "labelsTr" / "FLARESyn_0002.nii.gz").exists()  # unlabelled: an image only
 
 
 def test_model_info_json_lists_presets_with_params(capsys):

@@ -10,7 +10,8 @@ from pocketseg.synth.dataset import synthesize_dataset
 from pocketseg.trainer.data import PatchDataset, SamplingConfig, collate, detail_crop, extract, stage_target
 from pocketseg.trainer.dataset import open_dataset
 from pocketseg.trainer.loss import IGNORE_INDEX
-from pocketseg.trainer.preprocess import IntensityStats, compute_fingerprint, preprocess_cases
+from pocketseg.manifest import Intensity
+from pocketseg.trainer.preprocess import compute_fingerprint, preprocess_cases
 from pocketseg.trainer.presets import get_preset
 
 
@@ -19,7 +20,7 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("d") / "ds"
     synthesize_dataset(root, full=2, seed=9, small=True, slices=40, progress=False)
     cases = open_dataset(root).labelled(full_only=True)
-    stats = IntensityStats(**compute_fingerprint(cases, progress=False)["intensity"])
+    stats = Intensity(**compute_fingerprint(cases, progress=False)["intensity"])
     return preprocess_cases(cases, stats, get_preset("detail-tiny").spacing_mm_zyx, tmp_path_factory.mktemp("c"),
                             progress=False)
 

@@ -482,7 +482,7 @@ def test_synthetic_unsigned_out_of_int16_range_gives_float(tmp_path, pydicom):
 
 def test_synthetic_skips_non_dicom_hidden_and_dicomdir(tmp_path, pydicom, caplog):
     from pocketseg.dicom import list_series, read_dicom_series
-    from pocketseg.volume import load_volume
+    from pocketseg.imageio import load_volume
 
     folder = tmp_path / "mixed_files"
     stored, _, uid = _write_series(folder, n_slices=3)
@@ -635,7 +635,7 @@ def test_synthetic_two_series_listing(tmp_path, pydicom):
 @pytest.mark.parametrize("how", ["sys_modules", "import_hook"])
 def test_missing_pydicom_raises_missing_dependency(tmp_path, monkeypatch, how):
     from pocketseg.dicom import list_series, read_dicom_series
-    from pocketseg.volume import load_volume
+    from pocketseg.imageio import load_volume
 
     if how == "sys_modules":
         monkeypatch.setitem(sys.modules, "pydicom", None)  # "import pydicom" now raises ImportError

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from pocketseg.engine_build.tensorrt_build import EngineBuildError, GpuIdentity, TensorRTNotInstalledError
+from pocketseg.engine_build.tensorrt_build import EngineBuildError
+from pocketseg.runtime.tensorrt_probe import GpuIdentity, TensorRTNotInstalledError
 from pocketseg.errors import InputError, OutputError
 from pocketseg.manifest import MANIFEST_NAME, EngineRecord, Intensity, Manifest, Network, Stage, load_package
-from pocketseg.runtime import entrypoint as E
+from pocketseg.deploy import entrypoint as E
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"x86_64": ROOT / "Dockerfile", "jetson": ROOT / "Dockerfile.jetson"}
@@ -133,7 +134,7 @@ def test_common_steps(name):
     users = [rest for k, rest in final if k == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
     entry = json.loads(next(rest for k, rest in final if k == "ENTRYPOINT"))
-    assert entry[-3:] == ["python", "-m", "pocketseg.runtime.entrypoint"] and entry[0] == "tini"
+    assert entry[-3:] == ["python", "-m", "pocketseg.deploy.entrypoint"] and entry[0] == "tini"
     assert "HEALTHCHECK" not in keywords  # one-shot jobs; see the comment in the Dockerfile
     assert any(k == "COPY" and rest.startswith("--from=build /opt/venv") for k, rest in final)
     env = " ".join(rest for k, rest in final if k == "ENV")
@@ -216,11 +217,11 @@ def test_build_context_builds_the_package(tmp_path):
     assert res.returncode == 0, res.stderr
     with zipfile.ZipFile(next((tmp_path / "wheel").glob("pocketseg-*.whl"))) as zf:
         names = set(zf.namelist())
-    assert {"pocketseg/runtime/entrypoint.py", "pocketseg/runtime/doctor.py", "pocketseg/cli.py"} <= names
+    assert {"pocketseg/deploy/entrypoint.py", "pocketseg/deploy/doctor.py", "pocketseg/cli.py"} <= names
 
 
 def test_entry_point_help_runs_the_cli():
-    res = subprocess.run([sys.executable, "-m", "pocketseg.runtime.entrypoint", "--help"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "pocketseg.deploy.entrypoint", "--help"], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "POCKETSEG_ENGINE_CACHE" in res.stdout and "usage: pocketseg" in res.stdout
@@ -283,9 +284,7 @@ def env(tmp_path, monkeypatch):
     cache = tmp_path / "engines"
     builder = FakeBuilder()
     monkeypatch.setattr(E, "_engine_target", lambda: ("10.3.0.30", ORIN))
-    import pocketseg.engine_build.tensorrt_build as tb
-
-    monkeypatch.setattr(tb, "build_package_engines", builder)
+    monkeypatch.setattr(E, "build_package_engines", builder)
     read_only: set[Path] = set()
     real_writable = E._writable
     # Tests run as root here, where chmod cannot make a folder unwritable; _writable is what decides.
@@ -351,7 +350,7 @@ def test_read_only_package_is_copied_and_never_modified(env, caplog, monkeypatch
     assert [c[0] for c in env.builder.calls] == [copy]
     manifest = load_package(copy)  # a verified package with engines for this GPU
     assert E.engines_for_this_device(manifest, "10.3.0.30", "8.7")
-    assert (copy / "export_report.json").is_file()
+    assert (copy / "export_report.json").read_bytes() == (env.package / "export_report.json").read_bytes()
     assert "is read-only: building TensorRT engines" in caplog.text and "into its copy" in caplog.text
     # Next start: the cached copy is used without building again.
     assert E.plan(argv, env.settings) == args and len(env.builder.calls) == 1
@@ -404,9 +403,7 @@ def test_without_tensorrt_nothing_is_built(env, monkeypatch):
 
 
 def test_failed_build_falls_back_or_fails_on_request(env, monkeypatch, caplog):
-    import pocketseg.engine_build.tensorrt_build as tb
-
-    monkeypatch.setattr(tb, "build_package_engines", FakeBuilder(fail=True))
+    monkeypatch.setattr(E, "build_package_engines", FakeBuilder(fail=True))
     argv = PREDICT + ["-m", str(env.package)]
     assert E.plan(argv, env.settings) == argv
     assert "could not build TensorRT engines" in caplog.text and "out of memory" in caplog.text

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from pocketseg.cli import build_parser, main
-from pocketseg.engine_build.tensorrt_build import GpuIdentity
+from pocketseg.runtime.tensorrt_probe import GpuIdentity
 from pocketseg.manifest import MANIFEST_NAME, EngineRecord, Intensity, Manifest, Network, Stage, read_manifest
-from pocketseg.runtime import doctor
+from pocketseg.deploy import doctor
 from pocketseg.runtime.arrays import cuda_available
-from pocketseg.runtime.doctor import diagnose, engine_records, format_report, parse_nvidia_smi_query
+from pocketseg.deploy.doctor import diagnose, engine_records, format_report, parse_nvidia_smi_query
 
 ORIN = GpuIdentity("Orin (nvgpu)", "8.7")
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
@@ -75,7 +75,7 @@ def test_doctor_does_not_import_torch_when_it_is_missing(tmp_path):
     code = textwrap.dedent("""
         import json, sys
         sys.modules["torch"] = None
-        from pocketseg.runtime.doctor import diagnose, format_report
+        from pocketseg.deploy.doctor import diagnose, format_report
         report = diagnose()
         format_report(report)
         assert sys.modules["torch"] is None, "torch was imported"
@@ -361,7 +361,7 @@ def test_selection_failure_is_reported(monkeypatch):
     def refuse(**kwargs):
         raise engines.EngineUnavailableError("no inference backend can run on cpu: onnxruntime: not installed")
 
-    monkeypatch.setattr(engines, "resolve", refuse)
+    monkeypatch.setattr(doctor, "resolve", refuse)
     report = diagnose()
     assert report["selection"]["ok"] is False and "not installed" in report["selection"]["reason"]
     assert any(p.startswith("no inference backend can run") for p in report["problems"])

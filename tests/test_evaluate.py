@@ -1,4 +1,4 @@
-"""``pocketseg evaluate`` (pocketseg.benchmarks.evaluate and the CLI subcommand).
+"""``pocketseg evaluate`` (pocketseg.evaluation.evaluate and the CLI subcommand).
 
 * Outputs: per_case.csv columns and rows, summary.json keys and means,
   table.md rows; refusing to overwrite unless asked; ``workers`` > 1 gives the same result.
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from pocketseg import cli
-from pocketseg.benchmarks.evaluate import evaluate_folders, superior_axis
-from pocketseg.benchmarks.metrics import COLUMNS
+from pocketseg.evaluation.evaluate import evaluate_folders, superior_axis
+from pocketseg.evaluation.metrics import COLUMNS
 from pocketseg.errors import InputError, OutputError
 
 SHAPE = (12, 10, 8)
@@ -159,7 +159,7 @@ def test_missing_prediction_lists_the_cases(folders, tmp_path):
 def test_prediction_without_ground_truth_is_a_warning(folders, tmp_path, caplog):
     pred, gt = folders
     write(pred / "case_z.nii.gz", phantom())
-    with caplog.at_level(logging.WARNING, logger="pocketseg.benchmarks.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pocketseg.evaluation.evaluate"):
         summary = evaluate_folders(pred, gt, tmp_path / "out", progress=False)
     assert summary["num_cases"] == 2
     assert "case_z" in caplog.text

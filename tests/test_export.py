@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pocketseg.engine_build.export import PARITY_TOL, check_parity, export_onnx, export_package, load_run, parity_patch
+from pocketseg.engine_build.export import PARITY_TOL, check_parity, export_onnx, parity_patch
+from pocketseg.trainer.package import export_package, load_run
 from pocketseg.errors import InputError, OutputError
-from pocketseg.manifest import load_package
+from pocketseg.manifest import Intensity, load_package
 from pocketseg.trainer import checkpoint as ckpt
-from pocketseg.trainer.network import PocketUNet
+from pocketseg.runtime.network import PocketUNet
 from pocketseg.trainer.presets import get_preset
-from pocketseg.trainer.train import RunConfig
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'export') is not installed")
 from conftest import INTENSITY, make_run  # noqa: E402  (shared with the runtime tests)
@@ -58,7 +56,7 @@ def test_onnx_has_dynamic_batch_and_matches_torch(runs, tmp_path):
     assert model.opset_import[0].version >= 17
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [1, 16, 32, 32]
-    patch = parity_patch(INTENSITY, preset.spacing_mm_zyx, preset.patch_zyx)
+    patch = parity_patch(Intensity(**INTENSITY), preset.spacing_mm_zyx, preset.patch_zyx)
     assert patch.shape == (16, 32, 32) and -3 < patch.mean() < 3 and patch.std() > 0.1  # real CT, normalised
     parity = check_parity(net, path, patch)
     assert parity["max_abs_logit_diff"] <= PARITY_TOL and parity["argmax_agreement"] == 1.0

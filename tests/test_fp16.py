@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from pocketseg.engine_build.fp16 import convert_to_mixed_fp16, fp16_summary  # noqa: E402
 from pocketseg.errors import InputError  # noqa: E402
-from pocketseg.trainer.network import PocketUNet  # noqa: E402
+from pocketseg.runtime.network import PocketUNet  # noqa: E402
 from pocketseg.trainer.presets import get_preset  # noqa: E402
 
 PATCH = (16, 32, 32)

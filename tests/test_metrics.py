@@ -1,4 +1,4 @@
-"""FLARE 2023 DSC and NSD (pocketseg.benchmarks.metrics).
+"""FLARE 2023 DSC and NSD (pocketseg.evaluation.metrics).
 
 * Surfel areas: hand-derived marching-cubes areas of single codes at an
   anisotropic spacing, complement symmetry, and the total surface of a box.
@@ -22,7 +22,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial import cKDTree
 
-from pocketseg.benchmarks.metrics import (
+from pocketseg.evaluation.metrics import (
     COLUMNS,
     SLICE_RESTRICTED_IDS,
     TOLERANCE_MM,
@@ -104,13 +104,13 @@ def test_empty_and_identical_masks(backend):
     xp = backend.xp
     empty = xp.zeros((6, 7, 8), dtype=bool)
     cube = xp.asarray(box((6, 7, 8), (1, 2, 2), (4, 5, 6)))
-    assert dice(empty, empty, xp=xp) == 1.0
-    assert normalized_surface_dice(empty, empty, SPACING, 2.0, xp=xp, ndi=backend.ndi) == 1.0
+    assert dice(empty, empty, am=backend.am) == 1.0
+    assert normalized_surface_dice(empty, empty, SPACING, 2.0, am=backend.am) == 1.0
     for a, b in ((empty, cube), (cube, empty)):
-        assert dice(a, b, xp=xp) == 0.0
-        assert normalized_surface_dice(a, b, SPACING, 2.0, xp=xp, ndi=backend.ndi) == 0.0
-    assert dice(cube, cube, xp=xp) == 1.0
-    assert normalized_surface_dice(cube, cube, SPACING, 0.1, xp=xp, ndi=backend.ndi) == 1.0
+        assert dice(a, b, am=backend.am) == 0.0
+        assert normalized_surface_dice(a, b, SPACING, 2.0, am=backend.am) == 0.0
+    assert dice(cube, cube, am=backend.am) == 1.0
+    assert normalized_surface_dice(cube, cube, SPACING, 0.1, am=backend.am) == 1.0
 
 
 def test_dice_value():
@@ -127,7 +127,7 @@ def test_score_case_empty_rules(backend):
     pred[1:4, 1:4, 1:4] = 1
     gt[5:7, 5:7, 5:7] = 3  # spleen only in the ground truth
     pred[5:7, 1:3, 5:7] = 9  # gallbladder only in the prediction
-    scores = score_case(xp.asarray(pred), xp.asarray(gt), (1.0, 1.0, 1.0), xp=xp, ndi=backend.ndi)
+    scores = score_case(xp.asarray(pred), xp.asarray(gt), (1.0, 1.0, 1.0), am=backend.am)
     assert list(scores) == list(COLUMNS)
     assert scores["Liver_DSC"] == scores["Liver_NSD"] == 1.0
     assert scores["Spleen_DSC"] == scores["Spleen_NSD"] == 0.0
@@ -173,7 +173,7 @@ def test_one_voxel_shift_analytic(backend):
     b = np.roll(a, 1, axis=0)
     tol = 0.9 * min(SPACING)
     got = normalized_surface_dice(backend.xp.asarray(a), backend.xp.asarray(b), SPACING, tol,
-                                  xp=backend.xp, ndi=backend.ndi)
+                                  am=backend.am)
     expected = shifted_box_nsd(tuple(h - l for h, l in zip(hi, lo)), SPACING)
     assert 0.3 < expected < 0.9
     assert got == pytest.approx(expected, abs=1e-12)
@@ -287,7 +287,7 @@ def test_tubes_scored_on_ground_truth_slices_only(backend, label_id):
     pred[15:20, 3:6, 3:6] = label_id
     pred[0:20, 0:2, 0:2] = 1
     spacing = (2.0, 0.8, 0.8)
-    scores = score_case(xp.asarray(pred), xp.asarray(gt), spacing, z_axis=0, xp=xp, ndi=backend.ndi)
+    scores = score_case(xp.asarray(pred), xp.asarray(gt), spacing, z_axis=0, am=backend.am)
     col = {5: "Aorta", 6: "Inferior_vena_cava", 10: "Esophagus"}[label_id]
     assert scores[f"{col}_DSC"] == 1.0
     assert scores[f"{col}_NSD"] == 1.0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pocketseg.errors import InputError
-from pocketseg.trainer.network import PocketUNet, UNetConfig, count_flops, count_parameters
+from pocketseg.runtime.network import PocketUNet, UNetConfig, count_flops, count_parameters
 from pocketseg.trainer.presets import PRESETS, get_preset, model_info
 
 

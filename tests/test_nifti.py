@@ -35,7 +35,8 @@ import pocketseg.atomic
 import pocketseg.nifti
 from pocketseg.errors import InputError, OutputError
 from pocketseg.nifti import read_nifti, write_labels, write_nifti
-from pocketseg.volume import Volume, load_volume
+from pocketseg.imageio import load_volume
+from pocketseg.volume import Volume
 
 SHAPE = (5, 6, 7)  # all different, so any axis mix-up (C vs F order, transposes) shows
 GEOMETRY_FIELDS = (

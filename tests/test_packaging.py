@@ -19,14 +19,24 @@ def test_core_and_io_do_not_import_torch():
 
 
 def test_rooms_import_under_the_pocketseg_namespace():
-    import pocketseg.benchmarks
-    import pocketseg.engine_build
-    import pocketseg.runtime
-    import pocketseg.trainer
+    import importlib
 
-    for module, folder in ((pocketseg.runtime, "runtime"), (pocketseg.trainer, "trainer"),
-                           (pocketseg.engine_build, "engine_build"), (pocketseg.benchmarks, "benchmarks")):
+    for folder in ("runtime", "engine_build", "evaluation", "trainer", "deploy", "benchmarks"):
+        module = importlib.import_module(f"pocketseg.{folder}")
         assert Path(module.__file__).resolve().parent == ROOT / folder
+
+
+def test_public_entry_points_are_the_runtime_functions_imported_on_first_use():
+    code = ("import sys, pocketseg; light = not {'scipy', 'nibabel', 'pocketseg.runtime'} & set(sys.modules); "
+            "from pocketseg.runtime.cascade import CascadePredictor; from pocketseg.runtime.predict import predict, segment; "
+            "same = pocketseg.segment is segment and pocketseg.predict is predict "
+            "and pocketseg.CascadePredictor is CascadePredictor; "
+            "sys.exit(0 if light and same and 'segment' in dir(pocketseg) else 1)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    import pocketseg
+
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pocketseg.nothing  # noqa: B018
 
 
 @pytest.mark.slow
@@ -40,17 +50,21 @@ def test_wheel_puts_only_pocketseg_at_the_top_of_site_packages(tmp_path):
         names = set(zf.namelist())
     assert tops == {"pocketseg", next(t for t in tops if t.endswith(".dist-info"))}
     for module in ("pocketseg/runtime/__init__.py", "pocketseg/trainer/__init__.py", "pocketseg/engine_build/__init__.py",
-                   "pocketseg/benchmarks/__init__.py", "pocketseg/synth/phantom.py", "pocketseg/cli.py"):
+                   "pocketseg/evaluation/metrics.py", "pocketseg/deploy/entrypoint.py", "pocketseg/benchmarks/__init__.py",
+                   "pocketseg/synth/phantom.py", "pocketseg/cli.py", "pocketseg/version.py"):
         assert module in names
 
 
 @pytest.mark.parametrize("module", ["pocketseg.runtime.resample", "pocketseg.runtime.sliding_window",
                                     "pocketseg.runtime.intensity", "pocketseg.runtime.postprocess",
                                     "pocketseg.runtime.arrays", "pocketseg.runtime.engines",
-                                    "pocketseg.runtime.cascade", "pocketseg.runtime.predict"])
+                                    "pocketseg.runtime.tensorrt_probe", "pocketseg.runtime.cascade",
+                                    "pocketseg.runtime.predict", "pocketseg.evaluation.evaluate",
+                                    "pocketseg.deploy.doctor", "pocketseg.deploy.entrypoint", "pocketseg.cli"])
 def test_runtime_array_code_imports_neither_cupy_nor_torch(module):
-    # Array code takes xp/ndi as arguments and engines import their library when opened: importing the
-    # runtime must pull in no device library and nothing of the trainer (the Jetson image has no torch).
+    # Array code takes an ArrayModule and engines import their library when opened: importing the runtime (and
+    # what the Jetson image runs on top of it, the CLI included) pulls in no device library and nothing of the
+    # trainer (the image has no torch).
     code = (f"import sys, {module}; "
             "sys.exit(1 if {'cupy', 'cupyx', 'torch'} & {m.split('.')[0] for m in sys.modules} "
             "or any(m.startswith('pocketseg.trainer') for m in sys.modules) else 0)")

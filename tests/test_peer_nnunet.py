@@ -27,11 +27,13 @@ from pocketseg.benchmarks.peers.nnunet import (
     roi_box,
     stage_plans,
 )
-from pocketseg.engine_build.export import export_package
+from pocketseg.trainer.package import export_package
 from pocketseg.errors import InputError
 from pocketseg.manifest import PostProcess
 from pocketseg.synth.phantom import make_phantom
-from pocketseg.trainer.preprocess import IntensityStats, canonical_zyx
+from pocketseg.manifest import Intensity
+from pocketseg.runtime.intensity import ct_normalize
+from pocketseg.volume import canonical_zyx
 from pocketseg.volume import Volume
 
 pytest.importorskip("nnunetv2", reason="nnU-Net v2 (extra 'peers') is not installed")
@@ -139,7 +141,7 @@ def test_roi_tile_matches_our_network_on_nnunet_normalised_input(peer, small_ct,
     expected = (np.clip(x.astype(np.float32), lo, hi) - np.float32(INTENSITY["mean"])) / np.float32(INTENSITY["std"])
     assert data.shape == (1, *stage.patch_zyx) and data.dtype == np.float32
     np.testing.assert_array_equal(data[0], expected)
-    np.testing.assert_array_equal(data[0], IntensityStats(**INTENSITY).normalize(x))  # pocketseg's own
+    np.testing.assert_array_equal(data[0], ct_normalize(x, Intensity(**INTENSITY)))  # pocketseg's own
 
     got = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
     assert got.dtype == torch.float16  # nnU-Net accumulates tiles in fp16, on the CPU too
@@ -167,7 +169,7 @@ def test_nnunet_resampling_is_ours_clipped_to_the_input_range(peer, small_ct):
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     data, _, _ = cm.preprocessor_class(verbose=False).run_case_npy(image[None], None, {"spacing": list(spacing)}, pm,
                                                                     cm, predictor.dataset_json)
-    norm = IntensityStats(**INTENSITY).normalize(image)
+    norm = ct_normalize(image, Intensity(**INTENSITY))
     ours = resample_image(norm, target_shape(image.shape, spacing, stage.spacing_mm_zyx), order=3,
                           separate_z=separate_z_axis(spacing, stage.spacing_mm_zyx))
     assert data.shape[1:] == ours.shape

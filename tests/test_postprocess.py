@@ -7,7 +7,8 @@ import pytest
 import scipy.ndimage
 
 from pocketseg.runtime import arrays
-from pocketseg.runtime.postprocess import bounding_box, keep_largest_components, remove_small_components
+from pocketseg.runtime.arrays import bounding_box
+from pocketseg.runtime.postprocess import keep_largest_components, remove_small_components
 
 
 @pytest.fixture(params=["cpu-cc3d", "cpu-scipy", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -48,12 +48,19 @@ def test_single_file_with_statistics_and_preview(tiny_package, cases, tmp_path):
     stats = json.loads((tmp_path / "A.statistics.json").read_text())
     labels = np.asarray(seg.dataobj)
     voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
-    liver = stats["classes"]["liver"]
-    assert liver["voxels"] == int((labels == 1).sum())
-    assert liver["volume_ml"] == pytest.approx(liver["voxels"] * voxel_ml, abs=1e-3)
-    if liver["voxels"]:
-        assert liver["mean_hu"] == pytest.approx(float(ref.data[labels == 1].mean()), abs=0.01)
-    assert (tmp_path / "A.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    present = {int(v) for v in np.unique(labels)} - {0}
+    assert present, "the tiny package segmented nothing: the statistics would check nothing"
+    for name, entry in stats["classes"].items():
+        mask = labels == entry["id"]
+        assert entry["voxels"] == int(mask.sum()), name
+        assert entry["volume_ml"] == pytest.approx(entry["voxels"] * voxel_ml, abs=1e-3)
+        if entry["id"] in present:  # every class the map holds has its mean HU, the others None
+            assert entry["mean_hu"] == pytest.approx(float(ref.data[mask].mean()), abs=0.01), name
+        else:
+            assert entry["mean_hu"] is None, name
+    assert {e["id"] for e in stats["classes"].values() if e["voxels"]} == present
+    png = (tmp_path / "A.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a rendered figure, not an empty image
 
 
 def test_existing_output_is_never_overwritten_silently(tiny_package, cases, tmp_path):
@@ -134,7 +141,7 @@ def test_dicom_series_input(tiny_package, ct_examples, tmp_path):
         pytest.skip(f"no DICOM series folder at {series}")
     out = tmp_path / "dicom_seg.nii.gz"
     assert _run("-i", series, "-o", out, "-m", tiny_package) == 0
-    from pocketseg.volume import load_volume
+    from pocketseg.imageio import load_volume
 
     vol = load_volume(series)
     seg = nib.load(out)
@@ -193,7 +200,8 @@ def test_output_may_not_replace_the_input(tiny_package, cases, tmp_path, capsys)
 def test_single_file_into_a_new_folder(tiny_package, cases, tmp_path):
     out = tmp_path / "new" / "deeper"
     assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package) == 0
-    assert (out / "A.nii.gz").is_file()
+    seg, ref = read_nifti(out / "A.nii.gz"), read_nifti(cases / "A_0000.nii.gz")
+    assert seg.shape == ref.shape and seg.data.dtype == np.uint8 and np.allclose(seg.affine, ref.affine)
 
 
 def test_resume_finishes_an_interrupted_case(tiny_package, cases, tmp_path):
@@ -201,5 +209,10 @@ def test_resume_finishes_an_interrupted_case(tiny_package, cases, tmp_path):
     out.mkdir()
     (out / "A.statistics.json").write_text("{}")  # written before the label map, which never came
     assert _run("-i", cases, "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
-    assert json.loads((out / "A.statistics.json").read_text())["case"] == "A"
-    assert (out / "A.nii.gz").is_file() and (out / "B.nii.gz").is_file()
+    stats = json.loads((out / "A.statistics.json").read_text())
+    assert stats["case"] == "A"
+    for case in ("A", "B"):
+        seg, ref = read_nifti(out / f"{case}.nii.gz"), read_nifti(cases / f"{case}_0000.nii.gz")
+        assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
+    labels = np.asarray(read_nifti(out / "A.nii.gz").data)
+    assert {e["id"] for e in stats["classes"].values() if e["voxels"]} == {int(v) for v in np.unique(labels)} - {0}

@@ -9,10 +9,11 @@ import pytest
 
 from pocketseg.nifti import write_nifti
 from pocketseg.synth.phantom import make_phantom
+from pocketseg.manifest import Intensity
+from pocketseg.runtime.intensity import ct_normalize
 from pocketseg.trainer.dataset import open_dataset
-from pocketseg.trainer.preprocess import (IntensityStats, body_bbox, canonical_zyx, compute_fingerprint, load_preprocessed,
-                                          preprocess_cases)
-from pocketseg.volume import Volume
+from pocketseg.trainer.preprocess import body_bbox, compute_fingerprint, load_preprocessed, preprocess_cases
+from pocketseg.volume import Volume, canonical_zyx
 
 
 def _write_case(root, name, ph):
@@ -43,7 +44,7 @@ def test_same_anatomy_in_any_orientation_preprocesses_identically(two_orientatio
     ds = open_dataset(two_orientations)
     cases = ds.labelled(full_only=True)
     fp = compute_fingerprint(cases, progress=False)
-    stats = IntensityStats(**fp["intensity"])
+    stats = Intensity(**fp["intensity"])
     folder = preprocess_cases(cases, stats, (5.0, 4.0, 4.0), tmp_path, progress=False)
     a, b = load_preprocessed(folder, "ras"), load_preprocessed(folder, "lpi")
     np.testing.assert_array_equal(a.seg, b.seg)
@@ -58,7 +59,7 @@ def test_fingerprint_and_normalisation(two_orientations, tmp_path):
     # Foreground of abdominal CT: organs of tens to ~250 HU; percentiles bracket the mean.
     assert -100 < s["mean"] < 250 and 5 < s["std"] < 300
     assert s["percentile_00_5"] < s["mean"] < s["percentile_99_5"]
-    stats = IntensityStats(**s)
+    stats = Intensity(**s)
     folder = preprocess_cases(cases, stats, (5.0, 4.0, 4.0), tmp_path, progress=False)
     case = load_preprocessed(folder, "ras")
     assert isinstance(case.image, np.memmap) and case.image.dtype == np.float32
@@ -70,7 +71,7 @@ def test_fingerprint_and_normalisation(two_orientations, tmp_path):
     inside = (img >= lo - 0.05) & (img <= hi + 0.05)
     assert inside.mean() > 0.9  # clipped before resampling; cubic-spline overshoot at sharp edges leaves the range
     raw = np.array([-2000.0, stats.percentile_00_5, stats.mean, 5000.0])
-    np.testing.assert_allclose(stats.normalize(raw), [lo, lo, 0.0, hi], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ct_normalize(raw, stats), [lo, lo, 0.0, hi], rtol=1e-6, atol=1e-6)
     spacing = case.props["spacing_mm_zyx"]
     assert spacing == [5.0, 4.0, 4.0] and list(case.image.shape) == case.props["shape_zyx"]
     assert set(case.props["class_locations"]) == {str(c) for c in range(1, 14)} | ({"14"} if (np.asarray(case.seg) == 14).any() else set())
@@ -78,14 +79,14 @@ def test_fingerprint_and_normalisation(two_orientations, tmp_path):
 
 def test_cache_is_reused_and_keyed(two_orientations, tmp_path):
     cases = open_dataset(two_orientations).labelled(full_only=True)
-    stats = IntensityStats(mean=50.0, std=60.0, percentile_00_5=-100.0, percentile_99_5=300.0)
+    stats = Intensity(mean=50.0, std=60.0, percentile_00_5=-100.0, percentile_99_5=300.0)
     folder = preprocess_cases(cases, stats, (5.0, 4.0, 4.0), tmp_path, progress=False)
     stamp = (folder / "ras.npy").stat().st_mtime_ns
     assert preprocess_cases(cases, stats, (5.0, 4.0, 4.0), tmp_path, progress=False) == folder
     assert (folder / "ras.npy").stat().st_mtime_ns == stamp  # not redone
     other = preprocess_cases(cases, stats, (6.0, 4.0, 4.0), tmp_path, progress=False)
     assert other != folder  # a different spacing is a different cache
-    other_stats = IntensityStats(mean=40.0, std=60.0, percentile_00_5=-100.0, percentile_99_5=300.0)
+    other_stats = Intensity(mean=40.0, std=60.0, percentile_00_5=-100.0, percentile_99_5=300.0)
     assert preprocess_cases(cases, other_stats, (5.0, 4.0, 4.0), tmp_path, progress=False) != folder
     assert not list(folder.glob(".*.part"))
 

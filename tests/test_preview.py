@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pocketseg.synth.phantom import make_phantom
-from pocketseg.synth.preview import _display, render_preview, to_ras, write_preview
+from pocketseg.preview import _display, render_preview, to_ras, write_preview
 
 
 def test_display_puts_patient_right_left_and_anterior_superior_up():

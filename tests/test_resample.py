@@ -80,9 +80,9 @@ def test_separate_z_axis_threshold_is_configurable() -> None:
 
 
 def test_identity_returns_float32_copy(backend: SimpleNamespace) -> None:
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     image = xp.asarray(np.arange(60, dtype=np.int16).reshape(3, 4, 5))
-    out = resample_to_spacing(image, (2.0, 1.0, 1.0), (2.0, 1.0, 1.0), xp=xp, ndi=ndi)
+    out = resample_to_spacing(image, (2.0, 1.0, 1.0), (2.0, 1.0, 1.0), am=backend.am)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(backend.to_np(out), np.arange(60).reshape(3, 4, 5))
     out[0, 0, 0] = 99
@@ -92,7 +92,7 @@ def test_identity_returns_float32_copy(backend: SimpleNamespace) -> None:
 @pytest.mark.parametrize("new_shape", [(5, 3, 7), (1, 1, 1), (13, 17, 2), (9, 11, 8)])
 def test_exact_output_shapes_for_odd_factors(backend: SimpleNamespace, new_shape) -> None:
     image = backend.xp.asarray(_smooth((9, 11, 8)))
-    out = resample_image(image, new_shape, xp=backend.xp, ndi=backend.ndi)
+    out = resample_image(image, new_shape, am=backend.am)
     assert tuple(out.shape) == new_shape
     assert out.dtype == np.float32
 
@@ -100,16 +100,16 @@ def test_exact_output_shapes_for_odd_factors(backend: SimpleNamespace, new_shape
 @pytest.mark.parametrize(("order", "separate_z"), [(0, None), (1, None), (3, None), (3, 0), (3, 2), (1, 1)])
 def test_constant_image_stays_constant(backend: SimpleNamespace, order: int, separate_z) -> None:
     image = backend.xp.full((6, 7, 5), -123.5, dtype=backend.xp.float32)
-    out = resample_image(image, (11, 4, 9), order=order, separate_z=separate_z, xp=backend.xp, ndi=backend.ndi)
+    out = resample_image(image, (11, 4, 9), order=order, separate_z=separate_z, am=backend.am)
     np.testing.assert_allclose(backend.to_np(out), -123.5, rtol=0, atol=1e-4)
 
 
 def test_downsample_then_upsample_reconstructs_smooth_volume(backend: SimpleNamespace) -> None:
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     image = _smooth((24, 24, 24))
-    down = resample_to_spacing(xp.asarray(image), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), xp=xp, ndi=ndi)
+    down = resample_to_spacing(xp.asarray(image), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), am=backend.am)
     assert tuple(down.shape) == (12, 12, 12)
-    up = backend.to_np(resample_to_spacing(down, (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), xp=xp, ndi=ndi))
+    up = backend.to_np(resample_to_spacing(down, (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), am=backend.am))
     assert up.shape == image.shape
     inner = (slice(2, -2),) * 3  # edge extension bends the border voxels
     assert np.abs(up[inner] - image[inner]).max() < 0.05
@@ -128,7 +128,7 @@ def test_matches_scipy_zoom_grid_mode(backend: SimpleNamespace, order: int) -> N
     )
     assert expected.shape == new_shape
     expected = np.clip(expected, image.min(), image.max())  # skimage's clip=True, kept by nnU-Net
-    out = resample_image(backend.xp.asarray(image), new_shape, order=order, xp=backend.xp, ndi=backend.ndi)
+    out = resample_image(backend.xp.asarray(image), new_shape, order=order, am=backend.am)
     np.testing.assert_allclose(backend.to_np(out), expected, rtol=0, atol=1e-5)
 
 
@@ -136,7 +136,7 @@ def test_matches_scipy_zoom_grid_mode(backend: SimpleNamespace, order: int) -> N
 def test_centre_plane_stays_centred(backend: SimpleNamespace, n_in: int, n_out: int, order: int) -> None:
     image = np.zeros((n_in, 4, 4), np.float32)
     image[n_in // 2] = 1.0
-    out = backend.to_np(resample_image(backend.xp.asarray(image), (n_out, 4, 4), order=order, xp=backend.xp, ndi=backend.ndi))
+    out = backend.to_np(resample_image(backend.xp.asarray(image), (n_out, 4, 4), order=order, am=backend.am))
     profile = out[:, 1, 2]
     np.testing.assert_allclose(profile, profile[::-1], atol=1e-6)  # symmetric about the centre
     assert int(np.argmax(profile)) == n_out // 2
@@ -144,10 +144,10 @@ def test_centre_plane_stays_centred(backend: SimpleNamespace, n_in: int, n_out: 
 
 
 def test_separate_z_upsampling_duplicates_slices_exactly(backend: SimpleNamespace) -> None:
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     rng = np.random.default_rng(1)
     image = rng.normal(size=(4, 9, 10)).astype(np.float32)
-    out = backend.to_np(resample_image(xp.asarray(image), (8, 6, 13), order=3, separate_z=0, order_z=0, xp=xp, ndi=ndi))
+    out = backend.to_np(resample_image(xp.asarray(image), (8, 6, 13), order=3, separate_z=0, order_z=0, am=backend.am))
     np.testing.assert_array_equal(out[0::2], out[1::2])  # nearest along z: each slice twice
     for k in range(4):  # ... and each is the 2D cubic resize of one input slice
         expected = scipy.ndimage.zoom(image[k], (6 / 9, 13 / 10), order=3, mode="nearest", grid_mode=True)
@@ -156,14 +156,14 @@ def test_separate_z_upsampling_duplicates_slices_exactly(backend: SimpleNamespac
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_separate_z_downsampling_picks_slices_and_uses_order_z(backend: SimpleNamespace, axis: int) -> None:
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     image = np.moveaxis(np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None], (6, 5, 5)), 0, axis).copy()
     new_shape = [5, 5, 5]
     new_shape[axis] = 3
-    nearest = backend.to_np(resample_image(xp.asarray(image), tuple(new_shape), separate_z=axis, order_z=0, xp=xp, ndi=ndi))
+    nearest = backend.to_np(resample_image(xp.asarray(image), tuple(new_shape), separate_z=axis, order_z=0, am=backend.am))
     # Output o samples input coordinate 2 * o + 0.5, a tie rounded up: slices 1, 3, 5.
     np.testing.assert_array_equal(np.unique(np.moveaxis(nearest, axis, 0)[:, 2, 2]), [1.0, 3.0, 5.0])
-    linear = backend.to_np(resample_image(xp.asarray(image), tuple(new_shape), separate_z=axis, order_z=1, xp=xp, ndi=ndi))
+    linear = backend.to_np(resample_image(xp.asarray(image), tuple(new_shape), separate_z=axis, order_z=1, am=backend.am))
     np.testing.assert_allclose(np.moveaxis(linear, axis, 0)[:, 2, 2], [0.5, 2.5, 4.5], atol=1e-5)
 
 
@@ -196,13 +196,13 @@ def test_labels_identity_and_dtype() -> None:
 
 
 def test_labels_values_preserved_including_ignore_label(backend: SimpleNamespace) -> None:
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     labels = np.zeros((10, 12, 14), np.uint8)
     labels[2:7, 3:9, 2:8] = 3
     labels[5:9, 6:11, 8:13] = 255
     labels[1:3, 1:3, 10:13] = 14
     for new_shape in [(7, 9, 19), (20, 24, 28), (5, 6, 7)]:
-        out = backend.to_np(resample_labels(xp.asarray(labels), new_shape, xp=xp, ndi=ndi))
+        out = backend.to_np(resample_labels(xp.asarray(labels), new_shape, am=backend.am))
         assert out.dtype == np.uint8 and out.shape == new_shape
         assert set(np.unique(out)) <= {0, 3, 14, 255}
         assert {3, 255} <= set(np.unique(out))
@@ -210,12 +210,12 @@ def test_labels_values_preserved_including_ignore_label(backend: SimpleNamespace
 
 @pytest.mark.parametrize(("spacing", "new_spacing"), [(1.0, 2.0), (2.0, 0.8)])
 def test_labels_sphere_volume_preserved(backend: SimpleNamespace, spacing: float, new_spacing: float) -> None:
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     n = int(round(60 / spacing))
     sphere = _sphere((n, n, n), (spacing,) * 3, radius_mm=20.0, value=7)
     volume_in = (sphere == 7).sum() * spacing**3
     out = backend.to_np(
-        resample_to_spacing(xp.asarray(sphere), (spacing,) * 3, (new_spacing,) * 3, is_labels=True, xp=xp, ndi=ndi)
+        resample_to_spacing(xp.asarray(sphere), (spacing,) * 3, (new_spacing,) * 3, is_labels=True, am=backend.am)
     )
     assert out.dtype == np.uint8
     volume_out = (out == 7).sum() * new_spacing**3
@@ -305,7 +305,7 @@ def test_bad_arguments_raise_value_error(call, match: str) -> None:
 def test_prepare_equals_normalising_first(backend, spacing, new_spacing):
     from pocketseg.runtime import resample as R
 
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     rng = np.random.default_rng(0)
     raw = rng.integers(-1024, 1500, size=(2 * R.CHUNK_SLICES + 5, 23, 21)).astype(np.int16)
 
@@ -314,8 +314,8 @@ def test_prepare_equals_normalising_first(backend, spacing, new_spacing):
 
     shape = target_shape(raw.shape, spacing, new_spacing)
     axis = separate_z_axis(spacing, new_spacing)
-    first = resample_image(normalize(xp.asarray(raw)), shape, separate_z=axis, xp=xp, ndi=ndi)
-    on_the_way = resample_image(xp.asarray(raw), shape, separate_z=axis, prepare=normalize, xp=xp, ndi=ndi)
+    first = resample_image(normalize(xp.asarray(raw)), shape, separate_z=axis, am=backend.am)
+    on_the_way = resample_image(xp.asarray(raw), shape, separate_z=axis, prepare=normalize, am=backend.am)
     assert on_the_way.dtype == np.float32 and tuple(on_the_way.shape) == shape
     np.testing.assert_allclose(backend.to_np(on_the_way), backend.to_np(first), rtol=0, atol=1e-5)
 
@@ -323,16 +323,16 @@ def test_prepare_equals_normalising_first(backend, spacing, new_spacing):
 def test_cubic_result_is_clipped_to_the_input_range_per_slice(backend):
     """A step edge makes a cubic spline overshoot; nnU-Net (skimage clip=True) clips it, per slice
     when the thick axis is resampled separately."""
-    xp, ndi = backend.xp, backend.ndi
+    xp = backend.xp
     image = np.zeros((4, 16, 16), np.float32)
     image[:, :, 8:] = 1.0
     image[1] *= 3.0  # another range on slice 1
     raw = scipy.ndimage.zoom(image[0].astype(np.float64), 1.7, order=3, mode="nearest", grid_mode=True)
     assert raw.max() > 1.01 and raw.min() < -0.01  # the spline does overshoot here
-    out = backend.to_np(resample_image(xp.asarray(image), (4, 27, 27), separate_z=0, xp=xp, ndi=ndi))
+    out = backend.to_np(resample_image(xp.asarray(image), (4, 27, 27), separate_z=0, am=backend.am))
     assert out[0].min() >= 0.0 and out[0].max() <= 1.0
     assert out[1].max() == pytest.approx(3.0) and out[1].min() >= 0.0
-    full = backend.to_np(resample_image(xp.asarray(image), (6, 27, 27), xp=xp, ndi=ndi))
+    full = backend.to_np(resample_image(xp.asarray(image), (6, 27, 27), am=backend.am))
     assert full.min() >= 0.0 and full.max() <= 3.0
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from pocketseg import labels as L
 from pocketseg.errors import InputError
+from pocketseg.manifest import load_package
 from pocketseg.trainer import pseudo as P
 
 LIVER, RKID, SPLEEN, TUMOR = 1, 2, 3, L.TUMOR
@@ -319,7 +320,7 @@ def _crash_twice_then_finish(dataset: Path, work: Path, mp: pytest.MonkeyPatch):
         written.append(Path(path))
         return real_write(labels, path, **kwargs)
 
-    mp.setattr(pocketseg.nifti, "write_labels", write_then_crash)
+    mp.setattr(S, "write_labels", write_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash while pseudo"):
         S.selftrain(dataset, work=work, **KW)
     mp.undo()
@@ -401,7 +402,8 @@ def test_rounds_pseudo_labels_merge_and_uncertainty(crashed_and_resumed):
     final = json.loads((work / "final" / "data" / "dataset.json").read_text())["pocketseg"]["sources"]
     assert set(final) == set(plan["train_full"]) | set(selection["selected"])
     assert all(scores[n] is not None and scores[n] < selection["threshold"] for n in selection["selected"])
-    assert (work / "final" / "model" / "manifest.json").is_file()
+    final_model = load_package(work / "final" / "model")  # complete, every checksum verified
+    assert {s.preset for s in final_model.stages.values()} == {KW["preset"], KW["roi_preset"]}
 
 
 @pytest.mark.slow

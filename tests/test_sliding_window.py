@@ -46,35 +46,35 @@ class RecordingNet:
 
 
 @pytest.mark.parametrize(
-    ("size", "tile", "fraction", "expected"),
+    ("size", "tile", "overlap", "expected"),
     [
         # n = ceil(68 / 32) + 1 = 4, stride 68 / 3 = 22.67 -> rounded starts
-        (100, 32, 1.0, [0, 23, 45, 68]),
+        (100, 32, 0.0, [0, 23, 45, 68]),
         # n = ceil(68 / 16) + 1 = 6, stride 13.6
         (100, 32, 0.5, [0, 14, 27, 41, 54, 68]),
-        (64, 32, 1.0, [0, 32]),  # divisible: tiles touch, no overlap
+        (64, 32, 0.0, [0, 32]),  # divisible: tiles touch, no overlap
         (64, 32, 0.5, [0, 16, 32]),
-        (33, 32, 1.0, [0, 1]),
+        (33, 32, 0.0, [0, 1]),
         (32, 32, 0.5, [0]),
-        (10, 32, 1.0, [0]),  # smaller than the tile: padded, one tile
-        (20, 7, 1.0 / 3, [0, 2, 4, 6, 9, 11, 13]),  # stride 13 / 6 = 2.17
+        (10, 32, 0.0, [0]),  # smaller than the tile: padded, one tile
+        (20, 7, 2.0 / 3, [0, 2, 4, 6, 9, 11, 13]),  # stride 13 / 6 = 2.17
     ],
 )
-def test_compute_steps_known_cases(size: int, tile: int, fraction: float, expected: list[int]) -> None:
-    assert compute_steps(size, tile, fraction) == expected
+def test_compute_steps_known_cases(size: int, tile: int, overlap: float, expected: list[int]) -> None:
+    assert compute_steps(size, tile, overlap) == expected
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.75, 0.5, 0.3])
-def test_steps_cover_the_axis_with_bounded_stride(fraction: float) -> None:
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.7])
+def test_steps_cover_the_axis_with_bounded_stride(overlap: float) -> None:
     for size, tile in itertools.product(range(1, 80, 7), (4, 16, 31)):
-        steps = compute_steps(size, tile, fraction)
+        steps = compute_steps(size, tile, overlap)
         assert steps[0] == 0
         assert steps[-1] == max(size - tile, 0)  # the last tile ends at the (padded) border
-        assert all(0 < b - a <= tile * fraction + 1 for a, b in zip(steps, steps[1:]))
+        assert all(0 < b - a <= tile * (1 - overlap) + 1 for a, b in zip(steps, steps[1:]))
 
 
 def test_count_tiles_is_the_product_of_steps_and_pads_small_axes() -> None:
-    assert count_tiles((100, 64, 10), (32, 32, 32), 1.0) == 4 * 2 * 1
+    assert count_tiles((100, 64, 10), (32, 32, 32), 0.0) == 4 * 2 * 1
     assert count_tiles((100, 64, 10), (32, 32, 32), 0.5) == 6 * 3 * 1
     assert count_tiles((5, 5, 5), (8, 8, 8), 0.5) == 1
 
@@ -113,11 +113,11 @@ def test_gaussian_map_zeros_replaced_by_smallest_nonzero() -> None:
 
 
 @pytest.mark.parametrize("shape", [(20, 17, 23), (5, 7, 6), (8, 12, 10), (9, 3, 25)])
-@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("overlap", [0.0, 0.5])
 @pytest.mark.parametrize("gaussian", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_prediction_equals_network_on_whole_volume(
-    backend: SimpleNamespace, shape, fraction: float, gaussian: bool, batch_size: int
+    backend: SimpleNamespace, shape, overlap: float, gaussian: bool, batch_size: int
 ) -> None:
     """A per-voxel network must give the same logits however the volume is tiled.
 
@@ -130,11 +130,11 @@ def test_prediction_equals_network_on_whole_volume(
     net = RecordingNet(xp)
     out = sliding_window_predict(
         xp.asarray(image), patch, net, net.num_classes,
-        step_fraction=fraction, gaussian=gaussian, batch_size=batch_size, xp=xp,
+        overlap=overlap, gaussian=gaussian, batch_size=batch_size, am=backend.am,
     )
     assert out.shape == (3,) + shape and out.dtype == np.float32
     np.testing.assert_allclose(backend.to_np(out), net.expected(image), rtol=1e-5, atol=1e-5)
-    n_tiles = count_tiles(shape, patch, fraction)
+    n_tiles = count_tiles(shape, patch, overlap)
     assert sum(b[0] for b in net.batches) == n_tiles
     assert len(net.batches) == -(-n_tiles // batch_size)
     assert all(b[2:] == patch and b[0] <= batch_size for b in net.batches)
@@ -155,8 +155,8 @@ def test_every_tile_position_is_visited_once() -> None:
         return np.zeros((batch.shape[0], 1) + patch, np.float32)
 
     image[...] = np.arange(image.size).reshape(shape)
-    sliding_window_predict(image, patch, probe, 1, step_fraction=1.0, batch_size=2)
-    expected = list(itertools.product(*[compute_steps(s, p, 1.0) for s, p in zip(shape, patch)]))
+    sliding_window_predict(image, patch, probe, 1, overlap=0.0, batch_size=2)
+    expected = list(itertools.product(*[compute_steps(s, p, 0.0) for s, p in zip(shape, patch)]))
     assert sorted(tuple(int(v) for v in c) for c in corners) == sorted(expected)
     assert visits.min() >= 1  # every voxel is covered
 
@@ -170,7 +170,7 @@ def test_gaussian_blending_weights_overlap() -> None:
         calls.append(len(calls))
         return np.full((batch.shape[0], 1) + patch, float(len(calls) - 1), np.float32)
 
-    out = sliding_window_predict(np.zeros(shape, np.float32), patch, constant_per_tile, 1, step_fraction=0.5, gaussian=True)
+    out = sliding_window_predict(np.zeros(shape, np.float32), patch, constant_per_tile, 1, overlap=0.5, gaussian=True)
     w = gaussian_importance_map(patch)[0, 0]
     got = out[0, 0, 0]
     np.testing.assert_allclose(got[:4], 0.0, atol=1e-6)
@@ -186,7 +186,7 @@ def test_uniform_blending_is_plain_mean() -> None:
     def constant_per_tile(batch):
         return np.full((batch.shape[0], 1) + patch, float(next(counter)), np.float32)
 
-    out = sliding_window_predict(np.zeros(shape, np.float32), patch, constant_per_tile, 1, step_fraction=0.5)
+    out = sliding_window_predict(np.zeros(shape, np.float32), patch, constant_per_tile, 1, overlap=0.5)
     np.testing.assert_allclose(out[0, 0, 0], [0] * 4 + [0.5] * 4 + [1] * 4)
 
 
@@ -195,8 +195,8 @@ def test_float16_output_and_progress_bar(backend: SimpleNamespace) -> None:
     image = np.random.default_rng(0).normal(size=(9, 9, 9)).astype(np.float32)
     net = RecordingNet(xp)
     out = sliding_window_predict(
-        xp.asarray(image), (4, 4, 4), net, 3, step_fraction=0.5, gaussian=True,
-        xp=xp, progress=True, out_dtype=np.float16,
+        xp.asarray(image), (4, 4, 4), net, 3, overlap=0.5, gaussian=True,
+        am=backend.am, progress=True, out_dtype=np.float16,
     )
     assert out.dtype == np.float16
     np.testing.assert_allclose(backend.to_np(out).astype(np.float32), net.expected(image), rtol=2e-2, atol=2e-2)
@@ -206,7 +206,7 @@ def test_logs_tile_count_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     net = RecordingNet(np)
     with caplog.at_level(logging.DEBUG, logger="pocketseg.runtime.sliding_window"):
         sliding_window_predict(np.zeros((20, 17, 23), np.float32), (8, 6, 10), net, 3)
-    assert f"-> {count_tiles((20, 17, 23), (8, 6, 10), 1.0)} tiles" in caplog.text
+    assert f"-> {count_tiles((20, 17, 23), (8, 6, 10), 0.0)} tiles" in caplog.text
 
 
 def test_infer_may_return_plain_lists_of_numbers() -> None:
@@ -232,8 +232,8 @@ def _net(batch):
         (dict(patch_zyx=(4, 4)), "patch_zyx"),
         (dict(patch_zyx=(4, 0, 4)), "patch_zyx"),
         (dict(patch_zyx=(4, 4.0, 4)), "patch_zyx"),
-        (dict(step_fraction=0.0), "step_fraction"),
-        (dict(step_fraction=1.5), "step_fraction"),
+        (dict(overlap=1.0), "overlap"),
+        (dict(overlap=-0.5), "overlap"),
         (dict(num_classes=0), "num_classes"),
         (dict(batch_size=0), "batch_size"),
         (dict(out_dtype=np.int32), "out_dtype"),
@@ -265,7 +265,7 @@ def test_wrong_infer_output_shape_is_a_clear_error(bad_output) -> None:
     [
         (lambda: compute_steps(0, 4, 1.0), "size"),
         (lambda: compute_steps(10, 0, 1.0), "tile"),
-        (lambda: compute_steps(10, 4, 0.0), "step_fraction"),
+        (lambda: compute_steps(10, 4, 1.0), "overlap"),
         (lambda: count_tiles((10, 10), (4, 4, 4), 1.0), "shape_zyx"),
         (lambda: gaussian_importance_map((4, 4, 4), sigma_scale=0.0), "sigma_scale"),
     ],
@@ -294,8 +294,11 @@ def test_streamed_labels_equal_the_argmax_of_the_logits(backend, shape, patch, s
         # position-dependent logits so that overlaps and blending matter
         return b * weights[None] + xp.sin(b * 3.0) * weights[None, ::-1]
 
-    logits = sliding_window_predict(image, patch, infer, 5, step_fraction=step, gaussian=gaussian, batch_size=batch, xp=xp)
-    labels = sliding_window_labels(image, patch, infer, 5, step_fraction=step, gaussian=gaussian, batch_size=batch, xp=xp)
+    overlap = 1.0 - step
+    logits = sliding_window_predict(image, patch, infer, 5, overlap=overlap, gaussian=gaussian, batch_size=batch,
+                                    am=backend.am)
+    labels = sliding_window_labels(image, patch, infer, 5, overlap=overlap, gaussian=gaussian, batch_size=batch,
+                                   am=backend.am)
     assert labels.dtype == np.uint8 and tuple(labels.shape) == shape
     np.testing.assert_array_equal(backend.to_np(labels), backend.to_np(xp.argmax(logits, axis=0)))
 
@@ -310,7 +313,7 @@ def test_streamed_labels_memory_does_not_grow_with_slices():
     for z in (64, 512):
         image = np.random.default_rng(0).normal(size=(z, 48, 48)).astype(np.float32)
         tracemalloc.start()
-        sliding_window_labels(image, (16, 24, 24), infer, 6, step_fraction=0.5)
+        sliding_window_labels(image, (16, 24, 24), infer, 6, overlap=0.5)
         peaks[z] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         # beyond the input copy (4 B/voxel) and the labels (1 B/voxel), only patch-sized buffers

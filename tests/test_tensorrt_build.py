@@ -45,11 +45,12 @@ from pathlib import Path
 import pytest
 
 from pocketseg.engine_build import tensorrt_build as tb
-from pocketseg.engine_build.tensorrt_build import (EngineBuildError, GpuIdentity, build_engine, build_mode,
-                                                   build_package_engines, engine_matches, gpu_identity,
-                                                   import_tensorrt, normalize_compute_capability,
-                                                   parse_nvidia_smi, parse_version, select_engine,
-                                                   tensorrt_available, trtexec_command)
+from pocketseg.engine_build.tensorrt_build import (EngineBuildError, build_engine, build_mode, build_package_engines,
+                                                   trtexec_command)
+from pocketseg.runtime import tensorrt_probe as probe
+from pocketseg.runtime.tensorrt_probe import (GpuIdentity, TensorRTError, engine_matches, gpu_identity, import_tensorrt,
+                                              normalize_compute_capability, parse_nvidia_smi, parse_version,
+                                              select_engine, tensorrt_available)
 from pocketseg.errors import InputError, MissingDependencyError
 from pocketseg.manifest import (MANIFEST_NAME, EngineRecord, Intensity, Manifest, Network, Stage, load_package)
 
@@ -200,8 +201,8 @@ def test_gpu_identity_tries_the_probes_in_order():
               ("cupy", failing("cupy"))]
     assert gpu_identity(probes=probes) == GpuIdentity("NVIDIA L4", "8.9")
     assert calls == ["cuda-python", "nvidia-smi", "torch"]
-    assert [label for label, _ in tb.GPU_PROBES] == ["cuda-python", "nvidia-smi", "torch", "cupy"]
-    with pytest.raises(EngineBuildError, match="cuda-python: RuntimeError: cuda-python unavailable.*cupy"):
+    assert [label for label, _ in probe.GPU_PROBES] == ["cuda-python", "nvidia-smi", "torch", "cupy"]
+    with pytest.raises(TensorRTError, match="cuda-python: RuntimeError: cuda-python unavailable.*cupy"):
         gpu_identity(probes=[probes[0], probes[3]])
 
 

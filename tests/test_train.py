@@ -54,7 +54,10 @@ def test_loss_falls_on_the_tiny_preset(dataset, cache, tmp_path):
     assert set(config["val_cases"]).isdisjoint(config["train_cases"])
     assert "FLARESyn_0005" not in config["train_cases"] + config["val_cases"]  # the partial case is not used
     assert (run / "progress.png").read_bytes()[:4] == b"\x89PNG"
-    assert (run / ckpt.BEST).is_file()
+    best = ckpt.load_checkpoint(run / ckpt.BEST)
+    validated = [h for h in history if "val_mean_dice" in h]
+    assert best["epoch"] == max(validated, key=lambda h: h["val_mean_dice"])["epoch"]
+    assert best["best"] == pytest.approx(max(h["val_mean_dice"] for h in validated))
     assert "epoch 4/4" in (run / "training_log.txt").read_text()
 
 

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from pocketseg.errors import InputError
-from pocketseg.volume import Volume, is_nifti_path, load_volume, volume_info
+from pocketseg.imageio import load_volume, volume_info
+from pocketseg.layout import is_nifti_path
+from pocketseg.volume import Volume
 
 
 def lps_affine(zooms=(0.75, 0.8, 3.0)) -> np.ndarray:

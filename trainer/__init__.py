@@ -1,1 +1,1 @@
-"""pocketseg.trainer: the Pocket U-Net, preprocessing, data loading and training loops."""
+"""pocketseg.trainer: preprocessing, data loading, losses, the trainer, self-training, a run's model package."""

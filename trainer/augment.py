@@ -68,6 +68,7 @@ def _in_plane_rotation(image=None, dim=None, **_):
 def training_transforms(patch_zyx, *, mirror_axes=(0, 1, 2)):
     """The batchgeneratorsv2 pipeline for one sample dict {'image': (1,z,y,x), 'segmentation': (1,z,y,x)}."""
     try:
+        # optional (train extra), imported when the pipeline is built; a missing one is named with its extra
         from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
         from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
         from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from pocketseg import labels as L
+from pocketseg.geometry import ROI_MARGIN_MM, grow_box
 from pocketseg.trainer.augment import initial_patch_size, training_transforms
 from pocketseg.trainer.loss import IGNORE_INDEX, deep_supervision_scales, downsample_target, partial_label_target
 from pocketseg.trainer.preprocess import PreprocessedCase, load_preprocessed
 
 #: nnU-Net's default share of patches forced to contain foreground.
 FOREGROUND_FRACTION = 0.33
-#: ROI margin (mm) the runtime adds around the found abdomen, and the jitter (mm) of each crop side in training.
-ROI_MARGIN_MM = 20.0
+#: Jitter (mm) of each side of the ROI-like crop in training, around the runtime's margin (geometry.ROI_MARGIN_MM).
 ROI_JITTER_MM = 15.0
 
 
@@ -67,15 +67,11 @@ def detail_crop(props: dict[str, Any], shape, spacing_mm_zyx, margin_mm: float, 
     box = props.get("fg_bbox_zyx")
     if box is None:
         return np.zeros(3, dtype=int), shape.copy()
-    box = np.asarray(box)
-    spacing = np.asarray(spacing_mm_zyx, dtype=float)
-    margin = np.full((3, 2), margin_mm)
+    margin = np.full((3, 2), float(margin_mm))
     if rng is not None and jitter_mm > 0:
         margin = margin + rng.uniform(-jitter_mm, jitter_mm, size=(3, 2))
-    margin = np.maximum(margin, 0) / spacing[:, None]
-    lo = np.clip(np.floor(box[:, 0] - margin[:, 0]), 0, shape).astype(int)
-    hi = np.clip(np.ceil(box[:, 1] + margin[:, 1]), lo + 1, shape).astype(int)
-    return lo, hi
+    grown = grow_box(tuple(slice(int(a), int(b)) for a, b in box), spacing_mm_zyx, margin, shape)
+    return np.array([sl.start for sl in grown]), np.array([sl.stop for sl in grown])
 
 
 def extract(array: np.ndarray, lo: np.ndarray, size, fill) -> np.ndarray:

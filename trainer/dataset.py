@@ -13,7 +13,6 @@ training starts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,11 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from pocketseg import labels as L
+from pocketseg.atomic import read_json
 from pocketseg.errors import InputError
+from pocketseg.imageio import load_volume
+from pocketseg.layout import (CHANNEL_SUFFIX, DEFAULT_ENDING, IMAGES_TR, IMAGES_UNLABELED, LABELS_TR, list_images,
+                              list_labels)
+from pocketseg.nifti import read_nifti
 
 log = logging.getLogger(__name__)
-
-CHANNEL_SUFFIX = "_0000"
 
 
 @dataclass(frozen=True)
@@ -51,29 +53,20 @@ class RawDataset:
         return [c for c in self.cases if c.label is not None and (c.is_full or not full_only)]
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(path, "not found (expected an nnU-Net v2 raw data set folder with dataset.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"is not valid JSON ({exc})") from None
-
-
 def open_dataset(root: str | os.PathLike) -> RawDataset:
     """List the cases of a raw data set; missing label files or images are reported here."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "data set folder does not exist")
-    meta = _read_json(root / "dataset.json")
-    ending = meta.get("file_ending", ".nii.gz")
+    meta = read_json(root / "dataset.json", missing="not found (expected an nnU-Net v2 raw data set folder with dataset.json)")
+    ending = meta.get("file_ending", DEFAULT_ENDING)
     record = meta.get("pocketseg", {})
     partial = {name: tuple(sorted(int(v) for v in ids)) for name, ids in record.get("annotated_classes", {}).items()}
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    images_dir, labels_dir = root / IMAGES_TR, root / LABELS_TR
     if not images_dir.is_dir():
-        raise InputError(images_dir, "missing: a raw data set needs imagesTr/")
-    images = {p.name[: -len(CHANNEL_SUFFIX + ending)]: p for p in sorted(images_dir.glob(f"*{CHANNEL_SUFFIX}{ending}"))}
-    labels = {p.name[: -len(ending)]: p for p in sorted(labels_dir.glob(f"*{ending}"))} if labels_dir.is_dir() else {}
+        raise InputError(images_dir, f"missing: a raw data set needs {IMAGES_TR}/")
+    images = list_images(images_dir, ending)
+    labels = list_labels(labels_dir, ending) if labels_dir.is_dir() else {}
     missing_labels = sorted(set(images) - set(labels))
     missing_images = sorted(set(labels) - set(images))
     problems = []
@@ -84,10 +77,9 @@ def open_dataset(root: str | os.PathLike) -> RawDataset:
     if problems:
         raise InputError(root, "; ".join(problems))
     cases = [CaseRecord(name, images[name], labels[name], partial.get(name, L.FOREGROUND_IDS)) for name in images]
-    unl_dir = root / "imagesUnlabeled"
+    unl_dir = root / IMAGES_UNLABELED
     if unl_dir.is_dir():
-        for p in sorted(unl_dir.glob(f"*{CHANNEL_SUFFIX}{ending}")):
-            cases.append(CaseRecord(p.name[: -len(CHANNEL_SUFFIX + ending)], p, None, ()))
+        cases += [CaseRecord(name, path, None, ()) for name, path in list_images(unl_dir, ending).items()]
     return RawDataset(root=root, file_ending=ending, cases=tuple(cases))
 
 
@@ -101,9 +93,6 @@ def validate_cases(cases: list[CaseRecord], *, dataset_root: Path, affine_tol_mm
 
     Raises one InputError listing all offending cases.
     """
-    from pocketseg.nifti import read_nifti
-    from pocketseg.volume import load_volume
-
     if not cases:
         raise InputError(dataset_root, "has no usable cases for this stage (no labelled cases, or none fully labelled)")
     problems: list[str] = []

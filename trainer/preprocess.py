@@ -28,13 +28,16 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
-from pocketseg.atomic import atomic_open
-from pocketseg.errors import InputError, OutputError
-from pocketseg.geometry import canonical_grid
+from pocketseg.atomic import atomic_open, ensure_dir, json_text
+from pocketseg.errors import InputError
+from pocketseg.imageio import load_volume
+from pocketseg.manifest import Intensity
+from pocketseg.nifti import read_nifti
+from pocketseg.runtime.arrays import bounding_box
 from pocketseg.runtime.intensity import ct_normalize
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
 from pocketseg.trainer.dataset import CaseRecord
-from pocketseg.volume import Volume, load_volume
+from pocketseg.volume import canonical_zyx
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +50,6 @@ LOCATIONS_PER_CLASS = 2_000
 BODY_THRESHOLD_HU = -500.0
 
 
-@dataclass(frozen=True)
-class IntensityStats:
-    """CT normalisation statistics of the training set's foreground voxels; they travel with the model."""
-
-    mean: float
-    std: float
-    percentile_00_5: float
-    percentile_99_5: float
-
-    def normalize(self, image, xp=np):
-        return ct_normalize(image, mean=self.mean, std=self.std, lower=self.percentile_00_5,
-                            upper=self.percentile_99_5, xp=xp)
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def canonical_zyx(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The volume on the nearest RAS grid as a (z, y, x) array, with its spacing in the same order."""
-    grid = canonical_grid(volume.affine, volume.shape)
-    return grid.to_zyx(volume.data), grid.spacing_zyx(volume.affine)
-
-
 def body_bbox(image_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU, margin: int = 2) -> tuple[slice, slice, slice]:
     """Bounding box of the largest connected region above ``threshold`` (the patient, not the table)."""
     step = 4  # a 4x-subsampled mask finds the body at a fraction of the cost
@@ -79,15 +59,12 @@ def body_bbox(image_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU, margi
         return tuple(slice(0, s) for s in image_zyx.shape)  # type: ignore[return-value]
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    idx = np.argwhere(lab == int(np.argmax(sizes)))
-    lo = np.maximum(idx.min(axis=0) * step - margin * step, 0)
-    hi = np.minimum((idx.max(axis=0) + 1) * step + margin * step, image_zyx.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+    box = bounding_box(lab == int(np.argmax(sizes)))
+    return tuple(slice(max(sl.start * step - margin * step, 0), min(sl.stop * step + margin * step, n))
+                 for sl, n in zip(box, image_zyx.shape))  # type: ignore[return-value]
 
 
 def _load_pair(case: CaseRecord) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
-    from pocketseg.nifti import read_nifti
-
     image = load_volume(case.image)
     img_zyx, spacing = canonical_zyx(image)
     seg_zyx = None
@@ -115,10 +92,10 @@ def compute_fingerprint(cases: list[CaseRecord], *, workers: int = 1, progress: 
     pooled = np.concatenate([r[0] for r in results]) if results else np.empty(0)
     if pooled.size == 0:
         raise InputError(None, "no foreground voxels in the training labels: cannot compute CT normalisation statistics")
-    stats = IntensityStats(mean=float(pooled.mean()), std=float(pooled.std()),
-                           percentile_00_5=float(np.percentile(pooled, 0.5)),
-                           percentile_99_5=float(np.percentile(pooled, 99.5)))
-    return {"intensity": stats.to_dict(), "spacings_mm_zyx": [list(r[1]) for r in results],
+    stats = Intensity(mean=float(pooled.mean()), std=float(pooled.std()),
+                      percentile_00_5=float(np.percentile(pooled, 0.5)),
+                      percentile_99_5=float(np.percentile(pooled, 99.5)))
+    return {"intensity": asdict(stats), "spacings_mm_zyx": [list(r[1]) for r in results],
             "shapes_zyx": [list(r[2]) for r in results], "cases": [c.name for c in cases]}
 
 
@@ -135,7 +112,7 @@ def class_locations(seg: np.ndarray, rng: np.random.Generator, per_class: int = 
     return out
 
 
-def preprocess_case(case: CaseRecord, stats: IntensityStats, spacing_mm_zyx: tuple[float, float, float]
+def preprocess_case(case: CaseRecord, stats: Intensity, spacing_mm_zyx: tuple[float, float, float]
                     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Canonical orientation, body crop, CT normalisation, resampling of one case."""
     img, seg, spacing = _load_pair(case)
@@ -145,7 +122,7 @@ def preprocess_case(case: CaseRecord, stats: IntensityStats, spacing_mm_zyx: tup
     seg = seg[box] if seg is not None else None
     new_shape = target_shape(img.shape, spacing, spacing_mm_zyx)
     sep = separate_z_axis(spacing, spacing_mm_zyx)
-    data = resample_image(stats.normalize(img), new_shape, order=3, separate_z=sep)
+    data = resample_image(ct_normalize(img, stats), new_shape, order=3, separate_z=sep)
     if seg is not None:
         seg = resample_labels(seg, new_shape, separate_z=sep)
     props: dict[str, Any] = {
@@ -154,17 +131,16 @@ def preprocess_case(case: CaseRecord, stats: IntensityStats, spacing_mm_zyx: tup
         "spacing_mm_zyx": list(spacing_mm_zyx), "annotated": list(case.annotated),
     }
     if seg is not None:
-        fg = np.argwhere(seg > 0)
-        props["fg_bbox_zyx"] = ([[int(a), int(b) + 1] for a, b in zip(fg.min(axis=0), fg.max(axis=0))]
-                                if fg.size else None)
+        box = bounding_box(seg > 0)
+        props["fg_bbox_zyx"] = None if box is None else [[sl.start, sl.stop] for sl in box]
         seed = int.from_bytes(hashlib.sha256(case.name.encode()).digest()[:4], "little")
         props["class_locations"] = class_locations(seg, np.random.default_rng(seed))
     return data.astype(np.float32), seg, props
 
 
-def cache_key(cases: list[CaseRecord], stats: IntensityStats, spacing_mm_zyx) -> str:
+def cache_key(cases: list[CaseRecord], stats: Intensity, spacing_mm_zyx) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": PREPROCESS_VERSION, "stats": stats.to_dict(), "spacing": list(spacing_mm_zyx)}).encode())
+    h.update(json.dumps({"v": PREPROCESS_VERSION, "stats": asdict(stats), "spacing": list(spacing_mm_zyx)}).encode())
     for c in sorted(cases, key=lambda c: c.name):
         for p in (c.image, c.label):
             if p is not None:
@@ -173,13 +149,13 @@ def cache_key(cases: list[CaseRecord], stats: IntensityStats, spacing_mm_zyx) ->
     return h.hexdigest()[:16]
 
 
-def _write_case(folder: Path, case: CaseRecord, stats: IntensityStats, spacing) -> str:
+def _write_case(folder: Path, case: CaseRecord, stats: Intensity, spacing) -> str:
     data, seg, props = preprocess_case(case, stats, spacing)
     _atomic_npy(folder / f"{case.name}.npy", data)
     if seg is not None:
         _atomic_npy(folder / f"{case.name}_seg.npy", seg)
     with atomic_open(folder / f"{case.name}.json") as handle:  # written last: marks the case complete
-        handle.write(json.dumps(props).encode())
+        handle.write(json_text(props, indent=None).encode())
     return case.name
 
 
@@ -204,14 +180,10 @@ def _pool(workers: int):
     return ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InlinePool()
 
 
-def preprocess_cases(cases: list[CaseRecord], stats: IntensityStats, spacing_mm_zyx, cache_root: Path, *,
+def preprocess_cases(cases: list[CaseRecord], stats: Intensity, spacing_mm_zyx, cache_root: Path, *,
                      workers: int = 1, progress: bool = True) -> Path:
     """Preprocess ``cases`` into ``cache_root/<key>/`` (skipping complete ones); returns that folder."""
-    folder = Path(cache_root) / cache_key(cases, stats, spacing_mm_zyx)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(cache_root, f"cannot create the preprocessing cache ({exc.strerror or exc})") from None
+    folder = ensure_dir(Path(cache_root) / cache_key(cases, stats, spacing_mm_zyx), "preprocessing cache")
     todo = [c for c in cases if not (folder / f"{c.name}.json").is_file()]
     if todo:
         log.info("preprocessing %d case(s) into %s", len(todo), folder)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from pocketseg import labels as L
 from pocketseg.errors import InputError
-from pocketseg.trainer.network import Triple, UNetConfig
+from pocketseg.runtime.network import PocketUNet, Triple, UNetConfig, count_flops, count_parameters
 
 STAGES = ("roi", "detail")
 
@@ -94,8 +94,6 @@ def get_preset(name: str, stage: str | None = None) -> Preset:
 
 def model_info(*, flops: bool = True) -> list[dict]:
     """Parameters (and FLOPs per patch) of every preset, as rows for ``pocketseg model-info``."""
-    from pocketseg.trainer.network import PocketUNet, count_flops, count_parameters
-
     rows = []
     for preset in PRESETS.values():
         model = PocketUNet(preset.unet_config())

@@ -1,6 +1,6 @@
 """Pseudo labels for self-training: the merge rule, the uncertainty score (paper Eq. 1) and case selection.
 
-Array code over the NumPy API (pass ``xp=cupy`` for GPU arrays); label maps are
+Array code over one :class:`~pocketseg.runtime.arrays.ArrayModule` (``am``, the CPU's by default); label maps are
 integer arrays of one shape in any axis order, ids as :mod:`pocketseg.labels`
 (0 background, 1-13 organs, 14 tumor).
 
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pocketseg import labels as L
+from pocketseg.runtime.arrays import ArrayModule, cpu_module
 from pocketseg.trainer.loss import IGNORE_INDEX
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 #: rule: calling them background teaches the net that tumor-looking tissue is background.
 #: But ``trainer.dataset.validate_cases`` refuses label files with values above 14, so
 #: ``train()`` cannot read 255 from a derived data set today; background is what the trainer
-#: accepts unchanged. Switch to IGNORE_INDEX once validate_cases accepts it (the README
+#: accepts unchanged. Switch to IGNORE_INDEX once validate_cases accepts it (docs/training.md
 #: already says voxels labelled 255 are ignored); merge_pseudo_label supports both.
 TUMOR_PSEUDO_FILL = L.BACKGROUND
 
@@ -62,7 +63,7 @@ def _classes(ids: Iterable[int], what: str) -> set[int]:
 
 
 def merge_pseudo_label(pseudo: Any, ground_truth: Any = None, annotated: Iterable[int] = (), *,
-                       tumor_pseudo: bool = True, tumor_fill: int = TUMOR_PSEUDO_FILL, xp: Any = np) -> Any:
+                       tumor_pseudo: bool = True, tumor_fill: int = TUMOR_PSEUDO_FILL, am: ArrayModule | None = None) -> Any:
     """The training label of a partially labelled (``ground_truth`` given) or unlabelled case; uint8.
 
     ``annotated``: the classes the ground truth annotates (the rule is in the module docstring).
@@ -71,6 +72,7 @@ def merge_pseudo_label(pseudo: Any, ground_truth: Any = None, annotated: Iterabl
     Raises ValueError for mismatched shapes, a ground truth holding classes it does not annotate,
     or label values outside 0-14.
     """
+    xp = (am or cpu_module()).xp
     ps = xp.asarray(pseudo)
     if ps.dtype.kind not in "iu":
         raise ValueError(f"pseudo label must be an integer array, got {ps.dtype}")
@@ -102,13 +104,14 @@ def merge_pseudo_label(pseudo: Any, ground_truth: Any = None, annotated: Iterabl
     return out
 
 
-def infer_annotated(ground_truth: Any, *, xp: Any = np) -> tuple[tuple[int, ...], bool]:
+def infer_annotated(ground_truth: Any, *, am: ArrayModule | None = None) -> tuple[tuple[int, ...], bool]:
     """Annotated classes of a label map taken as "the classes present", and whether that makes it fully labelled.
 
     For data sets without a ``pocketseg`` record. A case counts as fully labelled when all 13 organs are
     present: a full annotation of a scan without tumors has no tumor voxels, so a missing tumor class
     cannot tell full from partial; such a case is then taken to annotate tumors too (as "none here").
     """
+    xp = (am or cpu_module()).xp
     present = {int(v) for v in xp.unique(xp.asarray(ground_truth)).tolist()} - {L.BACKGROUND}
     bad = sorted(c for c in present if c not in L.FOREGROUND_IDS)
     if bad:
@@ -117,8 +120,9 @@ def infer_annotated(ground_truth: Any, *, xp: Any = np) -> tuple[tuple[int, ...]
     return (tuple(L.FOREGROUND_IDS) if full else tuple(sorted(present))), full
 
 
-def label_change(previous: Any, later: Any, *, xp: Any = np) -> tuple[int, int]:
+def label_change(previous: Any, later: Any, *, am: ArrayModule | None = None) -> tuple[int, int]:
     """(voxels whose label differs between two rounds, foreground voxels of the later round)."""
+    xp = (am or cpu_module()).xp
     a, b = xp.asarray(previous), xp.asarray(later)
     if a.shape != b.shape:
         raise ValueError(f"label maps of consecutive rounds differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -137,15 +141,15 @@ def uncertainty_from_changes(changes: Sequence[tuple[int, int]]) -> float:
     return float(sum(terms) / len(terms))
 
 
-def uncertainty_score(label_maps: Sequence[Any], *, xp: Any = np) -> float:
+def uncertainty_score(label_maps: Sequence[Any], *, am: ArrayModule | None = None) -> float:
     """Paper Eq. 1 of one case from its pseudo label maps of rounds 1..R (R >= 2), in round order."""
     if len(label_maps) < 2:
         raise ValueError(f"the uncertainty needs the label maps of at least two rounds, got {len(label_maps)}")
-    return uncertainty_from_changes([label_change(a, b, xp=xp) for a, b in zip(label_maps[:-1], label_maps[1:])])
+    return uncertainty_from_changes([label_change(a, b, am=am) for a, b in zip(label_maps[:-1], label_maps[1:])])
 
 
 def default_threshold(scores: Mapping[str, float]) -> float:
-    """The selection threshold when none is given: the median of the finite scores (see the README).
+    """The selection threshold when none is given: the median of the finite scores (see docs/training.md).
 
     The scale of Eq. 1 depends on how good the net already is (a net still learning changes a
     large share of its labels between rounds, a converged one a few percent), so no fixed number

@@ -56,6 +56,7 @@ process on one device.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -73,26 +74,29 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_output_dir, atomic_write_bytes
+from pocketseg.atomic import atomic_output_dir, ensure_dir, json_text, read_json, write_json
 from pocketseg.errors import InputError, OutputError, PocketsegError
+from pocketseg.evaluation.evaluate import score_prediction, summarize
+from pocketseg.imageio import load_volume
+from pocketseg.layout import IMAGES_TR, LABELS_TR, image_name, label_name
+from pocketseg.nifti import read_nifti, write_labels
+from pocketseg.runtime.cascade import CascadePredictor
+from pocketseg.trainer import checkpoint as ckpt
 from pocketseg.trainer import pseudo as P
+from pocketseg.trainer.dataset import open_dataset
+from pocketseg.trainer.package import export_package, load_run
+from pocketseg.trainer.presets import get_preset
+from pocketseg.trainer.selftrain_report import write_report
+from pocketseg.trainer.train import train
+from pocketseg.trainer.workfolder import (FINAL, JOURNAL_NAME, LOCK_NAME, PLAN_NAME, PSEUDO_ENDING, ROI_RUN,
+                                          SELECTION_NAME, SETTINGS_NAME, STEPS_DIR, UNCERTAINTY_NAME)
 
 log = logging.getLogger(__name__)
 
-SETTINGS_NAME = "selftrain.json"
-PLAN_NAME = "plan.json"
-UNCERTAINTY_NAME = "uncertainty.json"
-SELECTION_NAME = "selection.json"
-JOURNAL_NAME = "journal.jsonl"
-STEPS_DIR = "steps"
-LOCK_NAME = ".lock"
-PSEUDO_ENDING = ".nii.gz"
 #: Seconds between looks at the work folder while waiting for other shards.
 POLL_S = 5.0
 #: Seed of the choice of held-out validation cases (independent of the training seed).
 HOLDOUT_SEED = 2023
-ROI_RUN = "roi"
-FINAL = "final"
 
 
 @dataclass(frozen=True)
@@ -134,21 +138,12 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return index, count
 
 
-def _dumps(data: Any) -> bytes:
-    return (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
-
-
 def _write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, _dumps(data), overwrite=True)
+    write_json(path, data, overwrite=True)
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "missing from the self-training work folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"is not valid JSON ({exc})") from None
+    return read_json(path, missing="missing from the self-training work folder")
 
 
 # ------------------------------------------------------------------------------------------- pseudo labelling
@@ -166,14 +161,10 @@ def pseudo_label_cases(model: Path, jobs: list[LabelJob], *, device: str = "auto
     Cases whose output exists are skipped (a killed run resumes). One scan is read ahead while the
     current one is labelled, so at most two scans and one label map are in memory at any time.
     """
-    from pocketseg.nifti import write_labels
-    from pocketseg.runtime.cascade import CascadePredictor
-    from pocketseg.volume import load_volume
-
     todo = [job for job in jobs if not job.output.is_file()]
     if not todo:
         return 0
-    todo[0].output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(todo[0].output.parent, "pseudo-label folder")
     predictor = CascadePredictor(model, device=device)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
@@ -197,25 +188,15 @@ def score_package(model: str | os.PathLike, cases: list[tuple[str, Path, Path]],
                   progress: bool = False) -> dict[str, Any]:
     """FLARE 2023 DSC and NSD per class of (case, image, label) triples segmented by a model package's cascade.
 
-    Returns ``{"cases": {case: scores}, "summary": benchmarks.evaluate.summarize(...) or None}``.
+    Returns ``{"cases": {case: scores}, "summary": evaluation.evaluate.summarize(...) or None}``.
     """
-    from pocketseg.benchmarks.evaluate import summarize, superior_axis
-    from pocketseg.benchmarks.metrics import score_case
-    from pocketseg.nifti import read_nifti
-    from pocketseg.runtime.cascade import CascadePredictor
-    from pocketseg.volume import load_volume
-
     rows: dict[str, dict[str, float]] = {}
     if cases:
         predictor = CascadePredictor(model, device=device)
         try:
             for name, image, label in tqdm(cases, desc="validate", unit="case", disable=not progress):
                 volume, gt = load_volume(image), read_nifti(label)
-                pred = predictor.predict(volume).labels
-                # FLARE takes the spacing from the ground truth's header zooms (as pocketseg evaluate).
-                spacing = tuple(float(z) for z in gt.header.get_zooms()[:3]) if gt.header is not None else gt.spacing_mm
-                rows[name] = score_case(pred, np.asarray(gt.data).astype(np.uint8), spacing,
-                                        z_axis=superior_axis(gt.affine))
+                rows[name] = score_prediction(predictor.predict(volume).labels, gt)
         finally:
             predictor.close()
     return {"cases": rows, "summary": summarize(rows) if rows else None}
@@ -249,7 +230,7 @@ class SelfTraining:
         entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, "step": step,
                  "pid": os.getpid(), "shard": f"{self.shard[0]}/{self.shard[1]}", **extra}
         with open(self.work / JOURNAL_NAME, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(json_text(entry, indent=None))
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         out: list[tuple[str, Callable[[], None]]] = []
@@ -262,7 +243,7 @@ class SelfTraining:
         return out
 
     def run(self) -> None:
-        (self.work / STEPS_DIR).mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.work / STEPS_DIR, "work folder")
         # Temporary folders of data sets and packages whose writer was killed (only shard 0 writes these).
         for stale in self.work.glob("*/.*.part"):
             if stale.is_dir() and stale.name.startswith((".data.", ".model.")):
@@ -276,7 +257,7 @@ class SelfTraining:
             t0 = time.perf_counter()
             work()
             seconds = round(time.perf_counter() - t0, 2)
-            atomic_write_bytes(self.marker(name), _dumps({"step": name, "seconds": seconds}), overwrite=True)
+            _write_json(self.marker(name), {"step": name, "seconds": seconds})
             self.journal("finish", name, seconds=seconds)
         log.info("selftrain: finished; final model %s, report %s", self.work / FINAL / "model", self.work / "report.md")
 
@@ -289,9 +270,6 @@ class SelfTraining:
         return self._plan
 
     def step_plan(self) -> None:
-        from pocketseg.nifti import read_nifti
-        from pocketseg.trainer.dataset import open_dataset
-
         s = self.settings
         raw = open_dataset(s.dataset)
         cases: dict[str, dict[str, Any]] = {}
@@ -351,21 +329,19 @@ class SelfTraining:
         return self.work / f"round{previous}" / "pseudo"
 
     def step_data(self, head: str) -> None:
-        from pocketseg.nifti import read_nifti, write_labels
-
         plan, members, source = self.plan, self.members(head), self.pseudo_source(head)
         ending = plan["file_ending"]
         with atomic_output_dir(self.work / head / "data", overwrite=True) as tmp:
-            (tmp / "imagesTr").mkdir()
-            (tmp / "labelsTr").mkdir()
+            (tmp / IMAGES_TR).mkdir()
+            (tmp / LABELS_TR).mkdir()
             for name, kind in sorted(members.items()):
                 case = plan["cases"][name]
-                os.symlink(case["image"], tmp / "imagesTr" / f"{name}_0000{ending}")
-                target = tmp / "labelsTr" / f"{name}{ending}"
+                os.symlink(case["image"], tmp / IMAGES_TR / image_name(name, ending))
+                target = tmp / LABELS_TR / label_name(name, ending)
                 if kind == "ground truth":
                     os.symlink(case["label"], target)
                     continue
-                pseudo_path = source / f"{name}{PSEUDO_ENDING}"
+                pseudo_path = source / label_name(name, PSEUDO_ENDING)
                 if kind == "pseudo" and self.settings.tumor_pseudo and ending == PSEUDO_ENDING:
                     os.symlink(pseudo_path.resolve(), target)  # the pseudo label as it is
                     continue
@@ -385,14 +361,11 @@ class SelfTraining:
             dataset = {"name": f"selftrain-{head}", "description": f"pocketseg selftrain training data of {head}",
                        "channel_names": {"0": "CT"}, "labels": L.dataset_json_labels(), "numTraining": len(members),
                        "file_ending": ending, "pocketseg": record}
-            (tmp / "dataset.json").write_text(json.dumps(dataset, indent=1) + "\n", encoding="utf-8")
+            write_json(tmp / "dataset.json", dataset)
 
     # ------------------------------------------------------------------------------------- training, export
 
     def _train(self, data: Path, stage: str, preset: str, out: Path) -> None:
-        from pocketseg.trainer import checkpoint as ckpt
-        from pocketseg.trainer.train import train
-
         s = self.settings
         resume = (out / ckpt.LATEST).is_file()
         if not resume and out.exists():
@@ -410,8 +383,6 @@ class SelfTraining:
 
     def step_roi(self) -> None:
         if self.settings.roi_run:
-            from pocketseg.engine_build.export import load_run
-
             load_run(self.settings.roi_run, "roi")  # a clear error now rather than at the first export
             return
         self._train(self.work / "round1" / "data", "roi", self.settings.roi_preset, self.roi_dir)
@@ -420,8 +391,6 @@ class SelfTraining:
         self._train(self.work / head / "data", "detail", self.settings.preset, self.work / head / "detail")
 
     def step_export(self, head: str) -> None:
-        from pocketseg.engine_build.export import export_package
-
         # Round packages only feed pseudo labelling: fp32 ONNX, no parity checks. The final package
         # is the deliverable and gets what ``pocketseg export`` gives by default.
         final = head == FINAL
@@ -432,7 +401,7 @@ class SelfTraining:
 
     def label_jobs(self, round_: int) -> list[LabelJob]:
         folder = self.work / f"round{round_}" / "pseudo"
-        return [LabelJob(name, Path(self.plan["cases"][name]["image"]), folder / f"{name}{PSEUDO_ENDING}")
+        return [LabelJob(name, Path(self.plan["cases"][name]["image"]), folder / label_name(name, PSEUDO_ENDING))
                 for name in self.plan["pseudo"]]
 
     def my_share(self, jobs: list[LabelJob]) -> list[LabelJob]:
@@ -446,7 +415,7 @@ class SelfTraining:
 
     def step_pseudo(self, head: str) -> None:
         round_ = int(head[len("round"):])
-        (self.work / head / "pseudo").mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.work / head / "pseudo", "pseudo-label folder")
         self.label_share(round_)
         jobs = self.label_jobs(round_)
         if self.shard[1] > 1:
@@ -478,15 +447,13 @@ class SelfTraining:
         _write_json(self.work / head / "validation.json", {"model": str(self.work / head / "model"), **result})
 
     def step_uncertainty(self) -> None:
-        from pocketseg.nifti import read_nifti
-
         rounds = self.settings.rounds
         scores: dict[str, float] = {}
         changes: dict[str, list[dict[str, int]]] = {}
         for name in tqdm(self.plan["pseudo"], desc="uncertainty", unit="case", disable=not self.progress):
             previous, pairs = None, []
             for r in range(1, rounds + 1):  # one label map of a case in memory besides the previous one
-                current = np.asarray(read_nifti(self.work / f"round{r}" / "pseudo" / f"{name}{PSEUDO_ENDING}").data)
+                current = np.asarray(read_nifti(self.work / f"round{r}" / "pseudo" / label_name(name, PSEUDO_ENDING)).data)
                 if previous is not None:
                     try:
                         pairs.append(P.label_change(previous, current))
@@ -506,8 +473,6 @@ class SelfTraining:
             "selected": selected, "rejected": rejected, "changes": changes})
 
     def step_report(self) -> None:
-        from pocketseg.trainer.selftrain_report import write_report
-
         write_report(self.work)
 
 
@@ -529,11 +494,6 @@ def _wait_until(ready: Callable[[], bool], what: Callable[[], str]) -> None:
 @contextlib.contextmanager
 def _work_lock(work: Path) -> Iterator[None]:
     """One schedule (shard 0) per work folder at a time; the lock dies with its process (kill -9 included)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
     handle = open(work / LOCK_NAME, "a+")
     try:
         try:
@@ -595,8 +555,6 @@ def selftrain(
     ``iterations``, ``batch_size`` and ``seed`` apply to every training (ROI net and each round).
     ``cache``: preprocessing cache (default ``work/cache``). ``shard``: see the module docstring.
     """
-    from pocketseg.trainer.presets import get_preset
-
     for name, value, low in (("rounds", rounds, 2), ("epochs", epochs, 1), ("iterations", iterations, 1),
                              ("batch_size", batch_size, 1)):
         if int(value) != value or value < low:
@@ -631,10 +589,7 @@ def selftrain(
         _check_settings(work_dir, settings, create=False)
         st.run_helper()
         return work_dir
-    try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(work_dir, f"cannot create the work folder ({exc.strerror})") from None
+    ensure_dir(work_dir, "work folder")
     with _work_lock(work_dir):
         _check_settings(work_dir, settings, create=True)
         st.run()

@@ -8,7 +8,6 @@ labelled cases through each round's cascade (original voxel grid), means over ca
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -17,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes
+from pocketseg.atomic import atomic_write_bytes, write_json
+from pocketseg.errors import MissingDependencyError
+from pocketseg.evaluation.metrics import organ_column
+from pocketseg.plotting import png_bytes, pyplot
+from pocketseg.trainer.workfolder import PLAN_NAME, SELECTION_NAME, SETTINGS_NAME, STEPS_DIR, UNCERTAINTY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,6 @@ def _load(path: Path) -> Any:
 
 
 def _validation(work: Path, head: str) -> dict[str, Any] | None:
-    from pocketseg.benchmarks.metrics import organ_column
-
     data = _load(work / head / "validation.json")
     if not data or not data.get("summary"):
         return None
@@ -65,8 +66,6 @@ def _stage(work: Path, head: str, seconds: dict[str, float]) -> dict[str, Any]:
 
 
 def build_report(work: Path) -> dict[str, Any]:
-    from pocketseg.trainer.selftrain import PLAN_NAME, SELECTION_NAME, SETTINGS_NAME, STEPS_DIR, UNCERTAINTY_NAME
-
     settings = _load(work / SETTINGS_NAME)
     plan = _load(work / PLAN_NAME)
     seconds = {}
@@ -172,11 +171,8 @@ def format_markdown(report: dict[str, Any]) -> str:
 def histogram_png(scores: dict[str, float | None], threshold: float | None) -> bytes | None:
     """PNG of the score histogram with the threshold line; None when matplotlib (extra 'viz') is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot("The uncertainty histogram")
+    except MissingDependencyError:
         log.warning("selftrain: matplotlib is not installed (extra 'viz'): no uncertainty histogram")
         return None
     finite = [v for v in scores.values() if v is not None and math.isfinite(v)]
@@ -191,10 +187,7 @@ def histogram_png(scores: dict[str, float | None], threshold: float | None) -> b
     ax.set_title(f"{len(scores)} cases" + (f", {undefined} undefined (empty prediction)" if undefined else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=90)
 
 
 def write_report(work: Path) -> dict[str, Any]:
@@ -202,7 +195,6 @@ def write_report(work: Path) -> dict[str, Any]:
     png = histogram_png(report["uncertainty"]["scores"], report["uncertainty"]["threshold"])
     if png is not None:
         atomic_write_bytes(work / HISTOGRAM_PNG, png, overwrite=True)
-    atomic_write_bytes(work / REPORT_JSON, (json.dumps(report, indent=1, allow_nan=False) + "\n").encode(),
-                       overwrite=True)
+    write_json(work / REPORT_JSON, report, overwrite=True)
     atomic_write_bytes(work / REPORT_MD, format_markdown(report).encode(), overwrite=True)
     return report

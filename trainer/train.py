@@ -18,13 +18,14 @@ train ...``; each process trains on its own samples with DistributedDataParallel
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
 import time
-from datetime import timedelta
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,21 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from pocketseg import __version__
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes
-from pocketseg.errors import InputError, OutputError
+from pocketseg.atomic import atomic_write_bytes, ensure_dir, read_json, write_json
+from pocketseg.errors import InputError, MissingDependencyError, OutputError
+from pocketseg.geometry import ROI_MARGIN_MM
+from pocketseg.manifest import Intensity
+from pocketseg.plotting import png_bytes, pyplot
+from pocketseg.runtime.network import PocketUNet
+from pocketseg.runtime.sliding_window import sliding_window_predict
 from pocketseg.trainer import checkpoint as ckpt
-from pocketseg.trainer.data import ROI_MARGIN_MM, PatchDataset, RunSampler, SamplingConfig, collate, detail_crop, stage_target
-from pocketseg.trainer.dataset import open_dataset, validate_cases
+from pocketseg.trainer.data import PatchDataset, RunSampler, SamplingConfig, collate, detail_crop, stage_target
+from pocketseg.trainer.dataset import CaseRecord, open_dataset, validate_cases
 from pocketseg.trainer.loss import DeepSupervisionLoss, DiceCELoss
-from pocketseg.trainer.network import PocketUNet
-from pocketseg.trainer.preprocess import IntensityStats, compute_fingerprint, load_preprocessed, preprocess_cases
-from pocketseg.trainer.presets import STAGES, get_preset
+from pocketseg.trainer.preprocess import cache_key, compute_fingerprint, load_preprocessed, preprocess_cases
+from pocketseg.trainer.presets import STAGES, Preset, get_preset
+from pocketseg.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +124,6 @@ def validate(model: torch.nn.Module, folder: Path, names: list[str], cfg: Sampli
 
     Detail stage: each case is cropped to its foreground box plus the ROI margin, as the ROI stage would.
     """
-    from pocketseg.runtime.sliding_window import sliding_window_predict
-
     net = model.module if hasattr(model, "module") else model
     was_ds = net.deep_supervision
     net.deep_supervision = False
@@ -140,7 +143,7 @@ def validate(model: torch.nn.Module, folder: Path, names: list[str], cfg: Sampli
                 lo, hi = detail_crop(case.props, image.shape, cfg.spacing_mm_zyx, cfg.roi_margin_mm, 0.0, None)
                 box = tuple(slice(a, b) for a, b in zip(lo, hi))
                 image, seg = image[box], seg[box]
-            logits = sliding_window_predict(image, cfg.patch_zyx, infer, cfg.num_classes, step_fraction=1.0)
+            logits = sliding_window_predict(image, cfg.patch_zyx, infer, cfg.num_classes, overlap=0.0)
             pred = np.argmax(logits, axis=0)
             annotated = set(case.props.get("annotated", L.FOREGROUND_IDS)) if cfg.stage == "detail" else {1}
             for c in scores:
@@ -157,16 +160,9 @@ def validate(model: torch.nn.Module, folder: Path, names: list[str], cfg: Sampli
 
 def _plot_progress(path: Path, history: list[dict[str, Any]]) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot("The training progress plot")
+    except MissingDependencyError:  # matplotlib is optional (viz extra): the run then has no progress.png
         return
-    import io
-
-    from pocketseg.atomic import atomic_write_bytes
-
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
@@ -185,10 +181,7 @@ def _plot_progress(path: Path, history: list[dict[str, Any]]) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation DSC")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue(), overwrite=True)
+    atomic_write_bytes(path, png_bytes(fig, dpi=80), overwrite=True)
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
@@ -213,16 +206,65 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         raise OutputError(out, "exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise OutputError(out, "is not empty; pass --resume to continue that run or choose a new folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(out, f"cannot create the run folder ({exc.strerror})") from None
+    ensure_dir(out, "run folder")
     if not os.access(out, os.W_OK):
         raise OutputError(out, "run folder is not writable")
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("POCKETSEG_CACHE", Path.home() / ".cache" / "pocketseg" / "preprocessed"))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the caller of :func:`train` asked for (a resumed run keeps its recorded settings, see :class:`Trainer`)."""
+
+    stage: str
+    preset: Preset
+    epochs: int
+    resume: bool = False
+    fold: int = 0
+    val_fraction: float | None = None
+    iterations: int = 250
+    batch_size: int = 2
+    lr: float = 0.01
+    schedule: str = "step"
+    val_every: int = 5
+    workers: int | None = None
+    seed: int = 0
+    cache: Path | None = None
+    amp: bool = True
+    progress: bool = True
+
+    def check(self) -> None:
+        """Refuse bad values before anything is read or written."""
+        for name, value, low in (("epochs", self.epochs, 1), ("iterations", self.iterations, 1),
+                                 ("batch_size", self.batch_size, 1), ("val_every", self.val_every, 1)):
+            if value < low:
+                raise InputError(None, f"{name} must be >= {low}, got {value}")
+        learning_rate(0, self.epochs, self.lr, self.schedule)  # validates the schedule name
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(None, f"lr must be a positive number, got {self.lr}")
+        if self.workers is not None and self.workers < 0:
+            raise InputError(None, f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a distributed run (torchrun's environment); one process: rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @staticmethod
+    def from_environment() -> Ranks:
+        return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                     int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
 
 
 def train(
@@ -247,26 +289,34 @@ def train(
     amp: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Train one cascade stage on a raw nnU-Net v2 data set; returns the run folder."""
+    """Train one cascade stage on a raw nnU-Net v2 data set (``pocketseg train``); returns the run folder.
+
+    Args:
+        dataset: raw data set folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
+        stage: ``roi`` or ``detail``.
+        preset: network preset of that stage (``pocketseg model-info`` lists them).
+        epochs: number of epochs (a resumed run may be given more).
+        out: run folder, created; it must be new unless ``resume``.
+        resume: continue the run in ``out`` from its last checkpoint, with the settings it started with.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        fold: validation fold of a fixed 5-fold split; or ``val_fraction``: hold out this fraction instead.
+        iterations: iterations per epoch. batch_size: patches per iteration. lr: initial learning rate.
+        schedule: ``step`` (halve every 200 epochs, the paper) or ``poly`` (nnU-Net).
+        val_every: validate every N epochs (and after the last).
+        workers: background data-loading processes (default: by core count).
+        seed: random seed. cache: preprocessing cache folder. amp: mixed precision on CUDA.
+        progress: show progress bars.
+    """
     if stage not in STAGES:
         raise InputError(None, f"stage must be one of {STAGES}, got {stage!r}")
-    net_preset = get_preset(preset, stage)
-    for name, value, low in (("epochs", epochs, 1), ("iterations", iterations, 1), ("batch_size", batch_size, 1),
-                             ("val_every", val_every, 1)):
-        if value < low:
-            raise InputError(None, f"{name} must be >= {low}, got {value}")
-    learning_rate(0, epochs, lr, schedule)  # validates the schedule name
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(None, f"lr must be a positive number, got {lr}")
-    if workers is not None and workers < 0:
-        raise InputError(None, f"workers must be >= 0, got {workers}")
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _resolve_device(device, local_rank)
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
+    settings = TrainSettings(stage=stage, preset=get_preset(preset, stage), epochs=epochs, resume=resume, fold=fold,
+                             val_fraction=val_fraction, iterations=iterations, batch_size=batch_size, lr=lr,
+                             schedule=schedule, val_every=val_every, workers=workers, seed=seed,
+                             cache=None if cache is None else Path(cache), amp=amp, progress=progress)
+    settings.check()
+    ranks = Ranks.from_environment()
+    dev = _resolve_device(device, ranks.local_rank)
+    if ranks.distributed and not dist.is_initialized():
         # Rank 0 validates whole cases while the others wait: allow far more than the default timeout.
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     if dev.type == "cuda":
@@ -276,210 +326,262 @@ def train(
     data_root = Path(dataset)
     raw = open_dataset(data_root)
     cases = raw.labelled(full_only=True)
-    _on_rank0(lambda: _check_out_dir(out, resume), rank, distributed)
+    _on_rank0(lambda: _check_out_dir(out, resume), ranks)
     validate_cases(cases, dataset_root=data_root)
+    with _run_log(out, ranks):
+        return Trainer(raw.root, cases, settings, out, dev, ranks).fit()
 
-    handler = None
+
+@contextlib.contextmanager
+def _run_log(out: Path, ranks: Ranks) -> Iterator[None]:
+    """On rank 0, an INFO-level ``training_log.txt`` in the run folder whatever the console shows."""
+    if ranks.rank != 0:
+        yield
+        return
     pkg_logger = logging.getLogger("pocketseg")
     old_level = pkg_logger.level
     old_handler_levels: list[tuple[logging.Handler, int]] = []
-    if rank == 0:  # the run folder keeps an INFO-level log whatever the console shows
-        handler = logging.FileHandler(out / "training_log.txt")
-        handler.setLevel(logging.INFO)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        pkg_logger.addHandler(handler)
-        if pkg_logger.getEffectiveLevel() > logging.INFO:
-            pkg_logger.setLevel(logging.INFO)
-            for h in logging.getLogger().handlers:  # keep the console as quiet as it was
-                old_handler_levels.append((h, h.level))
-                h.setLevel(max(h.level, logging.root.level))
+    handler = logging.FileHandler(out / "training_log.txt")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    pkg_logger.addHandler(handler)
+    if pkg_logger.getEffectiveLevel() > logging.INFO:
+        pkg_logger.setLevel(logging.INFO)
+        for h in logging.getLogger().handlers:  # keep the console as quiet as it was
+            old_handler_levels.append((h, h.level))
+            h.setLevel(max(h.level, logging.root.level))
     try:
-        return _run(raw.root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fraction, iterations,
-                    batch_size, lr, schedule, val_every, workers, seed, cache, amp, progress, rank, world)
+        yield
     finally:
-        if handler is not None:
-            pkg_logger.removeHandler(handler)
-            pkg_logger.setLevel(old_level)
-            for h, level in old_handler_levels:
-                h.setLevel(level)
-            handler.close()
+        pkg_logger.removeHandler(handler)
+        pkg_logger.setLevel(old_level)
+        for h, level in old_handler_levels:
+            h.setLevel(level)
+        handler.close()
 
 
-def _barrier(distributed: bool) -> None:
-    if distributed:
+def _barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
         dist.barrier()
 
 
-def _on_rank0(work, rank: int, distributed: bool):
+def _on_rank0(work, ranks: Ranks):
     """Run ``work`` on rank 0 only; every rank raises if it failed, so none is left waiting in a collective."""
     result, error = None, None
-    if rank == 0:
+    if ranks.rank == 0:
         try:
             result = work()
         except Exception as exc:  # re-raised below on rank 0, reported on the others
             error = exc
-    if distributed:
+    if ranks.distributed:
         flag = [None if error is None else f"{type(error).__name__}: {error}"]
         dist.broadcast_object_list(flag, src=0)
-        if rank != 0 and flag[0] is not None:
+        if ranks.rank != 0 and flag[0] is not None:
             raise RuntimeError(f"rank 0 failed: {flag[0]}")
     if error is not None:
         raise error
     return result
 
 
-def _write_json(path: Path, data) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode(), overwrite=True)
-
-
 def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, f"missing: the run folder has no {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"{what} is not valid JSON ({exc})") from None
+    return read_json(path, missing=f"missing: the run folder has no {what}")
 
 
-def _run(root, cases, net_preset, stage, epochs, out, resume, dev, fold, val_fraction, iterations, batch_size, lr,
-         schedule, val_every, workers, seed, cache, amp, progress, rank, world) -> Path:
-    distributed = world > 1
-    config_path = out / "config.json"
-    if resume:
+class Trainer:
+    """One stage's training run over its run folder: the run config and the train state, advanced epoch by epoch.
+
+    :meth:`fit` runs what is left of the run: :meth:`train_step` per batch, :meth:`validate` every
+    ``val_every`` epochs on rank 0, and :meth:`save_epoch` (history, checkpoints, plot) after each epoch.
+    A resumed run continues with the settings recorded in its ``config.json``; only the number of
+    epochs may change.
+    """
+
+    def __init__(self, root: Path, cases: list[CaseRecord], settings: TrainSettings, out: Path, device: torch.device,
+                 ranks: Ranks = Ranks()):
+        self.root, self.cases, self.settings, self.out, self.device, self.ranks = root, cases, settings, out, device, ranks
+        self.config = self._load_config() if settings.resume else self._new_config()
+        _barrier(ranks)  # every rank has read config.json before rank 0 rewrites it
+        if ranks.rank == 0:
+            write_json(out / "config.json", asdict(self.config), overwrite=True)
+        self.folder = self._preprocess()
+        preset, cfg = settings.preset, self.config
+        torch.manual_seed(cfg.seed)
+        self.model = PocketUNet(preset.unet_config(), deep_supervision=True).to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=MOMENTUM, nesterov=True,
+                                         weight_decay=WEIGHT_DECAY)
+        self.use_amp = settings.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.start_epoch, self.history, self.best = 0, [], -1.0
+        if settings.resume:
+            self._restore()
+        # The lowest deep-supervision head has loss weight 0 (as in nnU-Net) and never gets a gradient;
+        # DDP must be told, or it waits for that gradient (static_graph does not cover it: replicas diverge).
+        self.ddp_model = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+                          if ranks.distributed else self.model)
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss())
+        self.sampling = SamplingConfig(stage=cfg.stage, patch_zyx=preset.patch_zyx, spacing_mm_zyx=preset.spacing_mm_zyx,
+                                       strides=preset.strides, num_classes=preset.num_classes)
+        self.loader, self.sampler = self._loader()
+
+    # ---------------------------------------------------------------------------------------------- the run config
+
+    def _load_config(self) -> RunConfig:
+        s, config_path = self.settings, self.out / "config.json"
         try:
-            run_cfg = RunConfig(**_read_json(config_path, "config.json"))
+            cfg = RunConfig(**_read_json(config_path, "config.json"))
         except TypeError as exc:
             raise InputError(config_path, f"is not a config.json of this pocketseg ({exc})") from None
-        if run_cfg.stage != stage or run_cfg.preset["name"] != net_preset.name:
-            raise InputError(out, f"holds a {run_cfg.stage}/{run_cfg.preset['name']} run, not {stage}/{net_preset.name}")
-        # A resumed run continues with the settings it started with; only the number of epochs may change.
-        changed = {k: (getattr(run_cfg, k), v) for k, v in (("iterations", iterations), ("batch_size", batch_size),
-                   ("lr", lr), ("schedule", schedule), ("seed", seed)) if getattr(run_cfg, k) != v}
-        if changed and rank == 0:
+        if cfg.stage != s.stage or cfg.preset["name"] != s.preset.name:
+            raise InputError(self.out, f"holds a {cfg.stage}/{cfg.preset['name']} run, not {s.stage}/{s.preset.name}")
+        changed = {k: (getattr(cfg, k), getattr(s, k)) for k in ("iterations", "batch_size", "lr", "schedule", "seed")
+                   if getattr(cfg, k) != getattr(s, k)}
+        if changed and self.ranks.rank == 0:
             log.warning("resuming with the run's own settings, not %s",
                         ", ".join(f"{k}={new} (run: {old})" for k, (old, new) in changed.items()))
-        iterations, batch_size, lr, schedule, seed = (run_cfg.iterations, run_cfg.batch_size, run_cfg.lr,
-                                                      run_cfg.schedule, run_cfg.seed)
-        run_cfg.epochs = epochs
-        train_names, val_names = run_cfg.train_cases, run_cfg.val_cases
-        stats = IntensityStats(**run_cfg.intensity)
-    else:
-        train_names, val_names = split_cases([c.name for c in cases], fold=fold, val_fraction=val_fraction)
-        _on_rank0(lambda: _write_json(out / "fingerprint.json", compute_fingerprint(cases, progress=progress)),
-                  rank, distributed)
-        stats = IntensityStats(**_read_json(out / "fingerprint.json", "fingerprint.json")["intensity"])
-        run_cfg = RunConfig(stage=stage, preset=net_preset.to_dict(), intensity=stats.to_dict(), dataset=str(root),
-                            train_cases=train_names, val_cases=val_names, epochs=epochs, iterations=iterations,
-                            batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
-    _barrier(distributed)  # every rank has read config.json before rank 0 rewrites it
-    if rank == 0:
-        _write_json(config_path, asdict(run_cfg))
+        cfg.epochs = s.epochs
+        return cfg
 
-    by_name = {c.name: c for c in cases}
-    needed = [by_name[n] for n in sorted(set(train_names) | set(val_names)) if n in by_name]
-    if len(needed) != len(set(train_names) | set(val_names)):
-        missing = sorted((set(train_names) | set(val_names)) - set(by_name))
-        raise InputError(root, f"cases of the run are missing from the data set: {', '.join(missing)}")
-    cache_root = Path(cache) if cache is not None else default_cache_dir()
-    folder = _on_rank0(lambda: preprocess_cases(needed, stats, net_preset.spacing_mm_zyx, cache_root, progress=progress),
-                       rank, distributed)
-    if folder is None:
-        from pocketseg.trainer.preprocess import cache_key
+    def _new_config(self) -> RunConfig:
+        s = self.settings
+        train_names, val_names = split_cases([c.name for c in self.cases], fold=s.fold, val_fraction=s.val_fraction)
+        _on_rank0(lambda: write_json(self.out / "fingerprint.json", compute_fingerprint(self.cases, progress=s.progress),
+                                     overwrite=True), self.ranks)
+        intensity = _read_json(self.out / "fingerprint.json", "fingerprint.json")["intensity"]
+        return RunConfig(stage=s.stage, preset=s.preset.to_dict(), intensity=intensity, dataset=str(self.root),
+                         train_cases=train_names, val_cases=val_names, epochs=s.epochs, iterations=s.iterations,
+                         batch_size=s.batch_size, lr=s.lr, schedule=s.schedule, seed=s.seed)
 
-        folder = cache_root / cache_key(needed, stats, net_preset.spacing_mm_zyx)
+    @property
+    def intensity(self) -> Intensity:
+        return Intensity(**self.config.intensity)
 
-    torch.manual_seed(seed)
-    model = PocketUNet(net_preset.unet_config(), deep_supervision=True).to(dev)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
-    use_amp = amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, history, best = 0, [], -1.0
-    if resume:
-        state = ckpt.load_checkpoint(out / ckpt.LATEST, map_location=dev)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best = int(state["epoch"]), float(state["best"])
-        history = _read_json(out / "history.json", "history.json")[:start_epoch] if (out / "history.json").is_file() else []
+    def _preprocess(self) -> Path:
+        cfg, preset = self.config, self.settings.preset
+        wanted = set(cfg.train_cases) | set(cfg.val_cases)
+        by_name = {c.name: c for c in self.cases}
+        missing = sorted(wanted - set(by_name))
+        if missing:
+            raise InputError(self.root, f"cases of the run are missing from the data set: {', '.join(missing)}")
+        needed = [by_name[n] for n in sorted(wanted)]
+        cache_root = self.settings.cache if self.settings.cache is not None else default_cache_dir()
+        folder = _on_rank0(lambda: preprocess_cases(needed, self.intensity, preset.spacing_mm_zyx, cache_root,
+                                                    progress=self.settings.progress), self.ranks)
+        return folder if folder is not None else cache_root / cache_key(needed, self.intensity, preset.spacing_mm_zyx)
+
+    # ---------------------------------------------------------------------------------------------- the train state
+
+    def _restore(self) -> None:
+        state = ckpt.load_checkpoint(self.out / ckpt.LATEST, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.best = int(state["epoch"]), float(state["best"])
+        history_path = self.out / "history.json"
+        self.history = _read_json(history_path, "history.json")[: self.start_epoch] if history_path.is_file() else []
         ckpt.set_rng_state(state["rng"])
-        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, epochs)
-    # The lowest deep-supervision head has loss weight 0 (as in nnU-Net) and never gets a gradient;
-    # DDP must be told, or it waits for that gradient (static_graph does not cover it: replicas diverge).
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-                 if distributed else model)
-    loss_fn = DeepSupervisionLoss(DiceCELoss())
+        log.info("resuming %s at epoch %d/%d", self.out, self.start_epoch + 1, self.config.epochs)
 
-    sampling = SamplingConfig(stage=stage, patch_zyx=net_preset.patch_zyx, spacing_mm_zyx=net_preset.spacing_mm_zyx,
-                              strides=net_preset.strides, num_classes=net_preset.num_classes)
-    per_epoch = iterations * batch_size
-    data = PatchDataset(folder, train_names, sampling, seed=seed, rank=rank, length=(epochs + 1) * per_epoch)
-    sampler = RunSampler(per_epoch)
-    if workers is None:
-        workers = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 1)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         collate_fn=collate, pin_memory=dev.type == "cuda",
-                                         persistent_workers=workers > 0, worker_init_fn=_worker_init)
+    def _loader(self) -> tuple[torch.utils.data.DataLoader, RunSampler]:
+        cfg = self.config
+        per_epoch = cfg.iterations * cfg.batch_size
+        data = PatchDataset(self.folder, cfg.train_cases, self.sampling, seed=cfg.seed, rank=self.ranks.rank,
+                            length=(cfg.epochs + 1) * per_epoch)
+        sampler = RunSampler(per_epoch)
+        workers = self.settings.workers
+        if workers is None:
+            workers = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 1)
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                                             collate_fn=collate, pin_memory=self.device.type == "cuda",
+                                             persistent_workers=workers > 0, worker_init_fn=_worker_init)
+        return loader, sampler
 
-    for epoch in range(start_epoch, epochs):
+    # ---------------------------------------------------------------------------------------------- epochs
+
+    def train_step(self, batch: dict[str, Any]) -> float:
+        """One optimiser step on one batch; returns its loss."""
+        dev = self.device
+        image = batch["image"].to(dev, non_blocking=True)
+        targets = [t.to(dev, non_blocking=True) for t in batch["targets"]]
+        class_mask = batch["class_mask"].to(dev)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, enabled=self.use_amp):
+            outputs = self.ddp_model(image)
+            loss = self.loss_fn(outputs, targets, class_mask)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch; returns its history entry (loss averaged over the ranks)."""
+        cfg, ranks = self.config, self.ranks
         t0 = time.time()
-        epoch_lr = learning_rate(epoch, epochs, lr, schedule)
-        for group in optimizer.param_groups:
+        epoch_lr = learning_rate(epoch, cfg.epochs, cfg.lr, cfg.schedule)
+        for group in self.optimizer.param_groups:
             group["lr"] = epoch_lr
-        sampler.set_epoch(epoch)
-        ddp_model.train()
+        self.sampler.set_epoch(epoch)
+        self.ddp_model.train()
         losses = []
-        bar = tqdm(loader, total=iterations, desc=f"epoch {epoch + 1}/{epochs}", unit="it",
-                   disable=not progress or rank != 0, leave=False)
+        bar = tqdm(self.loader, total=cfg.iterations, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                   disable=not self.settings.progress or ranks.rank != 0, leave=False)
         for batch in bar:
-            image = batch["image"].to(dev, non_blocking=True)
-            targets = [t.to(dev, non_blocking=True) for t in batch["targets"]]
-            class_mask = batch["class_mask"].to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, enabled=use_amp):
-                outputs = ddp_model(image)
-                loss = loss_fn(outputs, targets, class_mask)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(self.train_step(batch))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         mean_loss = float(np.mean(losses))
-        if distributed:
-            t = torch.tensor([mean_loss], dtype=torch.float64, device=dev)  # NCCL reduces device tensors only
+        if ranks.distributed:
+            t = torch.tensor([mean_loss], dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
             dist.all_reduce(t)
-            mean_loss = float(t) / world
+            mean_loss = float(t) / ranks.world
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": mean_loss, "lr": epoch_lr,
-                                 "seconds": round(time.time() - t0, 2), "world_size": world}
-        if distributed:
-            entry["ranks_in_sync"] = _ranks_in_sync(model, world)
-        if rank == 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
-            dice = validate(model, folder, val_names, sampling, dev, amp=use_amp)
-            entry["val_dice"] = dice
-            entry["val_mean_dice"] = float(np.mean(list(dice.values()))) if dice else 0.0
-        history.append(entry)
-        if rank == 0:
-            improved = entry.get("val_mean_dice", -1.0) > best
-            if improved:
-                best = entry["val_mean_dice"]
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch + 1, "best": best, "rng": ckpt.rng_state(), "stage": stage,
-                     "preset": net_preset.name, "finished": epoch + 1 == epochs}
-            _write_json(out / "history.json", history)
-            if improved:  # before LATEST: a kill between the two must not leave BEST older than LATEST's "best"
-                ckpt.save_checkpoint(out / ckpt.BEST, state)
-            ckpt.save_checkpoint(out / ckpt.LATEST, state)  # the epoch counts as done once this lands
-            _plot_progress(out / "progress.png", history)
-            val_text = ""
-            if "val_dice" in entry:
-                val_text = f", val mean DSC {entry['val_mean_dice']:.4f}" + (" (best)" if improved else "")
-            log.info("epoch %d/%d: train loss %.4f, lr %.5f, %.1f s%s", epoch + 1, epochs, mean_loss, epoch_lr,
-                     entry["seconds"], val_text)
-        _barrier(distributed)
-    if distributed:
-        dist.destroy_process_group()
-    return out
+                                 "seconds": round(time.time() - t0, 2), "world_size": ranks.world}
+        if ranks.distributed:
+            entry["ranks_in_sync"] = _ranks_in_sync(self.model, ranks.world)
+        return entry
+
+    def validate(self) -> dict[str, float]:
+        """Per-class validation DSC of the current weights (see :func:`validate`)."""
+        return validate(self.model, self.folder, self.config.val_cases, self.sampling, self.device, amp=self.use_amp)
+
+    def save_epoch(self, entry: dict[str, Any]) -> None:
+        """Rank 0: record the epoch (history, checkpoints, progress plot) and log it."""
+        cfg, epoch = self.config, entry["epoch"]
+        self.history.append(entry)
+        improved = entry.get("val_mean_dice", -1.0) > self.best
+        if improved:
+            self.best = entry["val_mean_dice"]
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "epoch": epoch, "best": self.best, "rng": ckpt.rng_state(),
+                 "stage": cfg.stage, "preset": self.settings.preset.name, "finished": epoch == cfg.epochs}
+        write_json(self.out / "history.json", self.history, overwrite=True, allow_nan=True)  # a diverged loss is NaN
+        if improved:  # before LATEST: a kill between the two must not leave BEST older than LATEST's "best"
+            ckpt.save_checkpoint(self.out / ckpt.BEST, state)
+        ckpt.save_checkpoint(self.out / ckpt.LATEST, state)  # the epoch counts as done once this lands
+        _plot_progress(self.out / "progress.png", self.history)
+        val_text = ""
+        if "val_dice" in entry:
+            val_text = f", val mean DSC {entry['val_mean_dice']:.4f}" + (" (best)" if improved else "")
+        log.info("epoch %d/%d: train loss %.4f, lr %.5f, %.1f s%s", epoch, cfg.epochs, entry["train_loss"],
+                 entry["lr"], entry["seconds"], val_text)
+
+    def fit(self) -> Path:
+        """Train the epochs that are left; returns the run folder."""
+        cfg, ranks = self.config, self.ranks
+        for epoch in range(self.start_epoch, cfg.epochs):
+            entry = self.train_epoch(epoch)
+            if ranks.rank == 0 and ((epoch + 1) % self.settings.val_every == 0 or epoch + 1 == cfg.epochs):
+                dice = self.validate()
+                entry["val_dice"] = dice
+                entry["val_mean_dice"] = float(np.mean(list(dice.values()))) if dice else 0.0
+            if ranks.rank == 0:
+                self.save_epoch(entry)
+            else:
+                self.history.append(entry)
+            _barrier(ranks)
+        if ranks.distributed:
+            dist.destroy_process_group()
+        return self.out
 
 
 def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:

@@ -49,13 +49,17 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
+from safetensors.torch import load_file
 from scipy import ndimage as ndi
 
 from pocketseg import labels as L
 from pocketseg.errors import InputError, MissingDependencyError
+from pocketseg.geometry import grow_box
 from pocketseg.manifest import Manifest, PostProcess, Stage, load_package
+from pocketseg.runtime.network import PocketUNet, UNetConfig
 from pocketseg.types import Affine, ArrayZYX, LabelMap, Spacing3
-from pocketseg.volume import Volume
+from pocketseg.volume import Volume, canonical_zyx
 
 __all__ = [
     "CONFIGURATION",
@@ -88,7 +92,7 @@ RESAMPLING_PROBABILITIES_KWARGS = {"is_seg": False, "order": 1, "order_z": 0, "f
 
 
 def _require_nnunet():
-    try:
+    try:  # optional (peers extra): a missing nnU-Net is named with its extra
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     except ImportError:
@@ -137,7 +141,7 @@ def stage_plans(stage: Stage) -> dict[str, Any]:
         "resampling_fn_probabilities": _RESAMPLING_FN,
         "resampling_fn_probabilities_kwargs": dict(RESAMPLING_PROBABILITIES_KWARGS),
         "architecture": {
-            "network_class_name": "pocketseg.trainer.network.PocketUNet",
+            "network_class_name": "pocketseg.runtime.network.PocketUNet",
             "arch_kwargs": {"width": stage.network.width, "kernels": [list(k) for k in stage.network.kernels],
                             "strides": [list(s) for s in stage.network.strides],
                             "channels_growth": stage.network.channels_growth},
@@ -166,11 +170,6 @@ def build_network(package_dir: str | os.PathLike, stage: Stage):
 
     Returns (network, state_dict); the predictor reloads the state_dict before each prediction.
     """
-    import torch
-    from safetensors.torch import load_file
-
-    from pocketseg.trainer.network import PocketUNet, UNetConfig
-
     if "torch" not in stage.files:
         raise InputError(package_dir, f"stage {stage.name!r} has no torch weights (safetensors) in the package")
     cfg = UNetConfig(in_channels=1, num_classes=stage.num_classes, width=stage.network.width,
@@ -190,7 +189,7 @@ def build_network(package_dir: str | os.PathLike, stage: Stage):
 
 
 def from_canonical_zyx(array_zyx: ArrayZYX, affine: Affine) -> np.ndarray:
-    """Inverse of :func:`pocketseg.trainer.preprocess.canonical_zyx`: back to the file's (i, j, k) order.
+    """Inverse of :func:`pocketseg.volume.canonical_zyx`: back to the file's (i, j, k) order.
 
     The same transform as nnU-Net's ``NibabelIOWithReorient.write_seg``.
     """
@@ -214,19 +213,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
 def roi_box(foreground: np.ndarray, spacing_mm_zyx: Spacing3, margin_mm: float) -> tuple[slice, slice, slice]:
     """Bounding box of the largest 26-connected foreground component plus ``margin_mm``, clipped to the volume.
 
-    The margin is converted to voxels per axis with ``spacing_mm_zyx`` and the box
-    rounded outwards, as the trainer crops its detail patches
-    (:func:`pocketseg.trainer.data.detail_crop`). No foreground: the whole volume.
+    The margin is converted to whole voxels per axis, rounding outwards, by the one rule of
+    :func:`pocketseg.geometry.grow_box`. No foreground: the whole volume.
     """
-    shape = np.asarray(foreground.shape)
     largest = _largest_component(foreground)
     if largest is None:
-        return tuple(slice(0, int(s)) for s in shape)  # type: ignore[return-value]
+        return tuple(slice(0, int(s)) for s in foreground.shape)  # type: ignore[return-value]
     box = ndi.find_objects(largest.astype(np.uint8))[0]
-    margin = float(margin_mm) / np.asarray(spacing_mm_zyx, dtype=float)
-    lo = np.clip(np.floor(np.array([s.start for s in box]) - margin), 0, shape).astype(int)
-    hi = np.clip(np.ceil(np.array([s.stop for s in box]) + margin), lo + 1, shape).astype(int)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+    return grow_box(box, spacing_mm_zyx, margin_mm, foreground.shape)
 
 
 def postprocess(labels: LabelMap, spacing_mm_zyx: Spacing3, rules: PostProcess) -> LabelMap:
@@ -262,8 +256,6 @@ def postprocess(labels: LabelMap, spacing_mm_zyx: Spacing3, rules: PostProcess) 
 
 
 def _check_device(device: Any):
-    import torch
-
     try:
         dev = device if isinstance(device, torch.device) else torch.device(str(device))
     except (RuntimeError, TypeError, ValueError):
@@ -300,8 +292,6 @@ class NnUNetCascade:
     def __init__(self, package_dir: str | os.PathLike, *, device: str = "cpu", tile_step_size: float = 1.0,
                  use_gaussian: bool = False, verbose: bool = False):
         nnUNetPredictor, PlansManager = _require_nnunet()
-        import torch
-
         self.package_dir = Path(package_dir)
         self.manifest: Manifest = load_package(self.package_dir)
         self.device = _check_device(device)
@@ -344,8 +334,6 @@ class NnUNetCascade:
         ``roi_box_zyx`` ([start, stop) per canonical axis) replaces the ROI stage, as in pocketseg's
         ``CascadePredictor.predict``, so that both pipelines can segment the same crop.
         """
-        from pocketseg.trainer.preprocess import canonical_zyx
-
         data = getattr(volume, "data", None)
         if getattr(data, "ndim", None) != 3:
             raise InputError(getattr(volume, "source", None),

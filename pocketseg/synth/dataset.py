@@ -16,7 +16,6 @@ annotated classes of the partially labelled subset are in
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -26,12 +25,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from pocketseg import __version__
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_output_dir
+from pocketseg.atomic import atomic_output_dir, write_json
 from pocketseg.errors import InputError
+from pocketseg.layout import DEFAULT_ENDING, IMAGES_TR, IMAGES_UNLABELED, LABELS_TR, image_name, label_name
 from pocketseg.nifti import write_nifti
+from pocketseg.preview import write_preview
 from pocketseg.synth.phantom import make_phantom
+from pocketseg.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +76,15 @@ def _write_case(folder: Path, index: int, subset: str, seed: int, slices: int | 
     """Synthesize and write case ``index`` into ``folder``; returns (name, subset, meta, annotated classes)."""
     name = case_name(index)
     ph = make_phantom(case_seed(seed, index), slices=slices, small=small, matrix=matrix)
-    image_dir = "imagesUnlabeled" if subset == "unlabeled" else "imagesTr"
-    write_nifti(ph.image, folder / image_dir / f"{name}_0000.nii.gz", affine=ph.affine, dtype=np.int16)
+    image_dir = IMAGES_UNLABELED if subset == "unlabeled" else IMAGES_TR
+    write_nifti(ph.image, folder / image_dir / image_name(name), affine=ph.affine, dtype=np.int16)
     labels, keep = ph.labels, None
     if subset == "partial":
         keep = annotated_classes(seed, index)
         labels = np.where(np.isin(labels, keep), labels, 0).astype(np.uint8)
     if subset != "unlabeled":
-        write_nifti(labels, folder / "labelsTr" / f"{name}.nii.gz", affine=ph.affine, dtype=np.uint8)
+        write_nifti(labels, folder / LABELS_TR / label_name(name), affine=ph.affine, dtype=np.uint8)
     if preview:
-        from pocketseg.synth.preview import write_preview
-
         title = (f"{name} ({subset})  {ph.meta['phase']}  {'x'.join(map(str, ph.meta['shape']))} vox  "
                  f"{' x '.join(f'{s:.2f}' for s in ph.meta['spacing_mm'])} mm  {ph.meta['orientation']}")
         write_preview(folder / "previews" / f"{name}.png", ph.image, ph.affine,
@@ -134,7 +133,7 @@ def synthesize_dataset(
     record: dict[str, Any] = {"generator": f"pocketseg {__version__}", "seed": seed, "small": small,
                               "subsets": {name: [] for name in SUBSETS}, "annotated_classes": {}, "cases": {}}
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
-        for folder in ("imagesTr", "labelsTr") + (("imagesUnlabeled",) if unlabeled else ()) + (("previews",) if preview else ()):
+        for folder in (IMAGES_TR, LABELS_TR) + ((IMAGES_UNLABELED,) if unlabeled else ()) + (("previews",) if preview else ()):
             (tmp / folder).mkdir()
         jobs = [(tmp, index, subset, seed, slices, small, matrix, preview) for index, subset in enumerate(subsets)]
         with tqdm(total=total, desc="synth", unit="case", disable=not progress) as bar:
@@ -161,20 +160,9 @@ def synthesize_dataset(
             "channel_names": {"0": "CT"},
             "labels": L.dataset_json_labels(),
             "numTraining": full + partial,
-            "file_ending": ".nii.gz",
+            "file_ending": DEFAULT_ENDING,
             "pocketseg": record,
         }
-        (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
+        write_json(tmp / "dataset.json", dataset, indent=2)
     log.info("wrote %d cases to %s", total, target)
     return target
-
-
-def load_dataset_record(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    """The dataset.json of a data set folder, with a clear error when it is missing or malformed."""
-    path = Path(dataset_dir) / "dataset.json"
-    if not path.is_file():
-        raise InputError(path, "not found (expected an nnU-Net v2 raw data set folder)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"is not valid JSON ({exc})") from None

@@ -1,46 +1,18 @@
 """The entry point of the deployment images (``Dockerfile``, ``Dockerfile.jetson``).
 
-::
-
-    docker run ... IMAGE predict -i /data/ct.nii.gz -o /data/seg.nii.gz     # -m defaults to $POCKETSEG_MODEL
-    docker run ... IMAGE bench ...
-    docker run ... IMAGE build-engine [--workspace-gb 2]                     # PKG_DIR defaults to $POCKETSEG_MODEL
-    docker run ... IMAGE doctor [--json]
-    docker run ... IMAGE <any other pocketseg subcommand and its arguments>
-
-The arguments go to the ``pocketseg`` command line, which replaces this process
-(``exec``), so nothing this step imported or allocated stays in memory. Only
-the model package argument is handled here:
-
-- ``predict``, ``bench``, ``doctor`` and ``build-engine`` without a package get
-  ``$POCKETSEG_MODEL`` (default ``/model``, where the images expect the package
-  to be mounted); the added argument is logged.
-- TensorRT engines only run on the GPU and TensorRT version they were built by,
-  so before ``predict`` and ``bench`` the package is given engines for this
-  device ("first start"). If the package already has them, it is used as is; if
-  a copy of it in the engine cache (``$POCKETSEG_ENGINE_CACHE``, default
-  ``/engines``) has them, the copy is used. Otherwise they are built: into the
-  package itself when its folder is writable (this adds the engine files and
-  rewrites manifest.json, exactly as ``pocketseg build-engine PKG_DIR`` does, and
-  is logged), or, when the package is mounted read-only, into a copy of it in the
-  engine cache. A read-only package is never modified; when a copy is used, the
-  command gets the copy's path as its last ``-m`` argument, and that is logged.
-- ``build-engine`` on a read-only package builds into the cached copy likewise.
-
-Environment:
-
-``POCKETSEG_MODEL``           the package used when the command names none [/model]
-``POCKETSEG_ENGINE_CACHE``    writable folder for package copies, TensorRT timing caches [/engines]
-``POCKETSEG_ENGINES``         ``auto``: build engines when TensorRT and a GPU are there, and if that
-                              fails, say why and run anyway (the runtime falls back to ONNX Runtime);
-                              ``require``: fail instead; ``off``: never build [auto]
-``POCKETSEG_WORKSPACE_GB``    TensorRT builder workspace for the first-start build [4]
+``docker run ... IMAGE COMMAND [ARGS ...]`` runs ``pocketseg COMMAND [ARGS ...]``,
+which replaces this process (``exec``). Only the model package argument is handled
+here: a command without one gets ``$POCKETSEG_MODEL``, and before ``predict`` and
+``bench`` the package gets TensorRT engines for this GPU (built once, into the
+package when it is writable, else into a copy in ``$POCKETSEG_ENGINE_CACHE``). What
+it does, the environment variables and examples: ``docs/deployment.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import io
 import logging
 import os
@@ -51,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pocketseg.atomic import atomic_output_dir, ensure_dir
+from pocketseg.commands import subcommand_parser
+from pocketseg.engine_build.tensorrt_build import build_package_engines
 from pocketseg.errors import InputError, OutputError, PocketsegError
 from pocketseg.manifest import MANIFEST_NAME, Manifest, load_package, sha256_file
+from pocketseg.runtime.tensorrt_probe import gpu_identity, import_tensorrt, parse_version, select_engine
 
 __all__ = ["Settings", "engines_for_this_device", "main", "prepare_package", "writable_package"]
 
@@ -117,15 +93,11 @@ class Settings:
 
 def _engine_target() -> tuple[str, Any]:
     """(TensorRT version, GPU identity) of this machine; :class:`PocketsegError` saying why when either is missing."""
-    from pocketseg.engine_build.tensorrt_build import gpu_identity, import_tensorrt
-
     return str(import_tensorrt().__version__), gpu_identity(0)
 
 
 def engines_for_this_device(manifest: Manifest, tensorrt_version: str, compute_capability: str) -> bool:
     """Whether every stage of ``manifest`` has an engine for this TensorRT version and GPU."""
-    from pocketseg.engine_build.tensorrt_build import select_engine
-
     return all(select_engine(stage, tensorrt_version, compute_capability) is not None
                for stage in manifest.stages.values())
 
@@ -147,20 +119,11 @@ def cache_entry(package: Path, cache: Path) -> Path:
 
 def _copy_package(source: Path, manifest: Manifest, target: Path) -> None:
     """Copy the package's files (manifest.json and what it lists) to ``target``, atomically (temp folder + rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / f".{target.name}.copying-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
+    ensure_dir(target.parent, "engine cache")
+    with atomic_output_dir(target, overwrite=True) as temporary:
         names = [MANIFEST_NAME, *manifest.files(), *(n for n in EXTRA_PACKAGE_FILES if (source / n).is_file())]
         for name in dict.fromkeys(names):
             shutil.copyfile(source / name, temporary / name)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temporary, target)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
 
 
 def _verified_copy(folder: Path) -> Manifest | None:
@@ -185,11 +148,9 @@ def _usable_copy(folder: Path, tensorrt_version: str, compute_capability: str) -
 def _cache_lock(cache: Path) -> Iterator[None]:
     """An exclusive lock on the engine cache, so containers starting together build once."""
     try:
-        import fcntl
-
         cache.mkdir(parents=True, exist_ok=True)
         handle = open(cache / ".lock", "a+b")  # noqa: SIM115 - held for the block below
-    except (ImportError, OSError) as exc:
+    except OSError as exc:
         log.debug("no lock on %s (%s)", cache, exc)
         yield
         return
@@ -203,15 +164,11 @@ def _cache_lock(cache: Path) -> Iterator[None]:
 def _timing_cache(cache: Path, gpu: Any, tensorrt_version: str) -> Path | None:
     if not _writable(cache):
         return None
-    from pocketseg.engine_build.tensorrt_build import parse_version
-
     major, minor = parse_version(tensorrt_version)
     return cache / f"timing_{gpu.sm}_trt{major}.{minor}.cache"
 
 
 def _build(folder: Path, settings: Settings, gpu: Any, tensorrt_version: str) -> None:
-    from pocketseg.engine_build.tensorrt_build import build_package_engines
-
     build_package_engines(folder, workspace_gb=settings.workspace_gb,
                           timing_cache=_timing_cache(settings.engine_cache, gpu, tensorrt_version), progress=True)
 
@@ -303,19 +260,10 @@ class ModelArgument:
     value: str | None
 
 
-def _subparser(command: str) -> argparse.ArgumentParser | None:
-    from pocketseg.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices.get(command)
-    return None
-
-
 def find_model_argument(command: str, args: Sequence[str],
                         parser: argparse.ArgumentParser | None = None) -> ModelArgument | None:
     """The model package argument of ``pocketseg COMMAND ARGS`` (None when the command takes none)."""
-    parser = _subparser(command) if parser is None else parser
+    parser = subcommand_parser(command) if parser is None else parser
     if parser is None:
         return None
     action = next((a for a in parser._actions if a.dest in MODEL_DESTS), None)

@@ -19,9 +19,9 @@ This is an independent implementation of that method (see
 
 Axis order: masks and label maps may come in any voxel order; ``spacing_mm``
 gives the spacing in millimetres along the same three axes, e.g. (i, j, k) for
-arrays read by :mod:`pocketseg.nifti`. Array code takes ``xp``/``ndi``
-(NumPy/scipy.ndimage by default, CuPy/cupyx.scipy.ndimage on a GPU); nothing
-here imports CuPy.
+arrays read by :mod:`pocketseg.nifti`. Array code takes one
+:class:`~pocketseg.runtime.arrays.ArrayModule` (``am``: NumPy/scipy.ndimage by
+default, CuPy/cupyx.scipy.ndimage on a GPU); nothing here imports CuPy.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
-import scipy.ndimage
 
 from pocketseg import labels as L
+from pocketseg.runtime.arrays import ArrayModule, bounding_box, cpu_module
 
 #: NSD tolerance per class in mm (FLARE 2023 evaluation, ``label_tolerance``).
 TOLERANCE_MM = MappingProxyType({
@@ -178,12 +178,13 @@ def surfel_area_table(spacing_mm: Sequence[float]) -> np.ndarray:
     return _area_table_cached(tuple(float(s) for s in spacing_mm))
 
 
-def neighbour_codes(mask: Any, *, xp: Any = np) -> Any:
+def neighbour_codes(mask: Any, *, am: ArrayModule | None = None) -> Any:
     """The code of every 2x2x2 neighbourhood of a 3D boolean mask, uint8, shape ``mask.shape - 1``.
 
     Element (p, q, r) describes the corner point shared by voxels p..p+1,
     q..q+1, r..r+1; the mask must carry a zero border for surfaces on its faces to appear.
     """
+    xp = (am or cpu_module()).xp
     m = mask.astype(xp.uint8)
     n0, n1, n2 = m.shape
     codes = xp.zeros((n0 - 1, n1 - 1, n2 - 1), dtype=xp.uint8)
@@ -204,19 +205,8 @@ class SurfaceDistances(NamedTuple):
     areas_b: Any
 
 
-def _bounding_box(mask: Any, xp: Any) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding every True voxel, or None for an empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        present = xp.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
-        if present.size == 0:
-            return None
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
-    return tuple(box)
-
-
 def surface_distances(mask_a: Any, mask_b: Any, spacing_mm: Sequence[float], *, margin_mm: float = 0.0,
-                      xp: Any = np, ndi: Any = scipy.ndimage) -> SurfaceDistances:
+                      am: ArrayModule | None = None) -> SurfaceDistances:
     """Distances from every surfel of ``mask_a`` to the surface of ``mask_b`` and back, with surfel areas.
 
     Masks are 3D booleans of one shape; ``spacing_mm`` is the spacing along their
@@ -227,16 +217,18 @@ def surface_distances(mask_a: Any, mask_b: Any, spacing_mm: Sequence[float], *, 
     from surfel points (voxel corners) to the nearest surfel point of the other
     mask; ``inf`` when the other mask has no surface.
     """
+    am = am or cpu_module()
+    xp, ndi = am.xp, am.ndi
     a, b = xp.asarray(mask_a, dtype=bool), xp.asarray(mask_b, dtype=bool)
     if a.shape != b.shape or a.ndim != 3 or len(spacing_mm) != 3:
         raise ValueError(f"expected two 3D masks of one shape and 3 spacings, got {a.shape}, {b.shape}, {spacing_mm}")
     spacing = tuple(float(s) for s in spacing_mm)
-    box = _bounding_box(a | b, xp)
+    box = bounding_box(a | b, am)
     if box is None:
         empty = xp.zeros(0, dtype=xp.float64)
         return SurfaceDistances(empty, empty, empty, empty)
     pad = [(1 + math.ceil(margin_mm / s),) * 2 for s in spacing]
-    codes_a, codes_b = (neighbour_codes(xp.pad(m[box], pad), xp=xp) for m in (a, b))
+    codes_a, codes_b = (neighbour_codes(xp.pad(m[box], pad), am=am) for m in (a, b))
     border_a = (codes_a != 0) & (codes_a != 255)
     border_b = (codes_b != 0) & (codes_b != 255)
 
@@ -254,8 +246,9 @@ def surface_distances(mask_a: Any, mask_b: Any, spacing_mm: Sequence[float], *, 
     )
 
 
-def dice(mask_a: Any, mask_b: Any, *, xp: Any = np) -> float:
+def dice(mask_a: Any, mask_b: Any, *, am: ArrayModule | None = None) -> float:
     """Dice similarity coefficient 2|A∩B| / (|A| + |B|) of two boolean masks; 1.0 when both are empty (FLARE rule)."""
+    xp = (am or cpu_module()).xp
     a, b = xp.asarray(mask_a, dtype=bool), xp.asarray(mask_b, dtype=bool)
     total = int(xp.count_nonzero(a)) + int(xp.count_nonzero(b))
     if total == 0:
@@ -264,14 +257,14 @@ def dice(mask_a: Any, mask_b: Any, *, xp: Any = np) -> float:
 
 
 def normalized_surface_dice(mask_a: Any, mask_b: Any, spacing_mm: Sequence[float], tolerance_mm: float, *,
-                            xp: Any = np, ndi: Any = scipy.ndimage) -> float:
+                            am: ArrayModule | None = None) -> float:
     """Normalised surface Dice at ``tolerance_mm``: the surfel area of both surfaces within the tolerance of the other.
 
     1.0 when both masks are empty, 0.0 when exactly one is (FLARE rule).
     Symmetric in its two masks. The crop margin is one tolerance, as asked in the
     evaluation's issue; distances inside the padded union box are exact with any margin.
     """
-    sd = surface_distances(mask_a, mask_b, spacing_mm, margin_mm=tolerance_mm, xp=xp, ndi=ndi)
+    sd = surface_distances(mask_a, mask_b, spacing_mm, margin_mm=tolerance_mm, am=am)
     empty_a, empty_b = sd.areas_a.size == 0, sd.areas_b.size == 0
     if empty_a or empty_b:
         return 1.0 if empty_a and empty_b else 0.0
@@ -283,16 +276,16 @@ def normalized_surface_dice(mask_a: Any, mask_b: Any, spacing_mm: Sequence[float
 # --------------------------------------------------------------------------- one case
 
 
-def _label_boxes(labels: Any, xp: Any, ndi: Any) -> list[tuple[slice, ...] | None]:
+def _label_boxes(labels: Any, am: ArrayModule) -> list[tuple[slice, ...] | None]:
     """Bounding box of each label 1..14 (None where absent), in one pass where ndi has find_objects."""
-    find_objects = getattr(ndi, "find_objects", None)  # scipy has it; cupyx.scipy.ndimage has not
+    find_objects = getattr(am.ndi, "find_objects", None)  # scipy has it; cupyx.scipy.ndimage has not
     if find_objects is not None:
         return list(find_objects(labels, max_label=len(L.FOREGROUND_IDS)))
-    return [_bounding_box(labels == i, xp) for i in L.FOREGROUND_IDS]
+    return [bounding_box(labels == i, am) for i in L.FOREGROUND_IDS]
 
 
 def score_case(pred_array: Any, gt_array: Any, spacing_mm: Sequence[float], *, z_axis: int = 2,
-               xp: Any = np, ndi: Any = scipy.ndimage) -> dict[str, float]:
+               am: ArrayModule | None = None) -> dict[str, float]:
     """DSC and NSD of each FLARE 2023 class (1-14) of one case, keyed as :data:`COLUMNS` (e.g. 'Liver_DSC').
 
     ``pred_array`` and ``gt_array`` are integer label maps of one shape with ids
@@ -301,14 +294,15 @@ def score_case(pred_array: Any, gt_array: Any, spacing_mm: Sequence[float], *, z
     superior-inferior direction, along which aorta, IVC and esophagus are
     restricted to the ground truth's slices.
     """
-    pred, gt = xp.asarray(pred_array), xp.asarray(gt_array)
+    am = am or cpu_module()
+    pred, gt = am.xp.asarray(pred_array), am.xp.asarray(gt_array)
     if pred.shape != gt.shape or gt.ndim != 3:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} must be 3D arrays of one shape")
     if pred.dtype.kind not in "iu" or gt.dtype.kind not in "iu":
         raise ValueError(f"label maps must be integer arrays, got {pred.dtype} and {gt.dtype}")
     if z_axis not in (0, 1, 2):
         raise ValueError(f"z_axis must be 0, 1 or 2, got {z_axis}")
-    boxes_pred, boxes_gt = _label_boxes(pred, xp, ndi), _label_boxes(gt, xp, ndi)
+    boxes_pred, boxes_gt = _label_boxes(pred, am), _label_boxes(gt, am)
     dsc: dict[int, float] = {}
     nsd: dict[int, float] = {}
     for label_id, box_p, box_g in zip(L.FOREGROUND_IDS, boxes_pred, boxes_gt):
@@ -326,11 +320,11 @@ def score_case(pred_array: Any, gt_array: Any, spacing_mm: Sequence[float], *, z
             box = tuple(slice(z_lo, z_hi) if a == z_axis else sl for a, sl in enumerate(box))
         g = gt[box] == label_id
         p = pred[box] == label_id
-        dsc[label_id] = dice(g, p, xp=xp)
+        dsc[label_id] = dice(g, p, am=am)
         if dsc[label_id] < NSD_MIN_DSC:
             nsd[label_id] = 0.0
         else:
-            nsd[label_id] = normalized_surface_dice(g, p, spacing_mm, TOLERANCE_MM[label_id], xp=xp, ndi=ndi)
+            nsd[label_id] = normalized_surface_dice(g, p, spacing_mm, TOLERANCE_MM[label_id], am=am)
     out = {f"{organ_column(i)}_DSC": dsc[i] for i in L.FOREGROUND_IDS}
     out.update({f"{organ_column(i)}_NSD": nsd[i] for i in L.FOREGROUND_IDS})
     return out

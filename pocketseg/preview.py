@@ -7,7 +7,6 @@ abdominal soft-tissue window (W400/L40), whatever the stored orientation.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import numpy as np
 
 from pocketseg import labels as L
 from pocketseg.atomic import atomic_write_bytes
-from pocketseg.errors import MissingDependencyError
 from pocketseg.geometry import spacing_from_affine
+from pocketseg.plotting import png_bytes, pyplot
 
 WINDOW_HU = (-160.0, 240.0)  # W400 / L40
 
@@ -63,14 +62,8 @@ def _views(image: np.ndarray, labels: np.ndarray | None, spacing):
 
 def render_preview(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None, *, title: str = "") -> bytes:
     """PNG bytes of a three-view preview of ``image`` (HU) with an optional label overlay."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise MissingDependencyError("matplotlib", "Preview images", "viz") from None
+    plt = pyplot("Preview images")
+    from matplotlib.patches import Patch  # optional (viz extra), importable once pyplot() succeeded
 
     img, spacing = to_ras(image, affine)
     lab = to_ras(labels, affine)[0] if labels is not None else None
@@ -93,10 +86,7 @@ def render_preview(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
                    facecolor="black", labelcolor="white", frameon=False)
     fig.suptitle(title, color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, facecolor="black")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, dpi=90, facecolor="black")
 
 
 def write_preview(path: str | os.PathLike, image: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None, *,

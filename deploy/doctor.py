@@ -34,8 +34,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pocketseg import __version__
 from pocketseg.errors import InputError, PocketsegError
+from pocketseg.manifest import load_package, read_manifest
+from pocketseg.runtime.arrays import cuda_available
+from pocketseg.runtime.engines import probe_backends, resolve
+from pocketseg.runtime.tensorrt_probe import (engine_matches, gpu_identity, import_tensorrt,
+                                              normalize_compute_capability, parse_version, select_engine)
+from pocketseg.version import __version__
 
 __all__ = ["diagnose", "format_report"]
 
@@ -247,8 +252,6 @@ def _library(installed: bool, version: str | None = None, detail: str = "", **ex
 
 def _backends() -> dict[str, dict[str, Any]]:
     """TensorRT, ONNX Runtime and torch as the runtime's engine layer sees them."""
-    from pocketseg.runtime.engines import probe_backends
-
     out: dict[str, dict[str, Any]] = {}
     torch_error = None
     try:
@@ -290,8 +293,6 @@ def _backends() -> dict[str, dict[str, Any]]:
 
 
 def _cupy() -> dict[str, Any]:
-    from pocketseg.runtime.arrays import cuda_available
-
     if not _installed("cupy"):
         return _library(False, detail="not installed; pip install 'pocketseg[gpu]'", usable=False)
     try:
@@ -343,8 +344,6 @@ def _libraries() -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ selection, package
 
 def _selection(manifest: Any) -> dict[str, Any]:
-    from pocketseg.runtime.engines import resolve
-
     try:
         chosen = resolve(manifest=manifest)
     except Exception as exc:  # noqa: BLE001 - EngineUnavailableError/DeviceUnavailableError expected; report any
@@ -356,8 +355,6 @@ def _selection(manifest: Any) -> dict[str, Any]:
 
 def _engine_target() -> tuple[str | None, Any, str]:
     """(TensorRT version, GPU identity, why either is missing) that engines must match here."""
-    from pocketseg.engine_build.tensorrt_build import gpu_identity, import_tensorrt
-
     try:
         version = str(import_tensorrt().__version__)
     except Exception:  # noqa: BLE001 - TensorRTNotInstalledError, or a broken TensorRT install
@@ -374,9 +371,6 @@ def engine_records(manifest: Any, tensorrt_version: str | None, gpu: Any, why_no
                    folder: Path | None = None) -> list[dict[str, Any]]:
     """Every engine record of ``manifest`` with ``match`` (runs here), ``selected`` (the one the runtime takes)
     and ``why``; ``gpu`` is a :class:`~pocketseg.engine_build.tensorrt_build.GpuIdentity` or None."""
-    from pocketseg.engine_build.tensorrt_build import (engine_matches, normalize_compute_capability, parse_version,
-                                                       select_engine)
-
     rows = []
     for stage in manifest.stages.values():
         chosen = None
@@ -416,8 +410,6 @@ def engine_records(manifest: Any, tensorrt_version: str | None, gpu: Any, why_no
 
 def _package(folder: Path) -> tuple[dict[str, Any], Any]:
     """The package section of the report, and the manifest (None when unreadable)."""
-    from pocketseg.manifest import load_package, read_manifest
-
     info: dict[str, Any] = {"path": str(folder), "manifest_ok": False, "manifest_problem": None,
                             "checksums_ok": False, "checksum_problem": None, "stages": {}, "engines": [],
                             "engine_target": None, "engines_usable_here": False}

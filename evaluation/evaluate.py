@@ -10,14 +10,14 @@ from the ground truth. Outputs, written atomically into ``out``:
 * ``table.md``: mean ± std in percent per organ, tumor and organ mean, in the
   layout of Table 4 of the FLARE 2023 paper.
 
-The metrics themselves are in :mod:`pocketseg.benchmarks.metrics`.
+The metrics themselves are in :mod:`pocketseg.evaluation.metrics`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -29,10 +29,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes
-from pocketseg.benchmarks.metrics import COLUMNS, TOLERANCE_MM, organ_column, score_case
+from pocketseg.atomic import check_targets, ensure_dir, write_json, write_text
 from pocketseg.errors import InputError, OutputError
+from pocketseg.evaluation.metrics import COLUMNS, TOLERANCE_MM, organ_column, score_case
+from pocketseg.layout import nifti_files, strip_nifti
 from pocketseg.nifti import read_nifti
+from pocketseg.runtime.arrays import ArrayModule
 from pocketseg.types import Affine
 from pocketseg.volume import Volume
 
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 CSV_NAME, SUMMARY_NAME, TABLE_NAME = "per_case.csv", "summary.json", "table.md"
 #: Largest allowed distance (mm) between the grids of a prediction and its ground truth.
 GEOMETRY_TOL_MM = 1e-3
-_SUFFIXES = (".nii.gz", ".nii")
 
 
 def superior_axis(affine: Affine) -> int:
@@ -53,11 +54,8 @@ def superior_axis(affine: Affine) -> int:
 def _cases(folder: Path) -> dict[str, Path]:
     """Case name -> NIfTI file of a folder (``CASE.nii.gz`` or ``CASE.nii``)."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        suffix = next((s for s in _SUFFIXES if path.name.lower().endswith(s)), None)
-        if suffix is None or not path.is_file() or path.name.startswith("."):
-            continue
-        case = path.name[: -len(suffix)]
+    for path in nifti_files(folder):
+        case = strip_nifti(path.name)
         if case in found:
             raise InputError(path, f"case {case!r} appears twice ({found[case].name} and {path.name})")
         found[case] = path
@@ -86,6 +84,16 @@ def _grid_corners(vol: Volume) -> np.ndarray:
     return ijk @ aff[:3, :3].T + aff[:3, 3]
 
 
+def score_prediction(labels: Any, gt: Volume, *, am: ArrayModule | None = None) -> dict[str, float]:
+    """FLARE 2023 DSC and NSD of a predicted label map (the ground truth's voxel order) against a ground-truth volume.
+
+    As FLARE's script: the spacing from the ground truth's header zooms (its affine where there is no
+    header), the axial axis from its affine.
+    """
+    spacing = tuple(float(z) for z in gt.header.get_zooms()[:3]) if gt.header is not None else gt.spacing_mm
+    return score_case(labels, np.asarray(gt.data).astype(np.uint8), spacing, z_axis=superior_axis(gt.affine), am=am)
+
+
 def _score_files(case: str, pred_path: Path, gt_path: Path) -> tuple[str, dict[str, float] | tuple[str | None, str]]:
     """Read, check and score one case; an input problem comes back as (path, problem), since InputError does not pickle."""
     try:
@@ -96,10 +104,8 @@ def _score_files(case: str, pred_path: Path, gt_path: Path) -> tuple[str, dict[s
         if offset > GEOMETRY_TOL_MM:
             raise InputError(pred_path, f"voxel grid (affine) differs from the ground truth's ({gt_path}) by up to "
                                         f"{offset:.4g} mm (> {GEOMETRY_TOL_MM:g} mm)")
-        gt_labels, pred_labels = _labels(gt), _labels(pred)
-        # FLARE takes the spacing from the ground truth's header zooms.
-        spacing = tuple(float(z) for z in gt.header.get_zooms()[:3]) if gt.header is not None else gt.spacing_mm
-        scores = score_case(pred_labels, gt_labels, spacing, z_axis=superior_axis(gt.affine))
+        # Both label maps are checked (FLARE ids only) before scoring.
+        scores = score_prediction(_labels(pred), dataclasses.replace(gt, data=_labels(gt)))
     except InputError as exc:
         return case, (exc.path, exc.problem)
     log.debug("%s: %s", case, scores)
@@ -157,14 +163,6 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_outputs(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(out, "exists and is not a folder")
-    for name in (CSV_NAME, SUMMARY_NAME, TABLE_NAME):
-        if (out / name).exists() and not overwrite:
-            raise OutputError(out / name, "already exists (pass overwrite=True / --overwrite to replace it)")
-
-
 def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, out: str | os.PathLike, *,
                      overwrite: bool = False, workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """Score every ground-truth case of ``gt`` against the same-named file in ``pred``; write the outputs to ``out``.
@@ -191,7 +189,9 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, out: str | 
     if extra:
         log.warning("%d prediction(s) in %s have no ground truth and are ignored: %s", len(extra), pred_dir,
                     ", ".join(extra[:20]) + (" ..." if len(extra) > 20 else ""))
-    _check_outputs(out_dir, overwrite)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(out_dir, "exists and is not a folder")
+    check_targets([out_dir / name for name in (CSV_NAME, SUMMARY_NAME, TABLE_NAME)], overwrite=overwrite)
 
     jobs = [(case, pred_cases[case], gt_cases[case]) for case in sorted(gt_cases)]
     results: dict[str, dict[str, float]] = {}
@@ -218,13 +218,10 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, out: str | 
     rows = {case: results[case] for case in sorted(results)}
     summary = summarize(rows)
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(out_dir, f"cannot create the folder ({exc.strerror or exc})") from None
-    atomic_write_bytes(out_dir / CSV_NAME, format_csv(rows).encode("utf-8"), overwrite=overwrite)
-    atomic_write_bytes(out_dir / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
-    atomic_write_bytes(out_dir / TABLE_NAME, format_table(summary).encode("utf-8"), overwrite=overwrite)
+    ensure_dir(out_dir, "evaluation folder")
+    write_text(out_dir / CSV_NAME, format_csv(rows), overwrite=overwrite)
+    write_json(out_dir / SUMMARY_NAME, summary, overwrite=overwrite, indent=2)
+    write_text(out_dir / TABLE_NAME, format_table(summary), overwrite=overwrite)
     log.info("evaluated %d case(s): organ mean DSC %.4f, NSD %.4f -> %s", len(rows), summary["organ_mean_DSC"],
              summary["organ_mean_NSD"], out_dir)
     return summary

@@ -1,0 +1,1 @@
+"""pocketseg.deploy: pocketseg doctor and the container entry point."""
