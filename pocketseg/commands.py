@@ -16,6 +16,20 @@ from pocketseg.version import __version__
 __all__ = ["build_parser", "cli_reference", "subcommand_parser"]
 
 
+#: Choices of --device, --backend and --precision (the runtime's DEVICES, BACKENDS, PRECISIONS, with "auto").
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "torch")
+PRECISION_CHOICES = ("auto", "fp32", "fp16")
+
+
+def _engine_options(p: argparse.ArgumentParser, backend_help: str) -> None:
+    """--device, --backend and --precision of the commands that run a model package."""
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to run [auto: cuda if usable]")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=backend_help)
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="network precision [auto: fp16 on cuda, fp32 on cpu]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pocketseg",
@@ -107,11 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="label file (.nii.gz) for one scan, or a folder (one CASE.nii.gz per scan)")
     p.add_argument("-m", "--model", required=True, help="model package folder (pocketseg export)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run [auto: cuda if usable]")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
-                   help="inference engine [auto: tensorrt > onnxruntime > torch, whichever can run]")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
-                   help="network precision [auto: fp16 on cuda, fp32 on cpu]")
+    _engine_options(p, "inference engine [auto: tensorrt > onnxruntime > torch, whichever can run]")
     p.add_argument("--statistics", action="store_true",
                    help="write CASE.statistics.json: per class volume (mL) and mean HU, timings")
     p.add_argument("--preview", action="store_true", help="write CASE.png: three views with the label overlay")
@@ -155,11 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the backend x precision table (backends.md/.csv/.json) instead.")
     p.add_argument("-m", "--model", required=True, metavar="PKG_DIR", help="model package folder (pocketseg export)")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder (created if missing)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run [auto: cuda if usable]")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
-                   help="inference engine of pocketseg [auto]")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
-                   help="network precision [auto: fp16 on cuda, fp32 on cpu]")
+    _engine_options(p, "inference engine of pocketseg [auto]")
     p.add_argument("--sizes", default=None, metavar="IxJxK,...",
                    help="synthetic cases to make once in OUT_DIR/cases, e.g. 512x512x55,512x512x100 "
                         "[bench: Table 6's 512x512x{55,100,150,215,334,448,499,554}; --backends: 512x512x{55,100}]")

@@ -112,6 +112,15 @@ def test_every_subcommand_has_a_handler_and_every_handler_a_subcommand():
     assert set(sub.choices) == set(HANDLERS)
 
 
+def test_the_engine_choices_of_the_cli_are_the_runtimes():
+    from pocketseg import commands
+    from pocketseg.runtime import engines
+
+    assert commands.BACKEND_CHOICES == ("auto",) + engines.BACKENDS
+    assert commands.DEVICE_CHOICES == ("auto",) + engines.DEVICES
+    assert commands.PRECISION_CHOICES == ("auto",) + engines.PRECISIONS
+
+
 def test_the_cli_reference_is_up_to_date():
     page = ROOT / "docs" / "cli.md"
     assert page.is_file(), "docs/cli.md is missing: run make docs"
