@@ -29,7 +29,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,11 @@ def _require(module: str, feature: str, extra: str = "export"):
         raise MissingDependencyError(module, feature, extra) from None
 
 
-def parity_patch(intensity: Intensity, spacing_mm_zyx, patch_zyx, *, seed: int = 0) -> np.ndarray:
-    """A normalised synthetic-CT patch at the stage's spacing, centred on the abdomen, as the runtime prepares it."""
+def parity_patch(intensity: Intensity | None, spacing_mm_zyx, patch_zyx, *, seed: int = 0) -> np.ndarray:
+    """A normalised synthetic-CT patch at the stage's spacing, centred on the abdomen, as the runtime prepares it.
+
+    ``intensity``: the stage's CT statistics; None (a stage normalising per image) z-scores the crop.
+    """
     ph = make_phantom(seed, matrix=192, slices=80)
     image, spacing = canonical_zyx(Volume(ph.image, ph.affine))
     labels, _ = canonical_zyx(Volume(ph.labels, ph.affine))
@@ -80,9 +83,9 @@ def parity_patch(intensity: Intensity, spacing_mm_zyx, patch_zyx, *, seed: int =
     half = np.asarray(patch_zyx) * np.asarray(spacing_mm_zyx) / np.asarray(spacing) / 2
     lo = np.clip(np.round(centre - half).astype(int), 0, None)
     hi = np.minimum(np.round(centre + half).astype(int), image.shape)
-    crop = image[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    return resample_image(ct_normalize(crop, intensity), tuple(patch_zyx), order=3,
-                          separate_z=separate_z_axis(spacing, spacing_mm_zyx))
+    crop = image[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
+    normalized = ct_normalize(crop, intensity) if intensity is not None else (crop - crop.mean()) / max(crop.std(), 1e-8)
+    return resample_image(normalized, tuple(patch_zyx), order=3, separate_z=separate_z_axis(spacing, spacing_mm_zyx))
 
 
 def export_onnx(net, patch_zyx, path: Path, opset: int = OPSET) -> None:
@@ -153,7 +156,13 @@ def check_fp16(fp32_path: Path, fp16_path: Path, patch: np.ndarray) -> dict[str,
 
 @dataclass(frozen=True, eq=False)
 class StageExport:
-    """One stage of a package to write: the network in eval mode, its fp32 weights and what the manifest records."""
+    """One stage of a package to write: its networks in eval mode with their fp32 weights, and what the manifest
+    records of the stage (``stage_fields``: the format-2 fields of :class:`pocketseg.manifest.Stage`, e.g. the
+    normalisation, voxel order and mirror axes of an imported model).
+
+    ``net``/``weights`` is the stage's network; ``ensemble`` holds more (name, net, weights) networks whose
+    logits the runtime averages with it (the folds of an nnU-Net model), written as ``<name>_<member>...``.
+    """
 
     name: str  # "roi" or "detail"
     preset: str  # where the network comes from, e.g. a preset name
@@ -163,20 +172,37 @@ class StageExport:
     num_classes: int
     spacing_mm_zyx: tuple[float, float, float]
     patch_zyx: tuple[int, int, int]
-    intensity: Intensity
+    intensity: Intensity | None
+    stage_fields: dict[str, Any] = field(default_factory=dict)
+    member_name: str = ""  # file-name part of ``net`` when the stage is an ensemble, e.g. "fold0"
+    ensemble: tuple[tuple[str, torch.nn.Module, dict[str, torch.Tensor]], ...] = ()
 
 
 def _stage_files(stage: StageExport, folder: Path, *, fp16: bool, check: bool, opset: int, strict: bool,
                  report: dict[str, Any]) -> Stage:
-    safetensors = _require("safetensors.torch", "Writing safetensors weights")
-    name = stage.name
-    files = {"torch": file_name(name, "torch"), "onnx-fp32": file_name(name, "onnx-fp32")}
-    safetensors.save_file(stage.weights, str(folder / files["torch"]), metadata={"stage": name, "preset": stage.preset})
-    export_onnx(stage.net, stage.patch_zyx, folder / files["onnx-fp32"], opset)
-    info: dict[str, Any] = {"onnx_fp32_bytes": (folder / files["onnx-fp32"]).stat().st_size}
+    members = [(stage.member_name, stage.net, stage.weights), *stage.ensemble]
     patch = parity_patch(stage.intensity, stage.spacing_mm_zyx, stage.patch_zyx) if check or fp16 else None
+    written = []
+    for member, net, weights in members:
+        base = stage.name if len(members) == 1 or not member else f"{stage.name}_{member}"
+        written.append(_network_files(stage, base, net, weights, folder, patch, fp16=fp16, check=check, opset=opset,
+                                      strict=strict, report=report))
+    return Stage(name=stage.name, preset=stage.preset, network=stage.network, num_classes=stage.num_classes,
+                 spacing_mm_zyx=stage.spacing_mm_zyx, patch_zyx=stage.patch_zyx, intensity=stage.intensity,
+                 files=written[0], ensemble=tuple(written[1:]), **stage.stage_fields)
+
+
+def _network_files(stage: StageExport, name: str, net: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path,
+                   patch: np.ndarray | None, *, fp16: bool, check: bool, opset: int, strict: bool,
+                   report: dict[str, Any]) -> dict[str, str]:
+    """Weights, fp32 ONNX (checked against torch) and fp16 ONNX (checked against fp32) of one network."""
+    safetensors = _require("safetensors.torch", "Writing safetensors weights")
+    files = {"torch": file_name(name, "torch"), "onnx-fp32": file_name(name, "onnx-fp32")}
+    safetensors.save_file(weights, str(folder / files["torch"]), metadata={"stage": stage.name, "preset": stage.preset})
+    export_onnx(net, stage.patch_zyx, folder / files["onnx-fp32"], opset)
+    info: dict[str, Any] = {"onnx_fp32_bytes": (folder / files["onnx-fp32"]).stat().st_size}
     if check:
-        parity = check_parity(stage.net, folder / files["onnx-fp32"], patch)
+        parity = check_parity(net, folder / files["onnx-fp32"], patch)
         info.update({f"fp32_{k}": v for k, v in parity.items()})
         tol = parity_tolerance(parity["max_abs_logit"])
         if parity["max_abs_logit_diff"] > tol:
@@ -202,8 +228,7 @@ def _stage_files(stage: StageExport, folder: Path, *, fp16: bool, check: bool, o
                 log.warning(message)
     report[name] = info
     log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
-    return Stage(name=name, preset=stage.preset, network=stage.network, num_classes=stage.num_classes,
-                 spacing_mm_zyx=stage.spacing_mm_zyx, patch_zyx=stage.patch_zyx, intensity=stage.intensity, files=files)
+    return files
 
 
 def check_opset(opset: int) -> int:
@@ -215,19 +240,26 @@ def check_opset(opset: int) -> int:
 
 def write_package(stages: Sequence[StageExport], out: str | os.PathLike, *, roi_margin_mm: float = ROI_MARGIN_MM,
                   postprocess: PostProcess | None = None, overwrite: bool = False, fp16: bool = True,
-                  check: bool = True, strict: bool = False, opset: int = OPSET) -> Path:
+                  check: bool = True, strict: bool = False, opset: int = OPSET, manifest_fields: dict | None = None,
+                  extra_report: dict[str, Any] | None = None) -> Path:
     """Write a complete model package of ``stages``; returns the package folder.
 
     ``strict`` also refuses a package whose fp16 graph agrees with fp32 on fewer than 99.9 % of voxels
-    (otherwise a warning, recorded in ``export_report.json``). Nothing is left at ``out`` on failure.
+    (otherwise a warning, recorded in ``export_report.json``). ``manifest_fields`` sets the package-level
+    format-2 fields of :class:`pocketseg.manifest.Manifest` (labels, inference settings, modality, source);
+    ``extra_report`` is added to ``export_report.json``. The manifest is validated before anything is
+    renamed into place; nothing is left at ``out`` on failure.
     """
     check_opset(opset)
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = dict(extra_report or {})
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         written = {stage.name: _stage_files(stage, tmp, fp16=fp16, check=check, opset=opset, strict=strict,
                                             report=report) for stage in stages}
         manifest = Manifest(stages=written, roi_margin_mm=float(roi_margin_mm),
-                            postprocess=postprocess or PostProcess()).with_checksums(tmp)
+                            postprocess=postprocess or PostProcess(), **(manifest_fields or {})).with_checksums(tmp)
+        problems = manifest.problems()
+        if problems:
+            raise ExportCheckError("the package's manifest would be refused: " + "; ".join(problems))
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         write_json(tmp / "export_report.json", report, indent=2)
         for path in tmp.iterdir():  # some writers create owner-only files; a package is meant to be shared

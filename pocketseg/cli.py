@@ -91,6 +91,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_nnunet(args: argparse.Namespace) -> int:
+    require("torch", "Importing nnU-Net models", "export")
+    from pocketseg.engine_build.nnunet_import import import_nnunet  # needs torch
+
+    kwargs = _kwargs(args)
+    folds = kwargs.pop("folds")
+    print(import_nnunet(**kwargs, folds=None if folds is None else (folds[0] if folds == ["all"] else folds)))
+    return 0
+
+
 def _cmd_build_engine(args: argparse.Namespace) -> int:
     manifest = build_package_engines(**_kwargs(args), progress=not args.quiet)
     for stage in manifest.stages.values():
@@ -162,7 +172,7 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
 #: Subcommand -> the function that runs it.
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "synth": _cmd_synth, "info": _cmd_info, "model-info": _cmd_model_info, "train": _cmd_train,
-    "export": _cmd_export, "build-engine": _cmd_build_engine, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
+    "export": _cmd_export, "import-nnunet": _cmd_import_nnunet, "build-engine": _cmd_build_engine, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
     "doctor": _cmd_doctor, "bench": _cmd_bench, "demo-report": _cmd_demo_report, "selftrain": _cmd_selftrain,
 }
 

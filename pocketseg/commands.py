@@ -105,6 +105,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail if the fp16 ONNX agrees with fp32 on < 99.9 %% of voxels")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17) [17]")
 
+    p = sub.add_parser("import-nnunet", help="import a trained nnU-Net v2 model (results folder) as a model package",
+                       description="Turn an nnU-Net v2 results folder (DatasetXXX/Trainer__Plans__Configuration with "
+                                   "dataset.json, plans.json and fold_*/checkpoint_*.pth) into a model package whose "
+                                   "runtime reproduces nnUNetPredictor: the same network, preprocessing, tiling, "
+                                   "mirroring, fold ensemble and resampling, checked against nnU-Net's own network "
+                                   "when nnU-Net is installed. PlainConvUNet and ResidualEncoderUNet models; 2D, "
+                                   "nnU-Net's own cascade, region-based and multi-channel models are refused.")
+    p.add_argument("results", metavar="RESULTS_DIR", help="the results folder .../Trainer__Plans__Configuration")
+    p.add_argument("-o", "--out", required=True, metavar="PKG_DIR", help="package folder to create")
+    p.add_argument("--folds", nargs="+", default=None, metavar="FOLD",
+                   help="folds to use: all (fold_all) or numbers [what nnU-Net's predictor uses: fold_0..4 that exist, "
+                        "else fold_all]; several folds are averaged")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file of each fold [checkpoint_final.pth]")
+    p.add_argument("--orientation", choices=["native", "RAS"], default=None,
+                   help="voxel order the model was trained in: native (nnU-Net's SimpleITKIO/NibabelIO) or RAS "
+                        "(NibabelIOWithReorient; TotalSegmentator's models) [from the plans' reader]")
+    p.add_argument("--no-tta", dest="tta", action="store_false",
+                   help="no test-time mirroring (nnU-Net's default mirrors over the axes the model allows)")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="tile overlap of the sliding window; nnU-Net's tile step 0.5 is overlap 0.5 [0.5]")
+    p.add_argument("--roi", default=None, metavar="RESULTS_DIR",
+                   help="another nnU-Net results folder to run first as the ROI stage (the paper's cascade: its "
+                        "labels' box plus the ROI margin is what the model segments)")
+    p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 ONNX")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the parity checks (ONNX vs torch, fp16 vs fp32, the network vs nnU-Net's own)")
+    p.add_argument("--strict", action="store_true", help="fail if the fp16 ONNX agrees with fp32 on < 99.9 %% of voxels")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+
     p = sub.add_parser("build-engine", help="build TensorRT FP16 engines for this GPU into a model package",
                        description="Build TensorRT engines from a package's ONNX files (needs TensorRT and a GPU); "
                                    "records them in manifest.json and prints the equivalent trtexec command.")
@@ -125,9 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistics", action="store_true",
                    help="write CASE.statistics.json: per class volume (mL) and mean HU, timings")
     p.add_argument("--preview", action="store_true", help="write CASE.png: three views with the label overlay")
-    p.add_argument("--overlap", type=float, default=0.0,
-                   help="tile overlap fraction in [0, 1); 0 is the paper's tile step 1.0 [0]")
-    p.add_argument("--gaussian", action="store_true", help="blend overlapping tiles with Gaussian weights")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="tile overlap fraction in [0, 1); 0 is the paper's tile step 1.0 "
+                        "[the package's: 0 for pocketseg's own, 0.5 for imported nnU-Net models]")
+    p.add_argument("--gaussian", action="store_true", default=None,
+                   help="blend overlapping tiles with nnU-Net's Gaussian weights [the package's setting]")
+    p.add_argument("--fast", action="store_true",
+                   help="the paper's settings for any package: tile step 1, uniform blending, no test-time mirroring, "
+                        "labels back to the original grid (faster; for imported models not nnU-Net-exact)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="tiles per network call [1]")
     p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs already exist")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -1,11 +1,15 @@
-"""FLARE 2023 label set, defined once for the whole package.
+"""FLARE 2023 label set, defined once for the whole package, and label sets of other models.
 
 Label ids follow the FLARE 2023 challenge: 0 is background, 1-13 are the
-abdominal organs and 14 is the pan-cancer tumor class.
+abdominal organs and 14 is the pan-cancer tumor class. A model package may carry
+another label set (an imported nnU-Net model's ``dataset.json`` labels):
+:func:`label_set` turns any ``{name: id}`` into :class:`Label` rows, with the FLARE
+display name and colour where a name is a FLARE name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -59,3 +63,28 @@ def label_id(name: str) -> int:
 def dataset_json_labels() -> dict[str, int]:
     """The ``labels`` entry of an nnU-Net v2 dataset.json (name -> id)."""
     return {lab.name: lab.id for lab in LABELS}
+
+
+#: Colours of labels without a FLARE colour (tab20-like, distinct on a dark background).
+_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
+    (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150),
+    (197, 176, 213), (196, 156, 148), (247, 182, 210), (219, 219, 141), (158, 218, 229),
+)
+
+
+def label_set(labels: Mapping[str, int] | None = None) -> tuple[Label, ...]:
+    """The :class:`Label` rows of a ``{name: id}`` label set, sorted by id (FLARE 2023's when None).
+
+    A FLARE name keeps its FLARE display name and colour; other names are shown with their
+    underscores as spaces, and coloured from a fixed palette by id.
+    """
+    if labels is None:
+        return LABELS
+    rows = []
+    for name, value in sorted(labels.items(), key=lambda item: item[1]):
+        known = BY_NAME.get(name)
+        display = known.display if known else name.replace("_", " ")
+        color = known.color_rgb if known else ((0, 0, 0) if value == 0 else _PALETTE[(value - 1) % len(_PALETTE)])
+        rows.append(Label(int(value), name, display, color))
+    return tuple(rows)

@@ -1,6 +1,6 @@
 """The model package manifest: the one door between training and deployment.
 
-A model package is a folder::
+A model package is a folder (format 2; format 1 packages load unchanged)::
 
     manifest.json            this file's contents (format version, labels, stages, checksums)
     roi.onnx, detail.onnx    fp32 ONNX, fixed patch size, dynamic batch
@@ -17,6 +17,7 @@ Sizes and spacings are (z, y, x).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,11 +29,22 @@ from pocketseg.errors import InputError
 from pocketseg.geometry import ROI_MARGIN_MM
 from pocketseg.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats this pocketseg reads: 1 (the FLARE 2023 cascade of pocketseg's own training) and 2 (any label set,
+#: one or two stages, per-stage normalisation and voxel order, fold ensembles, inference settings, a source).
+KNOWN_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 #: Tensor names of every network in a package (ONNX graphs and TensorRT engines): (B, 1, z, y, x) -> (B, C, z, y, x).
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+#: How a stage normalises its input: nnU-Net's CTNormalization (clip to the foreground percentiles, z-score with
+#: the foreground statistics), ZScoreNormalization (per image; within the non-zero mask with ``use_mask``),
+#: RescaleTo01Normalization (min-max per image), NoNormalization (float32 as is).
+NORMALIZATION_SCHEMES = ("ct", "zscore", "rescale_to_0_1", "none")
+#: ``native``: the file's voxel order as nnU-Net's SimpleITK and NiBabel readers see it; ``RAS``: the nearest
+#: RAS grid (nnU-Net's NibabelIOWithReorient, TotalSegmentator, and every format-1 package).
+VOXEL_ORDERS = ("RAS", "native")
+BACK_RESAMPLING = ("labels", "logits")
 
 
 @dataclass(frozen=True)
@@ -46,13 +58,31 @@ class Intensity:
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How a stage normalises its input (:data:`NORMALIZATION_SCHEMES`); ``ct`` uses the stage's :class:`Intensity`."""
+
+    scheme: str = "ct"
+    use_mask: bool = False  # zscore over the non-zero mask only (nnU-Net's use_mask_for_norm)
+
+
+@dataclass(frozen=True)
 class Network:
-    """What rebuilds the network in torch (UNetConfig fields)."""
+    """What rebuilds the network in torch (:class:`pocketseg.runtime.network.UNetConfig`).
+
+    Format 1 packages give ``width`` and ``channels_growth`` (Pocket U-Nets); imported nets give the
+    channels of every stage (``features``), the encoder kind (``plain`` conv blocks as nnU-Net's
+    PlainConvUNet, ``residual`` blocks as its ResidualEncoderUNet) and the convs or blocks per stage.
+    """
 
     width: int
     kernels: tuple[tuple[int, int, int], ...]
     strides: tuple[tuple[int, int, int], ...]
     channels_growth: int = 1
+    features: tuple[int, ...] = ()
+    encoder: str = "plain"
+    convs_per_stage: tuple[int, ...] = ()
+    convs_per_stage_decoder: tuple[int, ...] = ()
+    conv_bias: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,6 +95,7 @@ class EngineRecord:
     compute_capability: str  # e.g. "8.7" (Jetson Orin), "9.0" (H100)
     gpu_name: str
     max_batch: int
+    member: int = 0  # 0: the stage's ``files``; k: its ``ensemble[k - 1]``
 
 
 @dataclass(frozen=True)
@@ -75,9 +106,20 @@ class Stage:
     num_classes: int
     spacing_mm_zyx: tuple[float, float, float]
     patch_zyx: tuple[int, int, int]
-    intensity: Intensity
+    intensity: Intensity | None  # the "ct" scheme's statistics
     files: dict[str, str]  # export target name -> file in the package
     engines: tuple[EngineRecord, ...] = ()
+    normalization: Normalization = field(default_factory=Normalization)
+    voxel_order: str = "RAS"
+    transpose_forward: tuple[int, int, int] = (0, 1, 2)  # nnU-Net's: native axes -> network axes
+    crop_to_nonzero: bool = False  # nnU-Net's crop to the box of the non-zero voxels (holes filled)
+    mirror_axes: tuple[int, ...] = ()  # network axes test-time mirroring may flip
+    ensemble: tuple[dict[str, str], ...] = ()  # more networks (folds) whose logits are averaged with ``files``'s
+
+    @property
+    def members(self) -> tuple[dict[str, str], ...]:
+        """The files of every network of the stage: ``files``, then the ensemble's."""
+        return (self.files,) + tuple(self.ensemble)
 
 
 @dataclass(frozen=True)
@@ -86,6 +128,25 @@ class PostProcess:
 
     largest_component_labels: tuple[int, ...] = L.ORGAN_IDS
     tumor_min_volume_mm3: float = 50.0
+    tumor_label: int | None = L.TUMOR  # the label whose small components are removed; None: no such rule
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How the package is run unless the caller says otherwise.
+
+    Format 1 and pocketseg's own packages: the paper's settings (tile step 1, uniform blending, no
+    test-time augmentation, labels resampled back). Imported nnU-Net models: nnU-Net's own (overlap 0.5,
+    Gaussian blending, mirroring over the stage's ``mirror_axes``, logits resampled back).
+    """
+
+    overlap: float = 0.0
+    gaussian: bool = False
+    mirroring: bool = False
+    back_resampling: str = "labels"
+    #: nnU-Net's own numerics: tiles blended in float16 (its Gaussian scaled to 10), each fold's logits summed in
+    #: float16, the resampled logits rounded to float16 before the argmax; so that labels match nnU-Net's.
+    nnunet_numerics: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,19 +159,30 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     pocketseg_version: str = __version__
     checksums: dict[str, str] = field(default_factory=dict)  # file -> sha256
+    inference: Inference = field(default_factory=Inference)
+    modality: str = "CT"  # the CT-intensity check applies to CT packages only
+    source: dict[str, Any] | None = None  # where the networks came from (trainer, plans, files and their SHA-256)
 
     @property
-    def roi(self) -> Stage:
-        return self.stages["roi"]
+    def roi(self) -> Stage | None:
+        """The ROI stage, or None for a single-stage package."""
+        return self.stages.get("roi")
 
     @property
     def detail(self) -> Stage:
+        """The stage whose labels are the package's output."""
         return self.stages["detail"]
+
+    @property
+    def is_ct(self) -> bool:
+        return self.modality.upper() == "CT"
 
     def files(self) -> list[str]:
         names = []
         for stage in self.stages.values():
-            names += list(stage.files.values()) + [e.file for e in stage.engines]
+            for member in stage.members:
+                names += list(member.values())
+            names += [e.file for e in stage.engines]
         return names
 
     def with_checksums(self, folder: Path) -> Manifest:
@@ -122,35 +194,130 @@ class Manifest:
     @staticmethod
     def from_dict(data: dict[str, Any], source: Path | None = None) -> Manifest:
         try:
-            version = int(data["format_version"])
+            version = data["format_version"]
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise InputError(source, f"manifest format_version must be an integer, got {version!r}")
             if version > FORMAT_VERSION:
                 raise InputError(source, f"manifest format {version} is newer than this pocketseg understands "
                                          f"({FORMAT_VERSION}); upgrade pocketseg")
+            if version not in KNOWN_FORMATS:
+                raise InputError(source, f"manifest format {version} is not one of {KNOWN_FORMATS}")
             stages = {name: _stage(s) for name, s in data["stages"].items()}
-            return Manifest(stages=stages, labels={k: int(v) for k, v in data["labels"].items()},
-                            roi_margin_mm=float(data["roi_margin_mm"]),
-                            postprocess=PostProcess(tuple(data["postprocess"]["largest_component_labels"]),
-                                                    float(data["postprocess"]["tumor_min_volume_mm3"])),
-                            axis_order=data["axis_order"], format_version=version,
-                            pocketseg_version=data["pocketseg_version"], checksums=dict(data.get("checksums", {})))
+            post = data["postprocess"]
+            manifest = Manifest(
+                stages=stages, labels={str(k): _int(v) for k, v in data["labels"].items()},
+                roi_margin_mm=float(data["roi_margin_mm"]),
+                postprocess=PostProcess(tuple(_int(v) for v in post["largest_component_labels"]),
+                                        float(post["tumor_min_volume_mm3"]),
+                                        _int_or_none(post.get("tumor_label", L.TUMOR))),
+                axis_order=data["axis_order"], format_version=version, pocketseg_version=data["pocketseg_version"],
+                checksums=dict(data.get("checksums", {})), inference=Inference(**data.get("inference", {})),
+                modality=str(data.get("modality", "CT")), source=data.get("source"))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
             raise InputError(source, f"manifest is malformed ({type(exc).__name__}: {exc})") from None
+        problems = manifest.problems()
+        if problems:
+            raise InputError(source, "manifest refused: " + "; ".join(problems))
+        return manifest
+
+    def problems(self) -> list[str]:
+        """What makes this manifest unusable (empty when it is sound): values out of range, labels that do not fit."""
+        out = []
+        if "detail" not in self.stages or not set(self.stages) <= {"roi", "detail"}:
+            out.append(f"stages must be 'detail' and optionally 'roi', found {sorted(self.stages)}")
+        if self.axis_order != "zyx":
+            out.append(f"axis_order must be 'zyx', got {self.axis_order!r}")
+        if not (math.isfinite(self.roi_margin_mm) and self.roi_margin_mm > 0):
+            out.append(f"roi_margin_mm must be a positive number of mm, got {self.roi_margin_mm!r}")
+        ids = list(self.labels.values())
+        if self.labels.get("background") != 0:
+            out.append("labels must map 'background' to 0")
+        if len(set(ids)) != len(ids) or any(i < 0 or i > 255 for i in ids):
+            out.append(f"label ids must be distinct and in 0..255, got {sorted(ids)}")
+        if "detail" in self.stages and any(i >= self.detail.num_classes for i in ids):
+            out.append(f"label ids {sorted(i for i in ids if i >= self.detail.num_classes)} do not fit the "
+                       f"detail stage's {self.detail.num_classes} classes")
+        if self.postprocess.tumor_label is not None and self.postprocess.tumor_label not in ids:
+            out.append(f"postprocess tumor_label {self.postprocess.tumor_label} is not a label")
+        if not set(self.postprocess.largest_component_labels) <= set(ids) - {0}:
+            out.append("postprocess largest_component_labels must be labels other than background")
+        if not (math.isfinite(self.postprocess.tumor_min_volume_mm3) and self.postprocess.tumor_min_volume_mm3 >= 0):
+            out.append("postprocess tumor_min_volume_mm3 must be >= 0")
+        inf = self.inference
+        if not (0.0 <= inf.overlap < 1.0) or inf.back_resampling not in BACK_RESAMPLING:
+            out.append(f"inference settings out of range: {inf}")
+        for stage in self.stages.values():
+            out += [f"stage {stage.name}: {p}" for p in _stage_problems(stage)]
+        return out
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _stage_problems(stage: Stage) -> list[str]:
+    out = []
+    if stage.num_classes < 2:
+        out.append(f"num_classes must be >= 2, got {stage.num_classes}")
+    if len(stage.spacing_mm_zyx) != 3 or not all(math.isfinite(v) and v > 0 for v in stage.spacing_mm_zyx):
+        out.append(f"spacing_mm_zyx must be three positive spacings, got {stage.spacing_mm_zyx}")
+    if len(stage.patch_zyx) != 3 or not all(v >= 1 for v in stage.patch_zyx):
+        out.append(f"patch_zyx must be three positive sizes, got {stage.patch_zyx}")
+    if stage.normalization.scheme not in NORMALIZATION_SCHEMES:
+        out.append(f"normalization {stage.normalization.scheme!r} is not one of {NORMALIZATION_SCHEMES}")
+    if stage.normalization.scheme == "ct":
+        i = stage.intensity
+        if i is None:
+            out.append("CT normalisation needs intensity statistics")
+        elif not (all(math.isfinite(v) for v in (i.mean, i.std, i.percentile_00_5, i.percentile_99_5))
+                  and i.std > 0 and i.percentile_00_5 <= i.percentile_99_5):
+            out.append(f"intensity statistics out of range: {i}")
+    if stage.voxel_order not in VOXEL_ORDERS:
+        out.append(f"voxel_order must be one of {VOXEL_ORDERS}, got {stage.voxel_order!r}")
+    if sorted(stage.transpose_forward) != [0, 1, 2]:
+        out.append(f"transpose_forward must be a permutation of (0, 1, 2), got {stage.transpose_forward}")
+    if not set(stage.mirror_axes) <= {0, 1, 2}:
+        out.append(f"mirror_axes must be network axes 0-2, got {stage.mirror_axes}")
+    if not stage.files:
+        out.append("no files")
+    return out
 
 
 def _triples(values) -> tuple[tuple[int, int, int], ...]:
-    return tuple(tuple(int(v) for v in t) for t in values)  # type: ignore[misc]
+    return tuple(tuple(_int(v) for v in t) for t in values)  # type: ignore[misc]
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(_int(v) for v in values)
+
+
+def _network(n: dict[str, Any]) -> Network:
+    return Network(_int(n["width"]), _triples(n["kernels"]), _triples(n["strides"]), _int(n.get("channels_growth", 1)),
+                   features=_ints(n.get("features", ())), encoder=str(n.get("encoder", "plain")),
+                   convs_per_stage=_ints(n.get("convs_per_stage", ())),
+                   convs_per_stage_decoder=_ints(n.get("convs_per_stage_decoder", ())),
+                   conv_bias=bool(n.get("conv_bias", True)))
 
 
 def _stage(s: dict[str, Any]) -> Stage:
     return Stage(
-        name=s["name"], preset=s["preset"],
-        network=Network(int(s["network"]["width"]), _triples(s["network"]["kernels"]), _triples(s["network"]["strides"]),
-                        int(s["network"].get("channels_growth", 1))),
-        num_classes=int(s["num_classes"]), spacing_mm_zyx=tuple(float(v) for v in s["spacing_mm_zyx"]),  # type: ignore[arg-type]
-        patch_zyx=tuple(int(v) for v in s["patch_zyx"]), intensity=Intensity(**s["intensity"]),  # type: ignore[arg-type]
+        name=s["name"], preset=s["preset"], network=_network(s["network"]), num_classes=_int(s["num_classes"]),
+        spacing_mm_zyx=tuple(float(v) for v in s["spacing_mm_zyx"]),  # type: ignore[arg-type]
+        patch_zyx=_ints(s["patch_zyx"]),  # type: ignore[arg-type]
+        intensity=None if s.get("intensity") is None else Intensity(**s["intensity"]),
         files=dict(s["files"]), engines=tuple(EngineRecord(**e) for e in s.get("engines", ())),
+        normalization=Normalization(**s.get("normalization", {})), voxel_order=str(s.get("voxel_order", "RAS")),
+        transpose_forward=_ints(s.get("transpose_forward", (0, 1, 2))),  # type: ignore[arg-type]
+        crop_to_nonzero=bool(s.get("crop_to_nonzero", False)), mirror_axes=_ints(s.get("mirror_axes", ())),
+        ensemble=tuple(dict(m) for m in s.get("ensemble", ())),
     )
 
 
@@ -174,8 +341,6 @@ def load_package(folder: str | os.PathLike) -> Manifest:
     """Read a package's manifest and verify every file's SHA-256; refuse anything that does not match."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if set(manifest.stages) != {"roi", "detail"}:
-        raise InputError(folder, f"package must hold the roi and detail stages, found {sorted(manifest.stages)}")
     problems = []
     for name in manifest.files():
         expected = manifest.checksums.get(name)

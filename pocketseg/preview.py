@@ -8,6 +8,7 @@ abdominal soft-tissue window (W400/L40), whatever the stored orientation.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -60,15 +61,20 @@ def _views(image: np.ndarray, labels: np.ndarray | None, spacing):
     ]
 
 
-def render_preview(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None, *, title: str = "") -> bytes:
-    """PNG bytes of a three-view preview of ``image`` (HU) with an optional label overlay."""
+def render_preview(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None, *, title: str = "",
+                   label_names: Mapping[str, int] | None = None) -> bytes:
+    """PNG bytes of a three-view preview of ``image`` (HU) with an optional label overlay.
+
+    ``label_names`` is the label set of ``labels`` (``{name: id}``; FLARE 2023's when None).
+    """
     plt = pyplot("Preview images")
     from matplotlib.patches import Patch  # optional (viz extra), importable once pyplot() succeeded
 
     img, spacing = to_ras(image, affine)
     lab = to_ras(labels, affine)[0] if labels is not None else None
+    rows = [label for label in L.label_set(label_names) if label.id != 0]
     colors = np.zeros((256, 4), dtype=np.float32)
-    for label in L.LABELS[1:]:
+    for label in rows:
         colors[label.id, :3] = np.array(label.color_rgb) / 255.0
         colors[label.id, 3] = 0.45
     fig, axes = plt.subplots(1, 3, figsize=(16, 6.2), facecolor="black")
@@ -80,7 +86,7 @@ def render_preview(image: np.ndarray, affine: np.ndarray, labels: np.ndarray | N
         ax.set_title(name, color="white", fontsize=10)
         ax.axis("off")
     if lab is not None:
-        present = [label for label in L.LABELS[1:] if (lab == label.id).any()]
+        present = [label for label in rows if (lab == label.id).any()]
         handles = [Patch(color=np.array(label.color_rgb) / 255.0, label=f"{label.id} {label.display}") for label in present]
         fig.legend(handles=handles, loc="lower center", ncol=min(8, max(1, len(handles))), fontsize=8,
                    facecolor="black", labelcolor="white", frameon=False)

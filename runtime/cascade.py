@@ -2,55 +2,71 @@
 
 For one scan (paper Sec. 2.1, Fig. 1)::
 
-    upload (int16, once) -> canonical (z, y, x) view
+    upload (int16, once) -> the stage's view of the voxels (z, y, x)
     ROI stage:    resample to the ROI spacing (normalising on the way), sliding window,
                   argmax, largest component, its box + margin (mm) on the original grid
-    detail stage: crop the original, resample to the detail spacing, sliding window,
-                  argmax, labels back to the crop's original grid
-    post-process: largest component per organ, tumor specks removed, paste into zeros
+    detail stage: crop the original (and to its non-zero voxels where the stage says),
+                  resample to the detail spacing, sliding window, labels (or logits,
+                  streamed) back to the crop's original grid
+    post-process: the package's rules (largest component per organ, tumor specks removed)
     download (uint8 labels in the file's voxel order, once)
+
+A package without a ROI stage (an imported single-stage model) segments the whole
+scan with its one stage. The view of the voxels is the package's: the canonical
+RAS grid (pocketseg's own packages, nnU-Net's NibabelIOWithReorient), or the file's
+own voxel order as nnU-Net's SimpleITK and NiBabel readers see it (``native``),
+followed by the plans' ``transpose_forward``.
+
+How tiles are run and blended, and how the result goes back to the original grid,
+comes from the package's inference settings unless the caller overrides them: the
+paper's (tile step 1, uniform blending, no test-time augmentation, labels back) for
+pocketseg's packages; nnU-Net's for imported ones (overlap 0.5, its Gaussian,
+mirroring over the allowed axes, the mean over the folds' logits, logits resampled
+back linearly, streamed along z). ``fast=True`` takes the paper's settings for any
+package.
 
 Everything between the upload and the download stays on the device: NumPy arrays
 on the CPU, CuPy arrays on a GPU, through the same code (:mod:`runtime.arrays`).
-The networks run through one :class:`runtime.engines.Engine` per stage. The
-sliding windows stream their argmax along z, and where a stage's spacing makes z
-the thick axis (both paper nets: 4.0x1.2x1.2 and 2.5x0.8x0.8 mm) the resampling
-works slice chunk by slice chunk, so memory beyond the input, the label map and
-the stage's (much smaller) resampled image does not grow with the number of
-slices. Near-isotropic stages resample in 3D and need a few float32 copies of
-the region instead.
+The sliding windows stream their argmax along z; logits at the network's
+resolution exist only where the settings ask for logits back. Where z is the thick
+axis the resampling works slice chunk by slice chunk; near-isotropic stages
+resample in 3D and need a few float32 copies of the region instead.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pocketseg import labels as L
 from pocketseg.errors import InputError, PocketsegError
-from pocketseg.geometry import canonical_grid, grow_box
-from pocketseg.manifest import Intensity, Stage, load_package
+from pocketseg.geometry import canonical_grid, grow_box, spacing_from_affine
+from pocketseg.manifest import BACK_RESAMPLING, Inference, Manifest, Stage, load_package
 from pocketseg.runtime.arrays import ArrayModule, array_module, bounding_box
 from pocketseg.runtime.engines import Engine, Selection, open_engine, resolve
-from pocketseg.runtime.intensity import ct_normalize
+from pocketseg.runtime.intensity import normalizer
 from pocketseg.runtime.postprocess import clean_components, keep_largest_components
-from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
-from pocketseg.runtime.sliding_window import check_overlap, sliding_window_labels
+from pocketseg.runtime.resample import (resample_image, resample_labels, resample_logits_to_labels, separate_z_axis,
+                                        target_shape)
+from pocketseg.runtime.sliding_window import check_overlap, sliding_window_labels, sliding_window_predict
 from pocketseg.volume import Volume
 
-__all__ = ["AIR_HU", "CascadePredictor", "Prediction", "check_ct_intensities"]
+__all__ = ["AIR_HU", "CascadePredictor", "FAST", "Prediction", "StageNetworks", "VoxelView", "check_ct_intensities"]
 
 log = logging.getLogger(__name__)
 
 #: A CT of the abdomen always holds air (outside the body, in the lungs or the bowel) near -1000 HU;
 #: an image without any voxel at or below this value is not in Hounsfield units.
 AIR_HU = -500.0
+#: The paper's settings (``fast=True``): tile step 1, uniform blending, no mirroring, labels resampled back.
+FAST = Inference(overlap=0.0, gaussian=False, mirroring=False, back_resampling="labels", nnunet_numerics=False)
 
 
 class OutOfMemoryRetry(PocketsegError, MemoryError):
@@ -63,7 +79,7 @@ class Prediction:
 
     labels: np.ndarray  # uint8 (i, j, k)
     timings_s: dict[str, float]
-    roi_box_zyx: tuple[tuple[int, int], ...]  # [start, stop) on the canonical (z, y, x) grid
+    roi_box_zyx: tuple[tuple[int, int], ...]  # [start, stop) on the stage's (z, y, x) view (the canonical grid)
     device: str
     backend: str
     warnings: list[str] = field(default_factory=list)
@@ -86,13 +102,101 @@ def check_ct_intensities(minimum: float, maximum: float, source: Any = None) -> 
                                  "are refused; check_intensities=False (--no-intensity-check) runs anyway")
 
 
-def _normalizer(intensity: Intensity, am: ArrayModule):
-    """The stage's CT normalisation as a one-argument function (for ``resample_image(prepare=...)``)."""
+@dataclass(frozen=True)
+class VoxelView:
+    """How a stage sees a volume's voxels: (z, y, x) views of (i, j, k) arrays, and the spacing in that order.
 
-    def normalize(raw: Any) -> Any:
-        return ct_normalize(raw, intensity, am=am)
+    ``RAS``: flips and a permutation onto the nearest RAS grid (:func:`pocketseg.geometry.canonical_grid`);
+    ``native``: the file's own voxel order as nnU-Net's SimpleITK and NiBabel readers return it, (k, j, i).
+    Then the stage's ``transpose_forward`` (nnU-Net's plans). Every step is a view, so writing through
+    :meth:`forward` of an (i, j, k) array fills it in the file's voxel order.
+    """
 
-    return normalize
+    forward: Callable[[Any], Any]
+    spacing_zyx: tuple[float, float, float]
+
+    @staticmethod
+    def of(volume: Volume, stage: Stage) -> VoxelView:
+        order = tuple(int(a) for a in stage.transpose_forward)
+        if stage.voxel_order == "native":
+            base = spacing_from_affine(volume.affine)[::-1]
+
+            def to_base(array: Any) -> Any:
+                return array.transpose(2, 1, 0)
+        else:
+            grid = canonical_grid(volume.affine, volume.shape)
+            base, to_base = grid.spacing_zyx(volume.affine), grid.to_zyx
+        spacing = tuple(float(base[a]) for a in order)
+
+        def forward(array: Any) -> Any:
+            return to_base(array).transpose(order)
+
+        return VoxelView(forward, spacing)  # type: ignore[arg-type]
+
+
+class StageNetworks:
+    """The networks of a stage as one tile function: test-time mirroring and the mean over an ensemble (folds).
+
+    ``batch`` (B, 1, z, y, x) -> logits (B, C, z, y, x), float32 when anything is averaged. With mirroring,
+    every combination of flips of ``mirror_axes`` (network axes) is run in the same batch, flipped back and
+    averaged with the unflipped prediction (nnU-Net's test-time augmentation); with several networks, their
+    results are averaged too (nnU-Net's fold ensemble: the blend of the mean is the mean of the blends).
+    """
+
+    def __init__(self, engines: Sequence[Engine], mirror_axes: Sequence[int] = (), am: ArrayModule | None = None):
+        self.engines = list(engines)
+        self.am = am or self.engines[0].am
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
+        axes = [int(a) + 2 for a in mirror_axes]
+        self.flips = [combo for n in range(1, len(axes) + 1) for combo in itertools.combinations(axes, n)]
+        first = self.engines[0]
+        self.num_classes, self.patch_zyx, self.precision = first.num_classes, first.patch_zyx, first.precision
+        limits = [e.max_batch for e in self.engines if e.max_batch]
+        # One tile with all its flips has to fit an engine's profile: the tile batch shrinks to fit.
+        self.max_batch = max(1, min(limits) // (1 + len(self.flips))) if limits else None
+
+    @property
+    def plain(self) -> bool:
+        """One network, no mirroring: the engine's own output, untouched."""
+        return len(self.engines) == 1 and not self.flips
+
+    def __call__(self, batch: Any) -> Any:
+        if self.plain:
+            return self.engines[0](batch)
+        xp = self.am.xp
+        n = batch.shape[0]
+        variants = xp.concatenate([batch] + [xp.flip(batch, axis=axes) for axes in self.flips], axis=0)
+        total = None
+        for engine in self.engines:
+            out = self._run(engine, variants).astype(xp.float32, copy=False)
+            summed = out[:n].copy()
+            for k, axes in enumerate(self.flips, start=1):
+                summed += xp.flip(out[k * n : (k + 1) * n], axis=axes)
+            total = summed if total is None else total + summed
+        return total / float((1 + len(self.flips)) * len(self.engines))
+
+    @staticmethod
+    def _run(engine: Engine, batch: Any) -> Any:
+        if engine.max_batch is None or batch.shape[0] <= engine.max_batch:
+            return engine(batch)
+        xp = engine.am.xp
+        return xp.concatenate([engine(batch[i : i + engine.max_batch])
+                               for i in range(0, batch.shape[0], engine.max_batch)], axis=0)
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+
+    def free_cached_memory(self) -> None:
+        for engine in self.engines:
+            engine.free_cached_memory()
+
+
+def nonzero_box(region: Any, am: ArrayModule) -> tuple[slice, slice, slice]:
+    """nnU-Net's crop to non-zero: the box of the voxels that are not 0 (holes inside are filled there, which
+    cannot widen the box); the whole region when every voxel is 0."""
+    box = bounding_box(region != 0, am)
+    return box if box is not None else tuple(slice(0, s) for s in region.shape)  # type: ignore[return-value]
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -121,7 +225,12 @@ class CascadePredictor:
         backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch``.
         precision: ``auto`` (fp16 on a GPU, fp32 on the CPU), ``fp32`` or ``fp16``.
         overlap: fraction of a tile shared with its neighbour, in [0, 1); 0 is the paper's tile step 1.0.
-        gaussian: blend overlapping tiles with nnU-Net's Gaussian weights.
+            None: the package's setting (0 for pocketseg's packages, 0.5 for imported nnU-Net models).
+        gaussian: blend overlapping tiles with nnU-Net's Gaussian weights (None: the package's setting).
+        mirroring: test-time mirroring over the stage's allowed axes (None: the package's setting).
+        back_resampling: ``labels`` or ``logits`` back to the original grid (None: the package's setting).
+        fast: the paper's settings whatever the package says (tile step 1, uniform, no mirroring, labels back);
+            ``overlap``, ``gaussian``, ``mirroring`` and ``back_resampling`` given explicitly still win.
         batch_size: tiles per engine call.
         threads: CPU threads of ONNX Runtime (default: all cores).
         progress: show a progress bar of the tiles.
@@ -133,32 +242,31 @@ class CascadePredictor:
     """
 
     def __init__(self, model: str | Path, *, device: str = "auto", backend: str = "auto", precision: str = "auto",
-                 overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1, threads: int | None = None,
-                 progress: bool = False, fallback_to_cpu: bool = True):
-        try:
-            overlap = check_overlap(overlap)
-        except ValueError as exc:
-            raise InputError(None, str(exc)) from None
+                 overlap: float | None = None, gaussian: bool | None = None, mirroring: bool | None = None,
+                 back_resampling: str | None = None, fast: bool = False, batch_size: int = 1,
+                 threads: int | None = None, progress: bool = False, fallback_to_cpu: bool = True):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
         self.package_dir = Path(model)
-        self.manifest = load_package(self.package_dir)
+        self.manifest: Manifest = load_package(self.package_dir)
+        self.settings = _settings(self.manifest.inference, fast=fast, overlap=overlap, gaussian=gaussian,
+                                  mirroring=mirroring, back_resampling=back_resampling)
         self.selection: Selection = resolve(backend, device, self.manifest, precision)
         self.am: ArrayModule = array_module(self.selection.device)
-        self.overlap = overlap
-        self.gaussian = bool(gaussian)
         self.batch_size = batch_size
         self.threads = threads
         self.progress = progress
         self.fallback_to_cpu = fallback_to_cpu
         self._cpu: CascadePredictor | None = None
         t0 = time.perf_counter()
-        self.engines: dict[str, Engine] = {name: open_engine(self.package_dir, self.manifest.stages[name],
-                                                             self.selection, threads=threads)
-                                           for name in ("roi", "detail")}
+        self.networks: dict[str, StageNetworks] = {}
+        for name, stage in self.manifest.stages.items():
+            engines = [open_engine(self.package_dir, stage, self.selection, threads=threads, member=m)
+                       for m in range(len(stage.members))]
+            self.networks[name] = StageNetworks(engines, stage.mirror_axes if self.settings.mirroring else (), self.am)
         self.load_time_s = time.perf_counter() - t0
-        log.info("model %s on %s with %s (%s): %s", self.package_dir, self.selection.device, self.selection.backend,
-                 self.selection.precision, self.selection.reason)
+        log.info("model %s on %s with %s (%s): %s; %s", self.package_dir, self.selection.device,
+                 self.selection.backend, self.selection.precision, self.selection.reason, self.settings)
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -170,17 +278,31 @@ class CascadePredictor:
     def backend(self) -> str:
         return self.selection.backend
 
+    @property
+    def engines(self) -> dict[str, Engine]:
+        """The first network of each stage (every network: :attr:`networks`)."""
+        return {name: nets.engines[0] for name, nets in self.networks.items()}
+
+    @property
+    def overlap(self) -> float:
+        return self.settings.overlap
+
+    @property
+    def gaussian(self) -> bool:
+        return self.settings.gaussian
+
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
+        for nets in self.networks.values():
+            nets.close()
         self._free_device_memory()
 
     def predict(self, volume: Volume, *, check_intensities: bool = True,
                 roi_box_zyx: tuple[tuple[int, int], ...] | None = None) -> Prediction:
         """Segment one scan. GPU out of memory: retried with one tile per batch, then on the CPU (logged).
 
-        ``roi_box_zyx`` ([start, stop) per axis of the canonical (z, y, x) grid) replaces the ROI
+        ``roi_box_zyx`` ([start, stop) per axis of the stage's (z, y, x) view) replaces the ROI
         stage: for timing nets without trained weights on a known abdomen, or for ablations.
+        ``check_intensities`` refuses images that are not CT in Hounsfield units (CT packages only).
         """
         if volume.data.ndim != 3:
             raise InputError(volume.source, f"expected a 3D image, got shape {volume.data.shape}")
@@ -212,48 +334,90 @@ class CascadePredictor:
             return result
 
     def _free_device_memory(self) -> None:
-        for engine in self.engines.values():
-            engine.free_cached_memory()
+        for nets in self.networks.values():
+            nets.free_cached_memory()
         self.am.free_cached_memory()
 
     # ------------------------------------------------------------------------------------------------ stages
 
     def _cpu_predictor(self) -> CascadePredictor:
         if self._cpu is None:
-            self._cpu = CascadePredictor(self.package_dir, device="cpu", backend="auto",
-                                         overlap=self.overlap, gaussian=self.gaussian,
-                                         batch_size=1, threads=self.threads, progress=self.progress)
+            s = self.settings
+            self._cpu = CascadePredictor(self.package_dir, device="cpu", backend="auto", overlap=s.overlap,
+                                         gaussian=s.gaussian, mirroring=s.mirroring,
+                                         back_resampling=s.back_resampling, batch_size=1, threads=self.threads,
+                                         progress=self.progress)
         return self._cpu
 
     def _sync_time(self, start: float) -> float:
         self.am.synchronize()
         return time.perf_counter() - start
 
-    def _segment_stage(self, stage: Stage, image: Any, spacing_zyx, batch: int) -> Any:
-        """Labels of ``stage`` on its own grid for a raw (z, y, x) image region: resample, normalise, window."""
-        am = self.am
-        new_shape = target_shape(image.shape, spacing_zyx, stage.spacing_mm_zyx)
+    def _network_input(self, stage: Stage, region: Any, spacing_zyx) -> Any:
+        """The stage's normalised input on its own grid, from a raw (z, y, x) region."""
+        new_shape = target_shape(region.shape, spacing_zyx, stage.spacing_mm_zyx)
         axis = separate_z_axis(spacing_zyx, stage.spacing_mm_zyx)
-        net_input = resample_image(image, new_shape, order=3, separate_z=axis,
-                                   prepare=_normalizer(stage.intensity, am), am=am)
-        engine = self.engines[stage.name]
+        image, prepare = normalizer(stage, region, am=self.am)
+        return resample_image(image, new_shape, order=3, separate_z=axis, prepare=prepare, am=self.am)
+
+    def _stage_labels(self, stage: Stage, net_input: Any, batch: int, back: str) -> Any:
+        """The sliding window over the stage's grid: uint8 labels, or (back == "logits") the blended logits."""
+        am, s = self.am, self.settings
+        nets = self.networks[stage.name]
+        step_batch = min(batch, nets.max_batch or batch)
+        if back == "logits":
+            window = dict(overlap=s.overlap, gaussian=s.gaussian, am=am, progress=self.progress,
+                          nnunet_half=s.nnunet_numerics)
+            if not (s.nnunet_numerics and len(nets.engines) > 1):
+                return sliding_window_predict(net_input, stage.patch_zyx, nets, stage.num_classes,
+                                              batch_size=step_batch, **window)
+            # nnU-Net blends every fold on its own in float16 and sums the folds' logits in float16.
+            total = None
+            for engine in nets.engines:
+                one = StageNetworks([engine], nets.mirror_axes, am)
+                logits = sliding_window_predict(net_input, stage.patch_zyx, one, stage.num_classes,
+                                                batch_size=min(batch, one.max_batch or batch), **window)
+                total = logits if total is None else total.__iadd__(logits)
+            total /= am.xp.float16(len(nets.engines))
+            return total
         # float16 accumulation halves the largest buffer where the network itself runs in fp16; not with
         # Gaussian weights, whose products at the tile borders (~1e-7) underflow in float16.
-        acc = am.xp.float16 if engine.precision == "fp16" and not self.gaussian else am.xp.float32
-        return sliding_window_labels(net_input, stage.patch_zyx, engine, stage.num_classes,
-                                     overlap=self.overlap, gaussian=self.gaussian,
-                                     batch_size=min(batch, engine.max_batch or batch), am=am,
-                                     progress=self.progress, accumulate_dtype=acc)
+        acc = am.xp.float16 if nets.plain and nets.precision == "fp16" and not s.gaussian else am.xp.float32
+        return sliding_window_labels(net_input, stage.patch_zyx, nets, stage.num_classes, overlap=s.overlap,
+                                     gaussian=s.gaussian, batch_size=step_batch, am=am, progress=self.progress,
+                                     accumulate_dtype=acc)
 
-    def _roi_box(self, canonical: Any, spacing_zyx, batch: int, warnings: list[str], name: str
+    def _segment_region(self, stage: Stage, region: Any, spacing_zyx, batch: int, back: str) -> Any:
+        """uint8 labels of ``stage`` on the grid of a raw (z, y, x) region (crop to non-zero where the stage does)."""
+        am = self.am
+        inner = nonzero_box(region, am) if stage.crop_to_nonzero else tuple(slice(0, n) for n in region.shape)
+        sub = region[inner]
+        net_input = self._network_input(stage, sub, spacing_zyx)
+        result = self._stage_labels(stage, net_input, batch, back)
+        del net_input
+        back_axis = separate_z_axis(stage.spacing_mm_zyx, spacing_zyx)
+        if back == "logits":
+            labels = resample_logits_to_labels(result, sub.shape, separate_z=back_axis, am=am,
+                                               round_to=am.xp.float16 if self.settings.nnunet_numerics else None)
+        else:
+            labels = resample_labels(result, sub.shape, separate_z=back_axis, am=am)
+        del result
+        if stage.crop_to_nonzero and tuple(labels.shape) != tuple(region.shape):
+            # nnU-Net: everything outside the non-zero box is background.
+            full = am.xp.zeros(region.shape, dtype=am.xp.uint8)
+            full[inner] = labels
+            return full
+        return labels
+
+    def _roi_box(self, image: Any, spacing_zyx, batch: int, warnings: list[str], name: str
                  ) -> tuple[slice, slice, slice]:
-        """The abdomen box on the canonical grid: ROI net, largest component, box + margin (mm)."""
+        """The abdomen box on the stage's view: ROI net, largest component, box + margin (mm)."""
         am = self.am
         roi = self.manifest.roi
-        roi_labels = self._segment_stage(roi, canonical, spacing_zyx, batch)
+        roi_labels = self._stage_labels(roi, self._network_input(roi, image, spacing_zyx), batch, "labels")
         roi_labels = keep_largest_components((roi_labels > 0).astype(am.xp.uint8), (1,), am)
         box = bounding_box(roi_labels > 0, am)
-        shape = canonical.shape
+        shape = image.shape
         if box is None:
             message = "the ROI net found no abdomen; the detail net runs on the whole volume"
             log.warning("%s: %s", name, message)
@@ -267,8 +431,10 @@ class CascadePredictor:
 
     def _postprocess(self, labels: Any, spacing_zyx) -> Any:
         rules = self.manifest.postprocess
-        min_voxels = math.ceil(rules.tumor_min_volume_mm3 / float(np.prod(spacing_zyx)))
-        return clean_components(labels, rules.largest_component_labels, {L.TUMOR: min_voxels}, self.am)
+        small = {}
+        if rules.tumor_label is not None and rules.tumor_min_volume_mm3 > 0:
+            small[rules.tumor_label] = math.ceil(rules.tumor_min_volume_mm3 / float(np.prod(spacing_zyx)))
+        return clean_components(labels, rules.largest_component_labels, small, self.am)
 
     def _predict(self, volume: Volume, batch: int, check_intensities: bool,
                  roi_box_zyx: tuple[tuple[int, int], ...] | None = None) -> Prediction:
@@ -281,38 +447,53 @@ class CascadePredictor:
         if data.dtype == np.float64:  # halve the upload; CT values need no float64
             data = data.astype(np.float32)
         device_data = am.to_device(data)
-        if check_intensities:
+        if check_intensities and self.manifest.is_ct:
             check_ct_intensities(float(device_data.min()), float(device_data.max()), volume.source)
-        grid = canonical_grid(volume.affine, volume.shape)
-        canonical = grid.to_zyx(device_data)
-        spacing = grid.spacing_zyx(volume.affine)
+        detail = self.manifest.detail
+        view = VoxelView.of(volume, detail)
+        image = view.forward(device_data)
+        spacing = view.spacing_zyx
         timings["upload"] = self._sync_time(start)
 
         t = time.perf_counter()
-        if roi_box_zyx is None:
-            box = self._roi_box(canonical, spacing, batch, warnings, name)
-        else:
-            box = _given_box(roi_box_zyx, canonical.shape, volume.source)
+        if roi_box_zyx is not None:
+            box = _given_box(roi_box_zyx, image.shape, volume.source)
             warnings.append("ROI stage skipped: the ROI box was given")
+        elif self.manifest.roi is not None:
+            box = self._roi_box(image, spacing, batch, warnings, name)
+        else:
+            box = tuple(slice(0, n) for n in image.shape)
         timings["roi"] = self._sync_time(t)
 
         t = time.perf_counter()
-        detail = self.manifest.detail
-        crop = canonical[box]
-        crop_labels = self._segment_stage(detail, crop, spacing, batch)
-        back_axis = separate_z_axis(detail.spacing_mm_zyx, spacing)
-        crop_labels = resample_labels(crop_labels, crop.shape, separate_z=back_axis, am=am)
+        crop_labels = self._segment_region(detail, image[box], spacing, batch, self.settings.back_resampling)
         timings["detail"] = self._sync_time(t)
 
         t = time.perf_counter()
         self._postprocess(crop_labels, spacing)
-        # The output is allocated in the file's voxel order and filled through its canonical view,
+        # The output is allocated in the file's voxel order and filled through the stage's view,
         # so the download needs no transposed copy.
         full = xp.zeros(volume.shape, dtype=xp.uint8)
-        grid.to_zyx(full)[box] = crop_labels
-        del crop_labels, canonical, device_data
+        view.forward(full)[box] = crop_labels
+        del crop_labels, image, device_data
         labels = am.to_host(full)
         del full
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         return Prediction(labels, timings, tuple((s.start, s.stop) for s in box), self.device, self.backend, warnings)
+
+
+def _settings(package: Inference, *, fast: bool, overlap: float | None, gaussian: bool | None,
+              mirroring: bool | None, back_resampling: str | None) -> Inference:
+    """The package's inference settings (or the paper's with ``fast``), with the caller's explicit choices."""
+    base = FAST if fast else package
+    chosen = replace(base, **{k: v for k, v in (("overlap", overlap), ("gaussian", gaussian), ("mirroring", mirroring),
+                                                 ("back_resampling", back_resampling)) if v is not None})
+    try:
+        overlap_value = check_overlap(chosen.overlap)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from None
+    if chosen.back_resampling not in BACK_RESAMPLING:
+        raise InputError(None, f"back_resampling must be one of {', '.join(BACK_RESAMPLING)}, "
+                               f"got {chosen.back_resampling!r}")
+    return replace(chosen, overlap=overlap_value, gaussian=bool(chosen.gaussian), mirroring=bool(chosen.mirroring))

@@ -140,13 +140,15 @@ def _tensorrt_engines(manifest: Manifest | None) -> tuple[dict[str, str], str]:
         return {}, str(exc)
     files = {}
     for name, stage in manifest.stages.items():
-        record = select_engine(stage, version, gpu.compute_capability)
-        if record is None:
-            built = ", ".join(f"{e.file} (TensorRT {e.tensorrt_version}, sm {e.compute_capability})"
-                              for e in stage.engines) or "none"
-            return {}, (f"no {name} engine for {gpu.name} (sm {gpu.compute_capability}) and TensorRT {version} "
-                        f"in the package (built: {built}); run pocketseg build-engine on this machine")
-        files[name] = record.file
+        for member in range(len(stage.members)):
+            record = select_engine(stage, version, gpu.compute_capability, member)
+            if record is None:
+                built = ", ".join(f"{e.file} (TensorRT {e.tensorrt_version}, sm {e.compute_capability})"
+                                  for e in stage.engines) or "none"
+                return {}, (f"no {engine_key(name, member)} engine for {gpu.name} (sm {gpu.compute_capability}) and "
+                            f"TensorRT {version} in the package (built: {built}); run pocketseg build-engine on this "
+                            "machine")
+            files[engine_key(name, member)] = record.file
     return files, ""
 
 
@@ -235,8 +237,12 @@ class Engine:
 
     backend = ""
 
-    def __init__(self, stage: Stage, device: str, precision: str):
+    def __init__(self, stage: Stage, device: str, precision: str, member: int = 0):
+        if not 0 <= member < len(stage.members):
+            raise InputError(None, f"stage {stage.name} has {len(stage.members)} network(s), not a member {member}")
         self.stage = stage
+        self.member = member
+        self.files = stage.members[member]  # export target -> file, of this network of the stage
         self.device = device
         self.precision = precision
         self.am = array_module(device)
@@ -260,7 +266,7 @@ class Engine:
         """Return memory the backend caches for itself (after a GPU out-of-memory error)."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.stage.name}, {self.device}, {self.precision})"
+        return f"{type(self).__name__}({self.stage.name}[{self.member}], {self.device}, {self.precision})"
 
 
 class OnnxRuntimeEngine(Engine):
@@ -268,14 +274,15 @@ class OnnxRuntimeEngine(Engine):
 
     backend = "onnxruntime"
 
-    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, *, threads: int | None = None):
-        super().__init__(stage, device, precision)
+    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, *, threads: int | None = None,
+                 member: int = 0):
+        super().__init__(stage, device, precision, member)
         ort = importlib.import_module("onnxruntime")  # optional (runtime extra): imported when an engine opens
-        target = "onnx-fp16" if precision == "fp16" and "onnx-fp16" in stage.files else "onnx-fp32"
+        target = "onnx-fp16" if precision == "fp16" and "onnx-fp16" in self.files else "onnx-fp32"
         if precision == "fp16" and target == "onnx-fp32":
             log.warning("%s: the package has no fp16 ONNX; running fp32", stage.name)
             self.precision = "fp32"
-        path = Path(package_dir) / stage.files[target]
+        path = Path(package_dir) / self.files[target]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -320,19 +327,16 @@ class TorchEngine(Engine):
 
     backend = "torch"
 
-    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str):
-        super().__init__(stage, device, precision)
+    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, member: int = 0):
+        super().__init__(stage, device, precision, member)
         # torch, safetensors and the network module (which needs torch) are optional: the torch backend only.
         self.torch = torch = importlib.import_module("torch")
         from safetensors.torch import load_file  # optional (train extra)
 
-        from pocketseg.runtime.network import PocketUNet, UNetConfig  # needs torch
+        from pocketseg.runtime.network import PocketUNet, stage_config  # needs torch
 
-        path = Path(package_dir) / stage.files["torch"]
-        net_cfg = stage.network
-        cfg = UNetConfig(in_channels=1, num_classes=stage.num_classes, width=net_cfg.width, kernels=net_cfg.kernels,
-                         strides=net_cfg.strides, channels_growth=net_cfg.channels_growth)
-        net = PocketUNet(cfg, deep_supervision=False)
+        path = Path(package_dir) / self.files["torch"]
+        net = PocketUNet(stage_config(stage), deep_supervision=False)
         try:
             net.load_state_dict(load_file(str(path)))
         except (RuntimeError, OSError, ValueError) as exc:
@@ -363,8 +367,9 @@ class TensorRTEngine(Engine):
 
     backend = "tensorrt"
 
-    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, engine_file: str):
-        super().__init__(stage, device, precision)
+    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, engine_file: str,
+                 member: int = 0):
+        super().__init__(stage, device, precision, member)
         trt = self.trt = import_tensorrt()
         path = Path(package_dir) / engine_file
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -401,16 +406,23 @@ class TensorRTEngine(Engine):
         self.engine = None
 
 
-def open_engine(package_dir: str | Path, stage: Stage, selection: Selection, *, threads: int | None = None) -> Engine:
-    """The engine of ``stage`` for a :func:`resolve` result."""
+def engine_key(stage: str, member: int = 0) -> str:
+    """The key of a stage's network in :attr:`Selection.engine_files`: ``roi``, ``detail``, ``detail#1`` ..."""
+    return stage if member == 0 else f"{stage}#{member}"
+
+
+def open_engine(package_dir: str | Path, stage: Stage, selection: Selection, *, threads: int | None = None,
+                member: int = 0) -> Engine:
+    """The engine of network ``member`` of ``stage`` (0: its ``files``; k: its ``ensemble[k - 1]``)."""
     package_dir = Path(package_dir)
     if selection.backend == "onnxruntime":
-        return OnnxRuntimeEngine(package_dir, stage, selection.device, selection.precision, threads=threads)
+        return OnnxRuntimeEngine(package_dir, stage, selection.device, selection.precision, threads=threads,
+                                 member=member)
     if selection.backend == "torch":
         if importlib.util.find_spec("safetensors") is None:
             raise MissingDependencyError("safetensors", "The torch backend", "train")
-        return TorchEngine(package_dir, stage, selection.device, selection.precision)
+        return TorchEngine(package_dir, stage, selection.device, selection.precision, member=member)
     if selection.backend == "tensorrt":
         return TensorRTEngine(package_dir, stage, selection.device, selection.precision,
-                              selection.engine_files[stage.name])
+                              selection.engine_files[engine_key(stage.name, member)], member=member)
     raise InputError(None, f"unknown backend {selection.backend!r}")

@@ -20,6 +20,7 @@ import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,10 @@ def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[lis
     return [CaseJob(name, src, out)], False
 
 
-def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[float, float, float]) -> dict[str, Any]:
-    """Per class present: voxels, volume (mL) and mean intensity (HU) of the image under the mask."""
+def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[float, float, float],
+                    label_names: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Per class of the label set (FLARE 2023's when ``label_names`` is None): voxels, volume (mL) and the mean
+    intensity of the image under the mask (HU for CT; None where the class is absent)."""
     counts = np.zeros(256, dtype=np.int64)
     sums = np.zeros(256, dtype=np.float64)
     for first in range(0, labels.shape[0], 16):  # slabs: the float64/int64 temporaries stay small
@@ -110,7 +113,9 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[flo
         sums += np.bincount(lab, weights=np.asarray(image[first : first + 16], dtype=np.float64).ravel(), minlength=256)
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     out: dict[str, Any] = {}
-    for label in L.LABELS[1:]:
+    for label in L.label_set(label_names):
+        if label.id == 0:
+            continue
         n = int(counts[label.id]) if label.id < counts.size else 0
         out[label.name] = {"id": label.id, "voxels": n, "volume_ml": round(n * voxel_ml, 3),
                            "mean_hu": round(float(sums[label.id] / n), 2) if n else None}
@@ -118,16 +123,17 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[flo
 
 
 def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, statistics: bool, preview: bool,
-                   overwrite: bool) -> Path:
+                   overwrite: bool, label_names: Mapping[str, int] | None = None) -> Path:
     if statistics:
         report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
                   "device": prediction.device, "backend": prediction.backend,
                   "timings_s": {k: round(v, 4) for k, v in prediction.timings_s.items()},
                   "warnings": prediction.warnings,
-                  "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm)}
+                  "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm, label_names)}
         write_json(job.statistics_path, report, overwrite=overwrite)
     if preview:
-        png = render_preview(volume.data, volume.affine, prediction.labels, title=f"{job.case} - pocketseg")
+        png = render_preview(volume.data, volume.affine, prediction.labels, title=f"{job.case} - pocketseg",
+                             label_names=label_names)
         atomic_write_bytes(job.preview_path, png, overwrite=overwrite)
     # The label map last: its presence marks the case finished for ``resume``.
     return write_labels(prediction.labels, job.output, reference=volume, overwrite=overwrite)
@@ -154,7 +160,8 @@ def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: boo
 
 def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os.PathLike, *,
             device: str = "auto", backend: str = "auto", precision: str = "auto", statistics: bool = False,
-            preview: bool = False, overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1,
+            preview: bool = False, overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
+            batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
             check_intensities: bool = True, threads: int | None = None, progress: bool = True) -> list[Path]:
     """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
@@ -170,7 +177,11 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         statistics: also write ``CASE.statistics.json`` (volume in mL and mean HU per class, timings).
         preview: also write ``CASE.png`` (three views with the label overlay; needs the ``viz`` extra).
         overlap: fraction of a tile shared with its neighbour, in [0, 1); 0 is the paper's tile step 1.0.
-        gaussian: blend overlapping tiles with Gaussian weights.
+            None: the package's (0 for pocketseg's packages, nnU-Net's 0.5 for imported models).
+        gaussian: blend overlapping tiles with Gaussian weights (None: the package's setting).
+        fast: the paper's settings for any package: tile step 1, uniform blending, no test-time mirroring,
+            labels (not logits) back to the original grid; an imported model then runs several times faster
+            and its labels differ from nnU-Net's at some boundary voxels (docs/inference.md).
         batch_size: tiles per network call.
         resume: skip cases whose outputs exist, finish interrupted ones (``--continue``).
         overwrite: replace existing outputs; without it an existing output is an error.
@@ -203,7 +214,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume))
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
-                                 gaussian=gaussian, batch_size=batch_size, threads=threads,
+                                 gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
                                  progress=progress and not folder_mode)
     if not folder_mode:
         job = todo[0]
@@ -211,7 +222,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         prediction = predictor.predict(volume, check_intensities=check_intensities)
         _log_case(job, prediction)
         return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
-                               overwrite=_may_replace(job, overwrite, resume))]
+                               overwrite=_may_replace(job, overwrite, resume), label_names=predictor.manifest.labels)]
     return _predict_folder(predictor, todo, statistics=statistics, preview=preview, overwrite=overwrite,
                            resume=resume, check_intensities=check_intensities, progress=progress)
 
@@ -269,7 +280,8 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
                     continue
                 settle(pending_write)
                 pending_write = (job, writer.submit(_write_outputs, job, volume, prediction, statistics=statistics,
-                                                    preview=preview, overwrite=replace))
+                                                    preview=preview, overwrite=replace,
+                                                    label_names=predictor.manifest.labels))
                 bar.set_postfix_str(f"{job.case} {prediction.timings_s['total']:.1f}s")
                 bar.update(1)
             settle(pending_write)
@@ -296,7 +308,8 @@ def _as_volume(image: Any, series_uid: str | None) -> Volume:
 
 
 def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backend: str = "auto",
-            precision: str = "auto", overlap: float = 0.0, gaussian: bool = False, batch_size: int = 1,
+            precision: str = "auto", overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
+            batch_size: int = 1,
             series_uid: str | None = None, check_intensities: bool = True):
     """Segment one CT scan and return its label map as a nibabel image (``pocketseg.segment``).
 
@@ -309,8 +322,9 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
         device: ``auto``, ``cpu`` or ``cuda``.
         backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch``.
         precision: ``auto``, ``fp32`` or ``fp16``.
-        overlap: fraction of a tile shared with its neighbour, in [0, 1).
-        gaussian: blend overlapping tiles with Gaussian weights.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1) (None: the package's setting).
+        gaussian: blend overlapping tiles with Gaussian weights (None: the package's setting).
+        fast: the paper's settings for any package (tile step 1, no mirroring, labels back).
         batch_size: tiles per network call.
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
@@ -323,11 +337,12 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
         InputError: an unreadable image or package, or an image that is not CT.
     """
     volume = _as_volume(image, series_uid)
-    key = (str(Path(model).resolve()), device, backend, precision, float(overlap), bool(gaussian), int(batch_size))
+    key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size))
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         predictor = _PREDICTORS[key] = CascadePredictor(model, device=device, backend=backend, precision=precision,
-                                                        overlap=overlap, gaussian=gaussian, batch_size=batch_size)
+                                                        overlap=overlap, gaussian=gaussian, fast=fast,
+                                                        batch_size=batch_size)
     prediction = predictor.predict(volume, check_intensities=check_intensities)
     image = nifti_image(prediction.labels, reference=volume, dtype=np.uint8)
     # Through bytes once: the returned image then has .affine set from its header, exactly as a

@@ -47,6 +47,7 @@ __all__ = [
     "ANISOTROPY_THRESHOLD",
     "resample_image",
     "resample_labels",
+    "resample_logits_to_labels",
     "resample_to_spacing",
     "separate_z_axis",
     "target_shape",
@@ -493,6 +494,83 @@ def resample_labels(
         out_sl = tuple(slice(w.out_lo, w.out_hi) for w in windows)
         region = out[out_sl]
         region[res >= 0.5] = c
+    return out
+
+
+#: Output elements (channels x slices x rows x columns) per float32 block of :func:`resample_logits_to_labels`.
+LOGIT_BLOCK_ELEMENTS = 1 << 24
+
+
+def resample_logits_to_labels(
+    logits: Any,
+    new_shape: Sequence[int],
+    *,
+    separate_z: int | None = None,
+    am: ArrayModule | None = None,
+    block_elements: int = LOGIT_BLOCK_ELEMENTS,
+    round_to: Any = None,
+) -> Any:
+    """The argmax (uint8) of (C, z, y, x) logits resampled to ``new_shape``, as nnU-Net brings logits back.
+
+    nnU-Net resamples the network's logits (not its labels) to the original grid with linear
+    interpolation (its ``resampling_fn_probabilities``: order 1, and nearest along a separate thick
+    axis), then takes the argmax. Here the output is made block by block along axis 0, each block
+    from the few input slices its coordinates reach, and reduced to labels at once: no
+    full-resolution (C, Z, Y, X) float array ever exists. Interpolation is in float32, whatever
+    the logits' dtype; the grid alignment is the one of :func:`resample_image`. ``round_to``
+    (e.g. float16) rounds the resampled logits before the argmax, as nnU-Net stores them in
+    the logits' own dtype; ties then go to the lower class, as its argmax does.
+    """
+    xp, ndi = (am or cpu_module()).xp, (am or cpu_module()).ndi
+    if getattr(logits, "ndim", None) != 4:
+        raise ValueError(f"logits must be a 4D (C, z, y, x) array, got shape {getattr(logits, 'shape', None)}")
+    new_shape = _check_shape3(new_shape, "new_shape")
+    separate_z = _check_axis(separate_z)
+    if logits.shape[0] > 256:
+        raise ValueError(f"at most 256 channels fit a uint8 label map, got {logits.shape[0]}")
+    n_in = logits.shape[1]
+    n_out = new_shape[0]
+    out = xp.empty(new_shape, dtype=xp.uint8)
+    per_slice = logits.shape[0] * new_shape[1] * new_shape[2]
+    block = max(1, min(n_out, block_elements // max(per_slice, 1)))
+    plane_axes = [ax for ax in (1, 2) if ax != separate_z]
+    near_axes = [ax for ax in (1, 2) if ax == separate_z]
+    z_nearest = separate_z == 0
+    nearest_z = _nearest_indices(n_in, n_out) if z_nearest else None
+    scale_z, offset_z = _grid_map(n_in, n_out)
+    for first in range(0, n_out, block):
+        last = min(first + block, n_out)
+        if z_nearest:
+            lo, hi = int(nearest_z[first]), int(nearest_z[last - 1]) + 1
+            slab = xp.take(logits[:, lo:hi], xp.asarray(nearest_z[first:last] - lo), axis=1)
+            z_scale, z_offset = 1.0, 0.0
+        else:
+            t_lo, t_hi = scale_z * first + offset_z, scale_z * (last - 1) + offset_z
+            lo, hi = max(0, math.floor(t_lo)), min(n_in, math.floor(t_hi) + 2)
+            slab = logits[:, lo:hi]
+            z_scale, z_offset = scale_z, scale_z * first + offset_z - lo
+        slab = xp.asarray(slab, dtype=xp.float32)
+        scales, offsets, shape = [1.0, z_scale], [0.0, z_offset], [slab.shape[0], last - first]
+        for ax in (1, 2):
+            if ax in plane_axes:
+                scale, offset = _grid_map(logits.shape[ax + 1], new_shape[ax])
+            else:
+                scale, offset = 1.0, 0.0  # the separate in-plane axis: nearest, below
+            scales.append(scale)
+            offsets.append(offset)
+            shape.append(new_shape[ax] if ax in plane_axes else slab.shape[ax + 1])
+        if z_nearest and shape[1] == slab.shape[1] and all(sc == 1.0 for sc in scales[2:]) and not near_axes:
+            resampled = slab
+        else:
+            resampled = ndi.affine_transform(slab, xp.asarray(scales, dtype=xp.float64), offset=offsets,
+                                             output_shape=tuple(shape), output=xp.float32, order=1, mode="nearest",
+                                             prefilter=False)
+        for ax in near_axes:  # a thick in-plane axis: nearest along it, as nnU-Net's separate axis
+            resampled = xp.take(resampled, xp.asarray(_nearest_indices(logits.shape[ax + 1], new_shape[ax])),
+                                axis=ax + 1)
+        if round_to is not None:
+            resampled = resampled.astype(round_to)
+        out[first:last] = xp.argmax(resampled, axis=0).astype(xp.uint8)
     return out
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.ndimage
 from tqdm import tqdm
 
 from pocketseg.runtime.arrays import ArrayModule, cpu_module
@@ -111,17 +112,18 @@ def count_tiles(shape_zyx: Sequence[int], patch_zyx: Sequence[int], overlap: flo
 
 
 def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 / 8,
-                            am: ArrayModule | None = None) -> Any:
-    """Per-voxel blending weight of a tile: a Gaussian on the patch centre, max 1; float32.
+                            am: ArrayModule | None = None, *, value_scale: float = 1.0, dtype: Any = np.float32) -> Any:
+    """Per-voxel blending weight of a tile: nnU-Net's Gaussian, maximum ``value_scale``, in ``dtype``.
 
     Logits near a tile's border see less context and are less reliable, so overlapping
-    tiles are blended with weights that fall off from the centre (nnU-Net's choice:
-    sigma = patch * sigma_scale per axis). Differences from nnU-Net, on purpose: the
-    centre is the geometric centre ``(p - 1) / 2`` (nnU-Net uses ``p // 2``, off by
-    half a voxel for even patches), so the map is mirror-symmetric; the Gaussian is
-    evaluated analytically rather than by filtering an impulse, so it is not truncated
-    at 4 sigma. Zeros (underflow for tiny sigmas) are replaced by the smallest non-zero
-    weight so that no voxel can end up with a zero weight sum.
+    tiles are blended with weights that fall off from the centre. The map is nnU-Net's
+    exactly (so that its tiles blend the same here): a unit impulse at voxel ``p // 2``
+    of every axis filtered with a Gaussian of sigma ``p * sigma_scale`` (SciPy's filter,
+    truncated at 4 sigma, zero outside the patch), scaled to a maximum of 1; the zeros of
+    the truncated tails get the smallest non-zero weight, so that no voxel can end up
+    with a zero weight sum. nnU-Net scales the maximum to 10 and keeps the map in float16
+    (``value_scale=10, dtype=float16``, zeros replaced after the conversion, as it does):
+    the blend divides by the summed weights, so the scale matters only in float16.
     """
     patch = _check_patch(patch_zyx)
     try:
@@ -130,16 +132,12 @@ def gaussian_importance_map(patch_zyx: Sequence[int], sigma_scale: float = 1.0 /
         raise ValueError(f"sigma_scale must be a positive number, got {sigma_scale!r}") from None
     if not (math.isfinite(sigma_scale) and sigma_scale > 0):
         raise ValueError(f"sigma_scale must be a positive number, got {sigma_scale!r}")
-    profiles = []
-    for p in patch:
-        offsets = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
-        profiles.append(np.exp(-0.5 * (offsets / (p * sigma_scale)) ** 2))
-    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
-    weights = (weights / weights.max()).astype(np.float32)
+    impulse = np.zeros(patch, dtype=np.float64)
+    impulse[tuple(p // 2 for p in patch)] = 1.0
+    weights = scipy.ndimage.gaussian_filter(impulse, [p * sigma_scale for p in patch], 0, mode="constant", cval=0.0)
+    weights = (weights / (weights.max() / float(value_scale))).astype(np.dtype(dtype))
     zeros = weights == 0
-    if zeros.all():
-        weights[:] = 1.0
-    elif zeros.any():
+    if zeros.any():
         weights[zeros] = weights[~zeros].min()
     return (am or cpu_module()).to_device(weights)
 
@@ -222,6 +220,7 @@ def sliding_window_predict(
     am: ArrayModule | None = None,
     progress: bool = False,
     out_dtype: Any = np.float32,
+    nnunet_half: bool = False,
 ) -> Any:
     """Logits (num_classes, z, y, x) for a whole normalised (z, y, x) volume, tile by tile.
 
@@ -233,9 +232,14 @@ def sliding_window_predict(
     (``gaussian``), and the result is cropped back to the input's shape.
 
     ``out_dtype`` is also the accumulation dtype (float16 halves the largest buffer on
-    the GPU, as nnU-Net does); the weight sum is kept in float32. When only the label
+    the GPU); the weight sum is kept in float32. ``nnunet_half`` reproduces nnU-Net's own
+    numerics instead: logits, weight sum and the Gaussian (scaled to a maximum of 10) in
+    float16, the products of a tile's float32 logits and its weights rounded as they are
+    added, the division in float16 (``out_dtype`` is then float16). When only the label
     map is wanted, :func:`sliding_window_labels` needs far less memory.
     """
+    if nnunet_half:
+        out_dtype = np.float16
     patch, num_classes, batch_size, overlap, acc_dtype = _check_predict_args(
         image, patch_zyx, infer, num_classes, batch_size, overlap, out_dtype)
     am = am or cpu_module()
@@ -250,8 +254,13 @@ def sliding_window_predict(
     )
 
     logits = xp.zeros((num_classes,) + plan.padded, dtype=acc_dtype)
-    weight_sum = xp.zeros(plan.padded, dtype=xp.float32)
-    weights = gaussian_importance_map(patch, am=am) if gaussian else None
+    weight_sum = xp.zeros(plan.padded, dtype=xp.float16 if nnunet_half else xp.float32)
+    if not gaussian:
+        weights = None
+    elif nnunet_half:
+        weights = gaussian_importance_map(patch, am=am, value_scale=10.0, dtype=np.float16)
+    else:
+        weights = gaussian_importance_map(patch, am=am)
 
     with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
         for tile, tile_logits in _run_tiles(volume, tiles, infer, batch_size, (num_classes,) + patch, xp, bar):

@@ -232,7 +232,8 @@ def engine_matches(record: EngineRecord, tensorrt_version: str, compute_capabili
         return False
 
 
-def select_engine(stage: Stage, tensorrt_version: str, compute_capability: str) -> EngineRecord | None:
-    """The engine record of ``stage`` usable with this TensorRT and GPU (the last one recorded), or None."""
-    usable = [e for e in stage.engines if engine_matches(e, tensorrt_version, compute_capability)]
+def select_engine(stage: Stage, tensorrt_version: str, compute_capability: str, member: int = 0) -> EngineRecord | None:
+    """The engine record of network ``member`` of ``stage`` usable with this TensorRT and GPU (the last one
+    recorded), or None."""
+    usable = [e for e in stage.engines if e.member == member and engine_matches(e, tensorrt_version, compute_capability)]
     return usable[-1] if usable else None

@@ -21,7 +21,7 @@ from pocketseg import labels as L
 from pocketseg.errors import InputError
 from pocketseg.geometry import spacing_from_affine
 from pocketseg.manifest import load_package
-from pocketseg.runtime.cascade import CascadePredictor, check_ct_intensities
+from pocketseg.runtime.cascade import CascadePredictor, StageNetworks, check_ct_intensities
 from pocketseg.runtime.engines import Selection
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
 from pocketseg.runtime.sliding_window import sliding_window_predict
@@ -163,6 +163,13 @@ class _Constant:
         self.max_batch = None
         self.precision = "fp32"
         self.calls = 0
+        self.am, self.num_classes, self.patch_zyx = engine.am, engine.num_classes, engine.patch_zyx
+
+    def close(self):
+        pass
+
+    def free_cached_memory(self):
+        pass
 
     def __call__(self, batch):
         self.calls += 1
@@ -173,7 +180,7 @@ class _Constant:
 
 def test_roi_net_finding_nothing_warns_and_uses_the_whole_volume(tiny_package, caplog):
     p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
-    p.engines["roi"] = _Constant(p.engines["roi"], 0)
+    p.networks["roi"] = StageNetworks([_Constant(p.engines["roi"], 0)])
     volume = _volume(5)
     with caplog.at_level(logging.WARNING):
         result = p.predict(volume)
@@ -184,7 +191,7 @@ def test_roi_net_finding_nothing_warns_and_uses_the_whole_volume(tiny_package, c
 
 def test_roi_box_at_the_border_is_clipped(tiny_package):
     p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
-    p.engines["roi"] = _Constant(p.engines["roi"], 1)  # everything is abdomen: the box is the whole volume
+    p.networks["roi"] = StageNetworks([_Constant(p.engines["roi"], 1)])  # everything is abdomen: the whole volume
     volume = _volume(6, slices=24)
     result = p.predict(volume)
     assert result.roi_box_zyx == tuple((0, s) for s in reversed(volume.shape))
@@ -272,7 +279,8 @@ def test_bad_arguments(tiny_package, tmp_path):
 
 def test_given_roi_box_skips_the_roi_stage(tiny_package):
     p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
-    roi = p.engines["roi"] = _Constant(p.engines["roi"], 1)
+    roi = _Constant(p.engines["roi"], 1)
+    p.networks["roi"] = StageNetworks([roi])
     volume = _volume(10, slices=20)
     z, y, x = reversed(volume.shape)
     result = p.predict(volume, roi_box_zyx=((2, z - 2), (10, y - 10), (5, x - 5)))

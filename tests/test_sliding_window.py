@@ -83,30 +83,33 @@ def test_count_tiles_is_the_product_of_steps_and_pads_small_axes() -> None:
 
 
 @pytest.mark.parametrize("patch", [(8, 8, 8), (5, 12, 7), (16, 4, 9)])
-def test_gaussian_map_symmetric_max_one_no_zeros(patch: tuple[int, int, int]) -> None:
+def test_gaussian_map_peaks_at_the_centre_voxel_max_one_no_zeros(patch: tuple[int, int, int]) -> None:
     g = gaussian_importance_map(patch)
     assert g.shape == patch and g.dtype == np.float32
-    assert g.max() == pytest.approx(1.0)
-    assert g.min() > 0
-    for axis in range(3):
-        np.testing.assert_allclose(g, np.flip(g, axis=axis), rtol=1e-6)
+    assert g.max() == pytest.approx(1.0) and g.min() > 0
     centre = tuple(p // 2 for p in patch)
-    assert g[centre] == pytest.approx(g.max(), rel=0.05)
+    assert g[centre] == g.max()  # nnU-Net's centre: voxel p // 2 (half a voxel off for even patches)
     assert g[0, 0, 0] < 0.01 * g.max()  # sigma = patch / 8: corners weigh very little
+    for axis, p in enumerate(patch):
+        if p % 2:  # odd: symmetric about the centre voxel
+            np.testing.assert_allclose(g, np.flip(g, axis=axis), rtol=1e-6)
 
 
-def test_gaussian_map_follows_sigma_scale() -> None:
-    g = gaussian_importance_map((1, 1, 33), sigma_scale=1 / 8)[0, 0]
-    sigma = 33 / 8
-    np.testing.assert_allclose(g, np.exp(-0.5 * ((np.arange(33) - 16) / sigma) ** 2), rtol=1e-5)
+def test_gaussian_map_is_nnunets_filtered_impulse() -> None:
+    # A 1D profile: SciPy's Gaussian filter of an impulse at p // 2 (sigma p / 8, truncated at 4 sigma).
+    g = gaussian_importance_map((1, 1, 32), sigma_scale=1 / 8)[0, 0]
+    sigma = 32 / 8
+    kernel = np.exp(-0.5 * (np.arange(-16, 17) / sigma) ** 2)  # 4 sigma = 16 voxels each side
+    expected = kernel[16 - 16 : 16 + 16] / kernel.max()  # impulse at 16: offsets -16..15
+    np.testing.assert_allclose(g, expected, rtol=1e-5)
 
 
 def test_gaussian_map_zeros_replaced_by_smallest_nonzero() -> None:
-    g = gaussian_importance_map((1, 1, 41), sigma_scale=0.01)[0, 0]  # far tails underflow to 0
-    raw = np.exp(-0.5 * ((np.arange(41) - 20) / 0.41) ** 2).astype(np.float32)
-    assert (raw == 0).any() and g.min() > 0
-    np.testing.assert_array_equal(g[raw > 0], raw[raw > 0])
-    np.testing.assert_array_equal(g[raw == 0], raw[raw > 0].min())
+    g = gaussian_importance_map((1, 1, 41), sigma_scale=0.01)[0, 0]  # sigma 0.41: beyond 4 sigma the filter is 0
+    assert g.min() > 0
+    inside = np.abs(np.arange(41) - 20) <= 1  # truncate(4 sigma) rounds to 2 voxels; +-2 are ~1e-5, nonzero
+    assert g[20] == 1.0 and (g[~inside] <= g[inside].min()).all()
+    assert (g == g.min()).sum() >= 41 - 5  # every zero of the tails got the same smallest weight
 
 
 # --------------------------------------------------------------------------- prediction
@@ -194,8 +197,10 @@ def test_float16_output_and_progress_bar(backend: SimpleNamespace) -> None:
     xp = backend.xp
     image = np.random.default_rng(0).normal(size=(9, 9, 9)).astype(np.float32)
     net = RecordingNet(xp)
+    # Uniform blending: float16 accumulation is what the runtime uses without Gaussian weights (the products of
+    # logits and the Gaussian's corner weights, ~1e-11 for a 4-voxel patch, underflow in float16).
     out = sliding_window_predict(
-        xp.asarray(image), (4, 4, 4), net, 3, overlap=0.5, gaussian=True,
+        xp.asarray(image), (4, 4, 4), net, 3, overlap=0.5, gaussian=False,
         am=backend.am, progress=True, out_dtype=np.float16,
     )
     assert out.dtype == np.float16

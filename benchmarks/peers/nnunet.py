@@ -57,7 +57,7 @@ from pocketseg import labels as L
 from pocketseg.errors import InputError, MissingDependencyError
 from pocketseg.geometry import grow_box
 from pocketseg.manifest import Manifest, PostProcess, Stage, load_package
-from pocketseg.runtime.network import PocketUNet, UNetConfig
+from pocketseg.runtime.network import PocketUNet, stage_config
 from pocketseg.types import Affine, ArrayZYX, LabelMap, Spacing3
 from pocketseg.volume import Volume, canonical_zyx
 
@@ -172,10 +172,7 @@ def build_network(package_dir: str | os.PathLike, stage: Stage):
     """
     if "torch" not in stage.files:
         raise InputError(package_dir, f"stage {stage.name!r} has no torch weights (safetensors) in the package")
-    cfg = UNetConfig(in_channels=1, num_classes=stage.num_classes, width=stage.network.width,
-                     kernels=stage.network.kernels, strides=stage.network.strides,
-                     channels_growth=stage.network.channels_growth)
-    net = PocketUNet(cfg, deep_supervision=False)
+    net = PocketUNet(stage_config(stage), deep_supervision=False)
     path = Path(package_dir) / stage.files["torch"]
     weights = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     try:
