@@ -277,14 +277,17 @@ def unet_config(results: ResultsFolder) -> UNetConfig:
 
 
 def _numpy_globals() -> list[Any]:
-    """The numpy types nnU-Net's checkpoints pickle (a numpy scalar for the EMA, its dtype): the allow-list."""
-    names = []
-    for module, attr in (("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar")):
-        try:
-            names.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):
-            continue
-    names.append(np.dtype)
+    """The numpy types nnU-Net's checkpoints pickle (a numpy scalar for the EMA, its dtype): the allow-list.
+
+    Checkpoints written under numpy 1 name the scalar ``numpy.core.multiarray.scalar``; under numpy 2 it is
+    ``numpy._core.multiarray.scalar``. Both names are allowed for the one function.
+    """
+    try:
+        scalar = importlib.import_module("numpy._core.multiarray").scalar
+    except (ImportError, AttributeError):  # numpy 1
+        scalar = importlib.import_module("numpy.core.multiarray").scalar
+    names: list[Any] = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                        np.dtype]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         names += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
@@ -371,11 +374,17 @@ def compare_with_nnunet(results: ResultsFolder, cfg: UNetConfig, net: PocketUNet
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     except ImportError:
         return None
-    manager = PlansManager(results.plans)
-    configuration = manager.get_configuration(results.configuration)
-    reference = get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
-                                       configuration.network_arch_init_kwargs_req_import, 1, cfg.num_classes,
-                                       allow_init=True, deep_supervision=False)
+    try:
+        manager = PlansManager(results.plans)
+        configuration = manager.get_configuration(results.configuration)
+        reference = get_network_from_plans(configuration.network_arch_class_name,
+                                           configuration.network_arch_init_kwargs,
+                                           configuration.network_arch_init_kwargs_req_import, 1, cfg.num_classes,
+                                           allow_init=True, deep_supervision=False)
+    except Exception as exc:  # noqa: BLE001 - nnU-Net may fail to build its own network here (a missing timm, ...)
+        log.warning("%s: nnU-Net could not build its network for the comparison (%s: %s); not compared",
+                    results.path, type(exc).__name__, exc)
+        return {"nnunet_not_compared": f"{type(exc).__name__}: {exc}"}
     reference.load_state_dict(state["network_weights"])
     reference.eval()
     size = [2 * s for s in cfg.total_stride()]
@@ -423,6 +432,7 @@ def _stage(results: ResultsFolder, name: str, voxel_order: str, report: dict[str
             compared = compare_with_nnunet(results, cfg, net, state)
             if compared is not None:
                 report[f"{name}_{fold}_nnunet_network"] = compared
+            if compared is not None and "nnunet_max_abs_logit_diff" in compared:
                 tolerance = 1e-4 * max(1.0, compared["nnunet_max_abs_logit"])
                 if compared["nnunet_max_abs_logit_diff"] > tolerance:
                     raise ExportCheckError(f"{file}: the converted network differs from nnU-Net's by "
