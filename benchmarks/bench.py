@@ -34,6 +34,7 @@ of the two label maps. Outputs in OUT_DIR (:mod:`.report`): ``bench.md``, ``benc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -257,16 +258,19 @@ def roi_box_from_labels(labels: Volume, margin_mm: float) -> tuple[tuple[int, in
     return tuple((sl.start, sl.stop) for sl in grow_box(box, spacing, margin_mm, data.shape))
 
 
-def label_agreement(ours: np.ndarray, peer: np.ndarray) -> dict[str, Any]:
+def label_agreement(ours: np.ndarray, peer: np.ndarray, names: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Voxel agreement and per-class Dice of two label maps of one shape.
 
-    ``dice`` maps class names to Dice in [0, 1], None where the class is in neither
-    map; ``mean_dice`` averages the classes present in either map.
+    ``dice`` maps class names (``names``, default FLARE 2023's) to Dice in [0, 1], None
+    where the class is in neither map; ``mean_dice`` averages the classes present in
+    either map. ``foreground_agreement`` is the agreement over the union of both
+    foregrounds.
     """
     a, b = np.asarray(ours), np.asarray(peer)
     if a.shape != b.shape:
         raise ValueError(f"label maps differ in shape: {a.shape} and {b.shape}")
-    n = max(int(a.max(initial=0)), int(b.max(initial=0)), L.NUM_CLASSES - 1) + 1
+    known = {lab.id: lab.display for lab in L.LABELS} if names is None else dict(names)
+    n = max(int(a.max(initial=0)), int(b.max(initial=0)), max(known, default=0)) + 1
     joint = np.bincount(a.astype(np.int64).ravel() * n + b.astype(np.int64).ravel(), minlength=n * n).reshape(n, n)
     total = int(joint.sum())
     same = int(np.trace(joint))
@@ -274,7 +278,7 @@ def label_agreement(ours: np.ndarray, peer: np.ndarray) -> dict[str, Any]:
     dice: dict[str, float | None] = {}
     for cls in range(1, n):
         both, in_a, in_b = int(joint[cls, cls]), int(joint[cls].sum()), int(joint[:, cls].sum())
-        name = L.BY_ID[cls].display if cls in L.BY_ID else str(cls)
+        name = known.get(cls, str(cls))
         dice[name] = None if in_a + in_b == 0 else 2.0 * both / (in_a + in_b)
     present = [v for v in dice.values() if v is not None]
     return {"voxel_agreement": same / total if total else 1.0,
@@ -690,7 +694,7 @@ def run_bench(model: str | os.PathLike, out: str | os.PathLike, *, device: str =
         "settings": {"sizes": None if cases is not None else [list(s) for s in parse_sizes(sizes)],
                      "cases": None if cases is None else str(cases), "roi_from_labels": roi_from_labels,
                      "cold": cold, "warm": warm, "warmup": warmup, "seed": seed, "threads": threads,
-                     "overlap": 0.0, "gaussian": False, "batch_size": 1},
+                     "batch_size": 1, **dataclasses.asdict(manifest.inference)},
         "cases": [{"case": c.name, "image": str(c.image), "labels": None if c.labels is None else str(c.labels),
                    "shape_ijk": list(c.shape_ijk), "size": c.size, "roi_box_zyx": boxes.get(c.name)}
                   for c in bench_cases],

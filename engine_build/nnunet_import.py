@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pocketseg import labels as L
 from pocketseg.atomic import read_json
 from pocketseg.engine_build.export import OPSET, ExportCheckError, StageExport, check_opset, write_package
 from pocketseg.errors import InputError
@@ -47,7 +48,7 @@ from pocketseg.geometry import ROI_MARGIN_MM
 from pocketseg.manifest import Inference, Intensity, Network, Normalization, PostProcess, sha256_file
 from pocketseg.runtime.network import PocketUNet, UNetConfig
 
-__all__ = ["ResultsFolder", "convert_state_dict", "import_nnunet", "load_nnunet_checkpoint", "open_results",
+__all__ = ["ResultsFolder", "convert_state_dict", "import_nnunet", "load_nnunet_checkpoint", "map_labels", "open_results",
            "resolve_configuration", "unet_config"]
 
 log = logging.getLogger(__name__)
@@ -465,11 +466,46 @@ def _source(results: ResultsFolder, reader: str) -> dict[str, Any]:
             "checkpoint": results.checkpoints[0][1].name, "reader": reader, "sha256": _sha256(results)}
 
 
+def map_labels(source: dict[str, int], mapping: Any, file: Path | None = None
+               ) -> tuple[dict[str, int], tuple[int, ...], list[str]]:
+    """A model's labels mapped onto FLARE 2023's names: the package labels, the class -> label table, the dropped.
+
+    ``mapping`` (``--labels MAP.json``) is ``{source: target}``: a source is a name of the model's
+    ``dataset.json`` labels or its id (as a string), a target a FLARE 2023 label name (which gives
+    its FLARE id) or null (dropped, written as background). Classes the mapping does not name are
+    dropped too; the import lists them. Several classes may map to one label.
+    """
+    if not isinstance(mapping, dict) or not mapping:
+        raise InputError(file, "must be a JSON object {model label name or id: FLARE label name or null}")
+    by_id = {v: k for k, v in source.items()}
+    table = [0] * len(source)
+    named: set[int] = set()
+    for key, target in mapping.items():
+        cls = source.get(key, int(key) if str(key).isdigit() and int(key) in by_id else None)
+        if cls is None:
+            raise InputError(file, f"names {key!r}, which is not a label of the model "
+                                   f"(its labels: {', '.join(list(source)[:30])}{' ...' if len(source) > 30 else ''})")
+        if cls == 0:
+            raise InputError(file, "maps the background; background is always 0")
+        if cls in named:
+            raise InputError(file, f"names the model's class {by_id[cls]} ({cls}) twice")
+        named.add(cls)
+        if target is None:
+            continue
+        if not isinstance(target, str) or target not in L.BY_NAME or target == "background":
+            raise InputError(file, f"maps {key!r} to {target!r}, which is not a FLARE 2023 label name "
+                                   f"({', '.join(n for n in L.BY_NAME if n != 'background')}) or null")
+        table[cls] = L.BY_NAME[target].id
+    labels = {"background": 0, **{lab.name: lab.id for lab in L.LABELS if lab.id in set(table) - {0}}}
+    dropped = [f"{by_id[c]} ({c})" for c in sorted(by_id) if c != 0 and table[c] == 0]
+    return labels, tuple(table), dropped
+
+
 def import_nnunet(results: str | os.PathLike, out: str | os.PathLike, *, folds: Any = None,
                   checkpoint: str = "checkpoint_final.pth", orientation: str | None = None, tta: bool = True,
                   overlap: float = 0.5, roi: str | os.PathLike | None = None, roi_folds: Any = None,
                   fp16: bool = True, check: bool = True, strict: bool = False, overwrite: bool = False,
-                  opset: int = OPSET) -> Path:
+                  opset: int = OPSET, labels: str | os.PathLike | dict[str, Any] | None = None) -> Path:
     """Turn a trained nnU-Net v2 model into a model package (``pocketseg import-nnunet``); returns its folder.
 
     Args:
@@ -492,6 +528,8 @@ def import_nnunet(results: str | os.PathLike, out: str | os.PathLike, *, folds: 
         strict: refuse when fp16 agrees with fp32 on fewer than 99.9 % of voxels.
         overwrite: replace an existing package folder.
         opset: ONNX opset, 17..20.
+        labels: a label mapping (``MAP.json`` or its dictionary, see :func:`map_labels`): the package then
+            writes FLARE 2023 label ids and names, so that statistics, previews and evaluation speak FLARE.
     """
     check_opset(opset)
     main = open_results(results, folds=folds, checkpoint=checkpoint)
@@ -513,10 +551,22 @@ def import_nnunet(results: str | os.PathLike, out: str | os.PathLike, *, folds: 
                                   "the cascade needs one voxel order")
         stages.insert(0, roi_stage)
         source["roi"] = _source(roi_results, _reader(roi_results))
-    labels = {str(k): int(v) for k, v in main.dataset["labels"].items()}
+    model_labels = {str(k): int(v) for k, v in main.dataset["labels"].items()}
+    package_labels, output_labels = model_labels, ()
+    if labels is not None:
+        map_file = None if isinstance(labels, dict) else Path(labels)
+        mapping = labels if isinstance(labels, dict) else read_json(map_file)
+        package_labels, output_labels, dropped = map_labels(model_labels, mapping, map_file)
+        source["label_map"] = {"file": str(map_file) if map_file else None,
+                               "sha256": sha256_file(map_file) if map_file else None,
+                               "model_labels": model_labels, "dropped": dropped}
+        if dropped:
+            log.warning("the label mapping drops %d of the model's classes (written as background): %s",
+                        len(dropped), ", ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""))
     modality = "CT" if main.config["normalization_schemes"][0] == "CTNormalization" else \
         str(next(iter(main.dataset.get("channel_names", {"0": "other"}).values())))
-    manifest_fields = {"labels": labels, "modality": modality, "source": source,
+    manifest_fields = {"labels": package_labels, "output_labels": output_labels, "modality": modality,
+                       "source": source,
                        "inference": Inference(overlap=float(overlap), gaussian=True, mirroring=bool(tta),
                                               back_resampling="logits", nnunet_numerics=True)}
     log.info("importing %s (%s, %d fold(s), %s voxel order) -> %s", main.path, main.configuration,

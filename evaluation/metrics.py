@@ -29,7 +29,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -51,12 +52,70 @@ NSD_MIN_DSC = 0.2
 
 
 def organ_column(label_id: int) -> str:
-    """Column stem of a class in CSVs and summaries: its display name with underscores, e.g. 'Right_kidney'."""
+    """Column stem of a FLARE class in CSVs and summaries: its display name with underscores, e.g. 'Right_kidney'."""
     return L.BY_ID[label_id].display.replace(" ", "_")
 
 
-#: Per-case result keys, in output order: the 14 DSC columns, then the 14 NSD columns (as FLARE's CSV).
-COLUMNS: tuple[str, ...] = tuple(f"{organ_column(i)}_{m}" for m in ("DSC", "NSD") for i in L.FOREGROUND_IDS)
+DEFAULT_TOLERANCE_MM = L.DEFAULT_TOLERANCE_MM
+
+
+@dataclass(frozen=True)
+class Target:
+    """One scored class: its id in the label maps, its column stem, its NSD tolerance and FLARE's rules for it."""
+
+    id: int
+    column: str
+    tolerance_mm: float
+    slice_restricted: bool = False  # scored over the ground truth's axial range only (aorta, IVC, esophagus)
+    organ: bool = True  # counted in the organ mean (FLARE: every class but the tumor)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The classes an evaluation scores: FLARE 2023's 14 (:data:`FLARE`), or a model package's label set."""
+
+    targets: tuple[Target, ...]
+    title: str = "FLARE 2023 evaluation"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Per-case result keys, in output order: every DSC column, then every NSD column (as FLARE's CSV)."""
+        return tuple(f"{t.column}_{m}" for m in ("DSC", "NSD") for t in self.targets)
+
+    @property
+    def max_id(self) -> int:
+        return max((t.id for t in self.targets), default=0)
+
+
+FLARE = Scoring(tuple(Target(i, organ_column(i), TOLERANCE_MM[i], i in SLICE_RESTRICTED_IDS, i != L.TUMOR)
+                      for i in L.FOREGROUND_IDS))
+#: Per-case result keys of the FLARE scoring: the 14 DSC columns, then the 14 NSD columns (as FLARE's CSV).
+COLUMNS: tuple[str, ...] = FLARE.columns
+
+
+def scoring_for(labels: Mapping[str, int] | None, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Scoring:
+    """The scoring of a ``{name: id}`` label set: FLARE's rules and tolerances for FLARE names, ``tolerance_mm`` else.
+
+    None, or FLARE 2023's own label set, gives :data:`FLARE` itself.
+    """
+    if labels is None or dict(labels) == L.dataset_json_labels():
+        return FLARE
+    if not (isinstance(tolerance_mm, (int, float)) and math.isfinite(tolerance_mm) and tolerance_mm > 0):
+        raise ValueError(f"tolerance_mm must be a positive number of mm, got {tolerance_mm!r}")
+    targets = []
+    for row in L.label_set(labels):
+        if row.id == 0:
+            continue
+        flare = L.BY_NAME.get(row.name)
+        if flare is not None:
+            targets.append(Target(row.id, organ_column(flare.id), TOLERANCE_MM[flare.id],
+                                  flare.id in SLICE_RESTRICTED_IDS, flare.id != L.TUMOR))
+        else:
+            targets.append(Target(row.id, row.name, float(tolerance_mm)))
+    columns = [t.column for t in targets]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"label names give repeated columns: {sorted(columns)}")
+    return Scoring(tuple(targets), title="Evaluation of the model's labels")
 
 
 # --------------------------------------------------------------------------- surfel areas
@@ -276,21 +335,22 @@ def normalized_surface_dice(mask_a: Any, mask_b: Any, spacing_mm: Sequence[float
 # --------------------------------------------------------------------------- one case
 
 
-def _label_boxes(labels: Any, am: ArrayModule) -> list[tuple[slice, ...] | None]:
-    """Bounding box of each label 1..14 (None where absent), in one pass where ndi has find_objects."""
+def _label_boxes(labels: Any, ids: Sequence[int], am: ArrayModule) -> list[tuple[slice, ...] | None]:
+    """Bounding box of each label of ``ids`` (None where absent), in one pass where ndi has find_objects."""
     find_objects = getattr(am.ndi, "find_objects", None)  # scipy has it; cupyx.scipy.ndimage has not
     if find_objects is not None:
-        return list(find_objects(labels, max_label=len(L.FOREGROUND_IDS)))
-    return [bounding_box(labels == i, am) for i in L.FOREGROUND_IDS]
+        boxes = list(find_objects(labels, max_label=max(ids, default=0)))
+        return [boxes[i - 1] for i in ids]
+    return [bounding_box(labels == i, am) for i in ids]
 
 
 def score_case(pred_array: Any, gt_array: Any, spacing_mm: Sequence[float], *, z_axis: int = 2,
-               am: ArrayModule | None = None) -> dict[str, float]:
-    """DSC and NSD of each FLARE 2023 class (1-14) of one case, keyed as :data:`COLUMNS` (e.g. 'Liver_DSC').
+               am: ArrayModule | None = None, scoring: Scoring = FLARE) -> dict[str, float]:
+    """DSC and NSD of each class of ``scoring`` (FLARE 2023's 1-14) of one case, keyed as its columns ('Liver_DSC').
 
-    ``pred_array`` and ``gt_array`` are integer label maps of one shape with ids
-    0-14; ``spacing_mm`` is the spacing along their axes, from the ground
-    truth's header. ``z_axis`` is the voxel axis closest to the patient's
+    ``pred_array`` and ``gt_array`` are integer label maps of one shape;
+    ``spacing_mm`` is the spacing along their axes, from the ground truth's
+    header. ``z_axis`` is the voxel axis closest to the patient's
     superior-inferior direction, along which aorta, IVC and esophagus are
     restricted to the ground truth's slices.
     """
@@ -302,15 +362,17 @@ def score_case(pred_array: Any, gt_array: Any, spacing_mm: Sequence[float], *, z
         raise ValueError(f"label maps must be integer arrays, got {pred.dtype} and {gt.dtype}")
     if z_axis not in (0, 1, 2):
         raise ValueError(f"z_axis must be 0, 1 or 2, got {z_axis}")
-    boxes_pred, boxes_gt = _label_boxes(pred, am), _label_boxes(gt, am)
+    ids = [t.id for t in scoring.targets]
+    boxes_pred, boxes_gt = _label_boxes(pred, ids, am), _label_boxes(gt, ids, am)
     dsc: dict[int, float] = {}
     nsd: dict[int, float] = {}
-    for label_id, box_p, box_g in zip(L.FOREGROUND_IDS, boxes_pred, boxes_gt):
+    for target, box_p, box_g in zip(scoring.targets, boxes_pred, boxes_gt):
+        label_id = target.id
         if box_p is None or box_g is None:  # FLARE: both empty -> 1 and 1, exactly one empty -> 0 and 0
             dsc[label_id] = nsd[label_id] = 1.0 if box_p is None and box_g is None else 0.0
             continue
         box = tuple(slice(min(p.start, g.start), max(p.stop, g.stop)) for p, g in zip(box_p, box_g))
-        if label_id in SLICE_RESTRICTED_IDS:
+        if target.slice_restricted:
             # FLARE's script crops both masks to gt[..., z_min:z_max] along the axial axis, z_min/z_max
             # being the first and last slice with ground truth: the exclusive end drops the top GT slice,
             # and gap slices inside the range stay. Reproduced exactly so that scores match the
@@ -324,7 +386,7 @@ def score_case(pred_array: Any, gt_array: Any, spacing_mm: Sequence[float], *, z
         if dsc[label_id] < NSD_MIN_DSC:
             nsd[label_id] = 0.0
         else:
-            nsd[label_id] = normalized_surface_dice(g, p, spacing_mm, TOLERANCE_MM[label_id], am=am)
-    out = {f"{organ_column(i)}_DSC": dsc[i] for i in L.FOREGROUND_IDS}
-    out.update({f"{organ_column(i)}_NSD": nsd[i] for i in L.FOREGROUND_IDS})
+            nsd[label_id] = normalized_surface_dice(g, p, spacing_mm, target.tolerance_mm, am=am)
+    out = {f"{t.column}_DSC": dsc[t.id] for t in scoring.targets}
+    out.update({f"{t.column}_NSD": nsd[t.id] for t in scoring.targets})
     return out

@@ -26,7 +26,7 @@ from pocketseg.commands import build_parser
 from pocketseg.deploy.doctor import diagnose, format_report
 from pocketseg.engine_build.tensorrt_build import build_package_engines
 from pocketseg.errors import PocketsegError, require
-from pocketseg.evaluation.evaluate import evaluate_folders, format_table
+from pocketseg.evaluation.evaluate import evaluate_folders, format_table, label_scoring
 from pocketseg.imageio import volume_info
 from pocketseg.runtime.predict import predict
 from pocketseg.synth.dataset import synthesize_dataset
@@ -120,7 +120,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     summary = evaluate_folders(**_kwargs(args), progress=not args.quiet)
-    print(format_table(summary), end="")
+    print(format_table(summary, label_scoring(args.labels, args.tolerance_mm)), end="")
     return 0
 
 

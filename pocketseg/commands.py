@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from pocketseg.labels import DEFAULT_TOLERANCE_MM
 from pocketseg.version import __version__
 
 __all__ = ["build_parser", "cli_reference", "subcommand_parser"]
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi", default=None, metavar="RESULTS_DIR",
                    help="another nnU-Net results folder to run first as the ROI stage (the paper's cascade: its "
                         "labels' box plus the ROI margin is what the model segments)")
+    p.add_argument("--labels", default=None, metavar="MAP.json",
+                   help="map the model's classes onto FLARE 2023 names: {\"model label name or id\": \"FLARE name\" "
+                        "or null}; unnamed classes are dropped (written as background)")
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 ONNX")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the parity checks (ONNX vs torch, fp16 vs fp32, the network vs nnU-Net's own)")
@@ -180,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace existing per_case.csv, summary.json and table.md")
     p.add_argument("--workers", type=int, default=1, help="cases scored in parallel processes [1]")
+    p.add_argument("--labels", default=None, metavar="PKG|JSON",
+                   help="score the label set of a model package (its folder or manifest.json) or a dataset.json "
+                        "[FLARE 2023's 14 classes]; FLARE names keep FLARE's tolerances and rules")
+    p.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
+                   help=f"NSD tolerance of classes that are not FLARE classes [{DEFAULT_TOLERANCE_MM:g}]")
 
     p = sub.add_parser("doctor", help="check this machine for the runtime (GPU, driver, backends) and a package's engines",
                        description="Report Python, platform, GPUs (NVML, else nvidia-smi), driver and CUDA versions, "

@@ -48,6 +48,10 @@ NUM_CLASSES = len(LABELS)  # 15, background included
 ORGAN_IDS: tuple[int, ...] = tuple(range(1, 14))
 FOREGROUND_IDS: tuple[int, ...] = tuple(range(1, 15))
 
+#: NSD tolerance (mm) with which classes that are not FLARE 2023 classes are scored, unless the user gives one
+#: (FLARE's own per-class tolerances are in :mod:`pocketseg.evaluation.metrics`).
+DEFAULT_TOLERANCE_MM = 2.0
+
 BY_ID = MappingProxyType({lab.id: lab for lab in LABELS})
 BY_NAME = MappingProxyType({lab.name: lab for lab in LABELS})
 

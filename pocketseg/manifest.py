@@ -162,6 +162,9 @@ class Manifest:
     inference: Inference = field(default_factory=Inference)
     modality: str = "CT"  # the CT-intensity check applies to CT packages only
     source: dict[str, Any] | None = None  # where the networks came from (trainer, plans, files and their SHA-256)
+    #: The detail stage's class c is written as label ``output_labels[c]`` (empty: as c). An imported model's
+    #: classes mapped onto another label set (``import-nnunet --labels``); classes mapped to 0 are dropped.
+    output_labels: tuple[int, ...] = ()
 
     @property
     def roi(self) -> Stage | None:
@@ -212,7 +215,8 @@ class Manifest:
                                         _int_or_none(post.get("tumor_label", L.TUMOR))),
                 axis_order=data["axis_order"], format_version=version, pocketseg_version=data["pocketseg_version"],
                 checksums=dict(data.get("checksums", {})), inference=Inference(**data.get("inference", {})),
-                modality=str(data.get("modality", "CT")), source=data.get("source"))
+                modality=str(data.get("modality", "CT")), source=data.get("source"),
+                output_labels=tuple(_int(v) for v in data.get("output_labels", ())))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
@@ -236,7 +240,13 @@ class Manifest:
             out.append("labels must map 'background' to 0")
         if len(set(ids)) != len(ids) or any(i < 0 or i > 255 for i in ids):
             out.append(f"label ids must be distinct and in 0..255, got {sorted(ids)}")
-        if "detail" in self.stages and any(i >= self.detail.num_classes for i in ids):
+        if self.output_labels:
+            if "detail" in self.stages and len(self.output_labels) != self.detail.num_classes:
+                out.append(f"output_labels must give one label per class of the detail stage "
+                           f"({self.detail.num_classes}), got {len(self.output_labels)}")
+            if self.output_labels[0] != 0 or not set(self.output_labels) <= set(ids):
+                out.append(f"output_labels must map class 0 to 0 and every class to a label, got {self.output_labels}")
+        elif "detail" in self.stages and any(i >= self.detail.num_classes for i in ids):
             out.append(f"label ids {sorted(i for i in ids if i >= self.detail.num_classes)} do not fit the "
                        f"detail stage's {self.detail.num_classes} classes")
         if self.postprocess.tumor_label is not None and self.postprocess.tumor_label not in ids:

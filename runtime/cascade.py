@@ -467,6 +467,8 @@ class CascadePredictor:
 
         t = time.perf_counter()
         crop_labels = self._segment_region(detail, image[box], spacing, batch, self.settings.back_resampling)
+        if self.manifest.output_labels:  # the model's classes -> the package's labels
+            crop_labels = xp.asarray(np.asarray(self.manifest.output_labels, dtype=np.uint8))[crop_labels]
         timings["detail"] = self._sync_time(t)
 
         t = time.perf_counter()

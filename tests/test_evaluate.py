@@ -245,3 +245,43 @@ def test_cli_flags_map_to_keywords():
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
     dests = {a.dest for a in sub.choices["evaluate"]._actions} - {"help"}
     assert dests == set(inspect.signature(evaluate_folders).parameters) - {"progress"}
+
+
+# ------------------------------------------------------------------------------------------- other label sets
+
+def test_a_packages_label_set_is_scored_with_flare_rules_for_flare_names(tmp_path, capsys):
+    """Labels {liver 1, aorta 2, colon 3}: liver and aorta keep FLARE's tolerance and slice rule, colon gets --tolerance-mm."""
+    gt = np.zeros(SHAPE, np.uint8)
+    gt[2:9, 1:5, 1:4] = 1
+    gt[3:8, 6:9, 5:7] = 2  # aorta on slices 3..7 of axis 0 (the superior axis)
+    gt[9:12, 1:4, 5:8] = 3
+    pred = gt.copy()
+    pred[0:12, 6:9, 5:7] = 2  # aorta past the GT slices: free under FLARE's rule
+    pred[pred == 3] = 0
+    pred[9:12, 1:4, 6:8] = 3  # colon one voxel (0.8 mm) narrower
+    write(tmp_path / "gt" / "c.nii.gz", gt)
+    write(tmp_path / "pred" / "c.nii.gz", pred)
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "aorta": 2, "colon": 3}}))
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", labels=dataset,
+                               tolerance_mm=0.5, progress=False)
+    assert set(summary["mean"]) == {f"{c}_{m}" for m in ("DSC", "NSD") for c in ("Liver", "Aorta", "colon")}
+    assert summary["tolerance_mm"] == {"Liver": 5.0, "Aorta": 2.0, "colon": 0.5}
+    assert summary["mean"]["Liver_DSC"] == 1.0 and summary["mean"]["Aorta_DSC"] == 1.0
+    assert summary["mean"]["colon_DSC"] == pytest.approx(2 * 18 / (27 + 18))
+    assert summary["mean"]["colon_NSD"] < 1.0 and "tumor_DSC" not in summary
+    assert summary["organ_mean_DSC"] == pytest.approx((2 + 2 * 18 / 45) / 3)
+    rows = list(csv.reader((tmp_path / "out" / "per_case.csv").open()))
+    assert rows[0] == ["case", "Liver_DSC", "Aorta_DSC", "colon_DSC", "Liver_NSD", "Aorta_NSD", "colon_NSD"]
+    assert "| colon |" in (tmp_path / "out" / "table.md").read_text()
+
+    wider = evaluate_folders(tmp_path / "pred", tmp_path / "gt", tmp_path / "out2", labels=dataset,
+                             tolerance_mm=1.0, progress=False)
+    assert wider["mean"]["colon_NSD"] == 1.0  # the 0.8 mm shortfall is within 1 mm
+
+    write(tmp_path / "pred" / "c.nii.gz", np.where(pred == 3, 4, pred))  # a value outside the label set
+    code = cli.main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                     "-o", str(tmp_path / "out3"), "--labels", str(dataset)])
+    err = capsys.readouterr().err
+    assert code == 2 and "c.nii.gz" in err and "at most 3" in err
+    assert not (tmp_path / "out3").exists()

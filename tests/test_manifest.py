@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,29 @@ def test_bad_manifests(tmp_path, package):
     (folder / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         read_manifest(folder)
+
+
+# ------------------------------------------------------------------------------------------------ format 1
+
+FORMAT1 = Path(__file__).parent / "fixtures" / "format1"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_format_1_packages_predict_exactly_as_before(backend):
+    """A package written by pocketseg's format-1 code (fixtures/format1/make_fixture.py) and its labels then."""
+    if backend == "torch":
+        pytest.importorskip("safetensors", reason="the torch backend reads safetensors weights")
+    import numpy as np
+
+    from pocketseg.imageio import load_volume
+    from pocketseg.manifest import load_package
+    from pocketseg.runtime.cascade import CascadePredictor
+
+    manifest = load_package(FORMAT1 / "package")
+    assert manifest.format_version == 1 and manifest.roi is not None and manifest.inference.overlap == 0.0
+    assert not manifest.inference.mirroring and manifest.inference.back_resampling == "labels"
+    before = np.load(FORMAT1 / "labels.npz")[backend]
+    now = CascadePredictor(FORMAT1 / "package", device="cpu", backend=backend).predict(
+        load_volume(FORMAT1 / "case_0000.nii.gz")).labels
+    assert now.shape == before.shape and len(np.unique(before)) > 5
+    assert np.array_equal(now, before)

@@ -298,3 +298,43 @@ def test_imported_package_segments_and_fast_mode_differs_only_in_settings(tmp_pa
     a, b = exact.predict(volume).labels, fast.predict(volume).labels
     assert a.shape == b.shape == volume.shape and a.dtype == np.uint8
     assert set(np.unique(a)) <= set(LABELS.values())
+
+
+# ------------------------------------------------------------------------------------------------ label mapping
+
+def test_label_mapping_writes_flare_ids_and_names(tmp_path, capsys):
+    from pocketseg.runtime.cascade import CascadePredictor
+    from pocketseg.synth.phantom import make_phantom
+    from pocketseg.volume import Volume
+
+    folder = write_results(tmp_path)
+    plain = import_nnunet(folder, tmp_path / "plain", fp16=False, check=False)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"liver": "liver", "2": "spleen", "kidney": "right_kidney"}))
+    mapped = import_nnunet(folder, tmp_path / "mapped", fp16=False, check=False, labels=mapping)
+    manifest = load_package(mapped)
+    assert manifest.labels == {"background": 0, "liver": 1, "right_kidney": 2, "spleen": 3}
+    assert manifest.output_labels == (0, 1, 3, 2)
+    assert manifest.source["label_map"]["model_labels"] == LABELS and manifest.source["label_map"]["dropped"] == []
+
+    ph = make_phantom(1, small=True, slices=16)
+    volume = Volume(ph.image, ph.affine)
+    before = CascadePredictor(plain, device="cpu", backend="onnxruntime", fast=True).predict(volume).labels
+    after = CascadePredictor(mapped, device="cpu", backend="onnxruntime", fast=True).predict(volume).labels
+    assert len(set(np.unique(before)) & {1, 2, 3}) >= 2  # classes whose ids the mapping changes are there
+    assert np.array_equal(after, np.array([0, 1, 3, 2], np.uint8)[before])
+
+    only_liver = import_nnunet(folder, tmp_path / "liver", fp16=False, check=False, labels={"liver": "liver"})
+    assert load_package(only_liver).output_labels == (0, 1, 0, 0)
+    assert load_package(only_liver).source["label_map"]["dropped"] == ["spleen (2)", "kidney (3)"]
+
+    for bad, match in (({"colon": "liver"}, "'colon', which is not a label of the model"),
+                       ({"kidney": "kidney"}, "'kidney', which is not a FLARE 2023 label name"),
+                       ({"liver": "liver", "1": "spleen"}, "names the model's class liver (1) twice"),
+                       ([], "must be a JSON object")):
+        mapping.write_text(json.dumps(bad))
+        code = main(["import-nnunet", str(folder), "-o", str(tmp_path / "refused"), "--labels", str(mapping),
+                     "--no-check", "--no-fp16"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and match in err and str(mapping) in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()
