@@ -33,6 +33,7 @@ millimetres in the same order.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -497,8 +498,76 @@ def resample_labels(
     return out
 
 
-#: Output elements (channels x slices x rows x columns) per float32 block of :func:`resample_logits_to_labels`.
-LOGIT_BLOCK_ELEMENTS = 1 << 24
+#: Output elements (channels x slices x rows x columns) per block of :func:`resample_logits_to_labels`.
+LOGIT_BLOCK_ELEMENTS = 1 << 23
+
+
+class _AxisMap(NamedTuple):
+    """Where the output samples one axis: the two input indices and the weight of the second (0: nearest)."""
+
+    i0: np.ndarray
+    i1: np.ndarray
+    w: np.ndarray
+
+
+def _axis_map(n_in: int, n_out: int, nearest: bool) -> _AxisMap:
+    """Linear interpolation on nnU-Net's grid with edges extended (order 1, mode 'nearest'), or nearest."""
+    if nearest:
+        i = _nearest_indices(n_in, n_out)
+        return _AxisMap(i, i, np.zeros(n_out))
+    scale, offset = _grid_map(n_in, n_out)
+    t = np.clip(scale * np.arange(n_out, dtype=np.float64) + offset, 0.0, n_in - 1)
+    i0 = np.floor(t).astype(np.int64)
+    return _AxisMap(i0, np.minimum(i0 + 1, n_in - 1), t - i0)
+
+
+def _lerp(x: Any, m: _AxisMap, axis: int, xp: ModuleType) -> Any:
+    """``x`` resampled along ``axis`` by ``m`` (in its dtype): a gather, and a blend where the map is linear."""
+    lo = xp.take(x, xp.asarray(m.i0), axis=axis)
+    if not m.w.any():
+        return lo
+    hi = xp.take(x, xp.asarray(m.i1), axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    hi -= lo
+    hi *= xp.asarray(m.w, dtype=x.dtype).reshape(shape)
+    lo += hi
+    return lo
+
+
+def _argmax_first(values: Any, xp: ModuleType) -> Any:
+    """uint8 argmax over axis 0, ties to the lowest index (as numpy's), one channel at a time."""
+    best = values[0].copy()
+    index = xp.zeros(best.shape, dtype=xp.uint8)
+    for c in range(1, values.shape[0]):
+        better = values[c] > best
+        index[better] = c
+        xp.maximum(best, values[c], out=best)
+    return index
+
+
+def _decided_cells(logits: Any, maps: Sequence[_AxisMap], xp: ModuleType) -> tuple[Any, Any]:
+    """The argmax of the input grid, and where it decides the output: cells whose corners all agree by a margin.
+
+    Linear interpolation is a convex combination of a cell's corners: where one class leads every corner
+    by more than two float16 steps of the largest logit, it leads the interpolated logits too, after
+    rounding to float16 (each value moves by at most half a step). Those output voxels need no
+    interpolation; only the others are computed.
+    """
+    top = logits.max(axis=0)
+    label = _argmax_first(logits, xp)
+    runner_up = xp.where(xp.arange(logits.shape[0]).reshape(-1, 1, 1, 1) == label[None], -xp.inf,
+                         logits.astype(xp.float32)).max(axis=0)
+    largest = float(xp.abs(logits).max()) if logits.size else 0.0
+    step = 2.0 ** (math.floor(math.log2(largest)) - 10) if largest > 0 else 2.0**-24
+    decided = (top.astype(xp.float32) - runner_up) > 2.0 * max(step, 2.0**-24)
+    for ax, m in enumerate(maps):
+        if m.w.any():  # a linear axis: the cell's other corner is the next index (the last one is its own)
+            n = label.shape[ax]
+            nxt = [slice(None)] * 3
+            nxt[ax] = xp.asarray(np.minimum(np.arange(n) + 1, n - 1))
+            decided = decided & decided[tuple(nxt)] & (label == label[tuple(nxt)])
+    return label, decided
 
 
 def resample_logits_to_labels(
@@ -514,64 +583,75 @@ def resample_logits_to_labels(
 
     nnU-Net resamples the network's logits (not its labels) to the original grid with linear
     interpolation (its ``resampling_fn_probabilities``: order 1, and nearest along a separate thick
-    axis), then takes the argmax. Here the output is made block by block along axis 0, each block
-    from the few input slices its coordinates reach, and reduced to labels at once: no
-    full-resolution (C, Z, Y, X) float array ever exists. Interpolation is in float32, whatever
-    the logits' dtype; the grid alignment is the one of :func:`resample_image`. ``round_to``
-    (e.g. float16) rounds the resampled logits before the argmax, as nnU-Net stores them in
-    the logits' own dtype; ties then go to the lower class, as its argmax does.
+    axis), in float64, stores them in the logits' dtype (``round_to``, e.g. float16) and takes the
+    argmax (ties to the lower class). The result here is the same, computed where it is not already
+    decided: an output voxel whose input cell has one class leading at every corner by a margin that
+    rounding cannot close takes that class (:func:`_decided_cells`); the others are interpolated in
+    float64 from their eight corners. Blocks along axis 0 where most voxels are undecided (an
+    untrained net) are interpolated whole, separably in float64. No full-resolution (C, Z, Y, X)
+    float array ever exists; the grid alignment is the one of :func:`resample_image`.
     """
-    xp, ndi = (am or cpu_module()).xp, (am or cpu_module()).ndi
+    xp = (am or cpu_module()).xp
     if getattr(logits, "ndim", None) != 4:
         raise ValueError(f"logits must be a 4D (C, z, y, x) array, got shape {getattr(logits, 'shape', None)}")
     new_shape = _check_shape3(new_shape, "new_shape")
     separate_z = _check_axis(separate_z)
     if logits.shape[0] > 256:
         raise ValueError(f"at most 256 channels fit a uint8 label map, got {logits.shape[0]}")
-    n_in = logits.shape[1]
-    n_out = new_shape[0]
+    logits = xp.asarray(logits)
+    channels = logits.shape[0]
+    maps = [_axis_map(n_in, n_out, ax == separate_z) for ax, (n_in, n_out) in
+            enumerate(zip(logits.shape[1:], new_shape))]
+    label, decided = _decided_cells(logits, maps, xp)
+    rows = xp.asarray(maps[1].i0)[:, None], xp.asarray(maps[2].i0)[None, :]
     out = xp.empty(new_shape, dtype=xp.uint8)
-    per_slice = logits.shape[0] * new_shape[1] * new_shape[2]
-    block = max(1, min(n_out, block_elements // max(per_slice, 1)))
-    plane_axes = [ax for ax in (1, 2) if ax != separate_z]
-    near_axes = [ax for ax in (1, 2) if ax == separate_z]
-    z_nearest = separate_z == 0
-    nearest_z = _nearest_indices(n_in, n_out) if z_nearest else None
-    scale_z, offset_z = _grid_map(n_in, n_out)
-    for first in range(0, n_out, block):
-        last = min(first + block, n_out)
-        if z_nearest:
-            lo, hi = int(nearest_z[first]), int(nearest_z[last - 1]) + 1
-            slab = xp.take(logits[:, lo:hi], xp.asarray(nearest_z[first:last] - lo), axis=1)
-            z_scale, z_offset = 1.0, 0.0
+    block = max(1, min(new_shape[0], block_elements // max(channels * new_shape[1] * new_shape[2], 1)))
+    for first in range(0, new_shape[0], block):
+        last = min(first + block, new_shape[0])
+        zs = xp.asarray(maps[0].i0[first:last])[:, None, None]
+        labels = label[zs, rows[0][None], rows[1][None]]
+        todo = ~decided[zs, rows[0][None], rows[1][None]]
+        count = int(todo.sum())
+        if count == 0:
+            out[first:last] = labels
+        elif count * 4 < todo.size:
+            where = xp.nonzero(todo)
+            values = _interpolate_points(logits, maps, (where[0] + first,) + where[1:], xp)
+            if round_to is not None:
+                values = values.astype(round_to)
+            labels[where] = xp.argmax(values, axis=0).astype(xp.uint8)
+            out[first:last] = labels
         else:
-            t_lo, t_hi = scale_z * first + offset_z, scale_z * (last - 1) + offset_z
-            lo, hi = max(0, math.floor(t_lo)), min(n_in, math.floor(t_hi) + 2)
-            slab = logits[:, lo:hi]
-            z_scale, z_offset = scale_z, scale_z * first + offset_z - lo
-        slab = xp.asarray(slab, dtype=xp.float32)
-        scales, offsets, shape = [1.0, z_scale], [0.0, z_offset], [slab.shape[0], last - first]
-        for ax in (1, 2):
-            if ax in plane_axes:
-                scale, offset = _grid_map(logits.shape[ax + 1], new_shape[ax])
-            else:
-                scale, offset = 1.0, 0.0  # the separate in-plane axis: nearest, below
-            scales.append(scale)
-            offsets.append(offset)
-            shape.append(new_shape[ax] if ax in plane_axes else slab.shape[ax + 1])
-        if z_nearest and shape[1] == slab.shape[1] and all(sc == 1.0 for sc in scales[2:]) and not near_axes:
-            resampled = slab
-        else:
-            resampled = ndi.affine_transform(slab, xp.asarray(scales, dtype=xp.float64), offset=offsets,
-                                             output_shape=tuple(shape), output=xp.float32, order=1, mode="nearest",
-                                             prefilter=False)
-        for ax in near_axes:  # a thick in-plane axis: nearest along it, as nnU-Net's separate axis
-            resampled = xp.take(resampled, xp.asarray(_nearest_indices(logits.shape[ax + 1], new_shape[ax])),
-                                axis=ax + 1)
-        if round_to is not None:
-            resampled = resampled.astype(round_to)
-        out[first:last] = xp.argmax(resampled, axis=0).astype(xp.uint8)
+            out[first:last] = _dense_block(logits, maps, first, last, round_to, xp)
     return out
+
+
+def _interpolate_points(logits: Any, maps: Sequence[_AxisMap], points: Sequence[Any], xp: ModuleType) -> Any:
+    """(C, N) float64 interpolated logits at output voxels ``points`` (three index arrays): the 8-corner sum."""
+    host = [xp.asarray(p) for p in points]
+    corners = []
+    for ax, m in enumerate(maps):
+        i0, i1, w = (xp.asarray(a)[host[ax]] for a in (m.i0, m.i1, m.w))
+        corners.append(((i0, 1.0 - w), (i1, w)))
+    total = None
+    for (z, wz), (y, wy), (x, wx) in itertools.product(*corners):
+        term = logits[:, z, y, x].astype(xp.float64) * (wz * wy * wx)
+        total = term if total is None else total + term
+    return total
+
+
+def _dense_block(logits: Any, maps: Sequence[_AxisMap], first: int, last: int, round_to: Any,
+                 xp: ModuleType) -> Any:
+    """uint8 labels of output slices first..last, every voxel interpolated (separably, float64 as nnU-Net)."""
+    mz = _AxisMap(maps[0].i0[first:last], maps[0].i1[first:last], maps[0].w[first:last])
+    lo, hi = int(min(mz.i0.min(), mz.i1.min())), int(max(mz.i0.max(), mz.i1.max())) + 1
+    part = xp.asarray(logits[:, lo:hi], dtype=xp.float64)
+    slab = _lerp(part, _AxisMap(mz.i0 - lo, mz.i1 - lo, mz.w), 1, xp)
+    slab = _lerp(slab, maps[2], 3, xp)
+    slab = _lerp(slab, maps[1], 2, xp)
+    if round_to is not None:
+        slab = slab.astype(round_to)
+    return _argmax_first(slab, xp)
 
 
 def resample_to_spacing(

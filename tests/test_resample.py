@@ -15,6 +15,7 @@ import scipy.ndimage
 from pocketseg.runtime.resample import (
     resample_image,
     resample_labels,
+    resample_logits_to_labels,
     resample_to_spacing,
     separate_z_axis,
     target_shape,
@@ -346,3 +347,45 @@ def test_prepare_runs_once_with_a_linear_thick_axis():
     first = resample_image(normalize(raw), (13, 9, 9), separate_z=0, order_z=1)
     on_the_way = resample_image(raw, (13, 9, 9), separate_z=0, order_z=1, prepare=normalize)
     np.testing.assert_allclose(on_the_way, first, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ logits back, nnU-Net's way
+
+def _reference_logits_to_labels(logits: np.ndarray, new_shape, separate_z) -> np.ndarray:
+    """nnU-Net's way in full: every output voxel interpolated in float64 (linear; nearest along a separate
+    axis), stored as float16, argmax."""
+    from scipy.ndimage import map_coordinates
+
+    axes = []
+    for ax, (n_in, n_out) in enumerate(zip(logits.shape[1:], new_shape)):
+        t = (n_in / n_out) * (np.arange(n_out) + 0.5) - 0.5
+        axes.append(np.clip(np.floor(t + 0.5), 0, n_in - 1) if ax == separate_z else t)
+    grid = np.meshgrid(*axes, indexing="ij")
+    out = np.stack([map_coordinates(c.astype(np.float64), grid, order=1, mode="nearest") for c in logits])
+    return np.argmax(out.astype(np.float16), axis=0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("in_shape,new_shape,separate_z", [
+    ((7, 9, 11), (13, 20, 6), None),      # up and down, linear everywhere
+    ((5, 16, 16), (23, 40, 33), 0),       # thick slices: nearest along z
+    ((12, 6, 10), (12, 14, 25), 1),       # a thick in-plane axis: nearest along it
+    ((9, 8, 8), (9, 8, 8), None),         # no change
+])
+@pytest.mark.parametrize("smooth", [False, True], ids=["noisy", "smooth"])
+def test_logits_back_streamed_match_nnunets_full_resolution_way(in_shape, new_shape, separate_z, smooth):
+    """Noisy logits (an untrained net) take the whole-block path; smooth ones (regions, as a trained net gives)
+    are mostly decided by their corners and interpolated only near the class borders."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, *in_shape)) * 3
+    if smooth:
+        logits = np.stack([gaussian_filter(c, 1.5) * 10 for c in logits])
+    logits = logits.astype(np.float16)
+    expected = _reference_logits_to_labels(logits, new_shape, separate_z)
+    got = resample_logits_to_labels(logits, new_shape, separate_z=separate_z, round_to=np.float16,
+                                    block_elements=6 * new_shape[1] * new_shape[2] * 2)  # 2 slices per block
+    assert got.dtype == np.uint8 and got.shape == tuple(new_shape)
+    # float32 products instead of float64 may move a value across a float16 rounding boundary: rare ties only
+    assert np.mean(got == expected) >= 0.9999
+    assert len(np.unique(expected)) == 6
