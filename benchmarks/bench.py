@@ -57,7 +57,8 @@ from tqdm.auto import tqdm
 
 from pocketseg import labels as L
 from pocketseg.atomic import check_targets, ensure_dir, write_text
-from pocketseg.benchmarks.memory import INTERVAL_S, MemorySampler, open_gpu_reader, open_reader, open_rss_reader
+from pocketseg.benchmarks.memory import (INTERVAL_S, MemorySampler, memory_reader_details, open_gpu_reader,
+                                         open_reader, open_rss_reader)
 from pocketseg.benchmarks.report import BENCH_FILES, write_bench_report, write_json
 from pocketseg.errors import InputError, MissingDependencyError, OutputError, PocketsegError
 from pocketseg.geometry import grow_box
@@ -377,9 +378,12 @@ class _Pipeline:
         return labels, dict(self.impl.last_timings)
 
     def release(self) -> None:
-        """Hand cached device memory back, so that the next case starts from the same idle baseline."""
+        """Hand cached device memory back, so that the next case starts from the same idle baseline.
+
+        pocketseg: every engine's cache (torch's caching allocator, ONNX Runtime's arena) and CuPy's pool.
+        """
         if self.name == "pocketseg":
-            self.impl.am.free_cached_memory()
+            self.impl.free_cached_memory()
         elif self.device == "cuda":
             import torch  # the peer's torch, loaded with it above
 
@@ -688,6 +692,7 @@ def run_bench(model: str | os.PathLike, out: str | os.PathLike, *, device: str =
         "machine": machine_info(_gpu_name(gpu_reader), load_start),
         "memory": {"source": memory_reader.source, "description": memory_reader.description,
                    "tried": getattr(memory_reader, "tried", []), "interval_s": INTERVAL_S,
+                   **memory_reader_details(memory_reader),
                    "baseline": ("device used memory before a cold process starts; before each warm case, with the "
                                 "model loaded" if gpu_reader is not None else
                                 "0 for a cold process; before each warm case, the loaded process's RSS")},

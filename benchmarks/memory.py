@@ -1,9 +1,9 @@
 """Memory samplers of the efficiency harness: GPU memory through NVML, process RSS on the CPU.
 
-FLARE 2023 measures the GPU memory of a submission the way its resource script
-does: the device's used memory (what ``nvidia-smi`` shows, read through NVML)
-sampled every 0.1 s while the container runs; it reports the maximum and the
-area under the memory-time curve, computed as *sum of samples x 0.1 s* (MB·s).
+FLARE 2023 measures the GPU memory of a submission with its resource script
+(``Efficiency.py`` of the FLARE repository): the device's used memory, read through
+NVML every 0.1 s while the container runs; it reports the maximum and the area
+under the memory-time curve, computed as *sum of samples x 0.1 s* (MB·s).
 :class:`MemorySampler` does the same in a background thread for any
 :class:`MemoryReader`::
 
@@ -15,7 +15,15 @@ area under the memory-time curve, computed as *sum of samples x 0.1 s* (MB·s).
 
 Sources, tried in this order (:func:`open_gpu_reader`, :func:`open_rss_reader`):
 
-* ``nvml``: NVML's device used memory (nvidia-ml-py, module ``pynvml``), FLARE's source;
+* ``nvml``: NVML's device used memory (nvidia-ml-py, module ``pynvml``), FLARE's source.
+  Two structs report it. ``nvmlMemory_v2`` (``nvmlDeviceGetMemoryInfo(handle,
+  version=nvmlMemory_v2)``) counts the driver-reserved memory apart, so its ``used`` is
+  what nvidia-smi shows as used; the v1 struct (``nvmlDeviceGetMemoryInfo(handle)``)
+  folds the reserved memory into ``used`` (hundreds of MB more). The reader takes v2
+  where the binding and the driver have it, else v1, and says which (``struct``). FLARE's
+  script reads the v1 struct: ``total - free`` of pynvml's ``nvidia_smi.DeviceQuery``,
+  which calls ``nvmlDeviceGetMemoryInfo(handle)``; with v2, v1's ``used`` is
+  ``used + reserved`` (``reserved_mb``, recorded too);
 * ``cudaMemGetInfo``: total - free of the device through CuPy, where NVML reports
   nothing (Jetson's integrated GPU has no NVML memory query; there the number is the
   shared system memory in use). It needs a CUDA context in the sampling process,
@@ -50,6 +58,7 @@ __all__ = [
     "MemorySourceError",
     "MemoryTrace",
     "area_under_curve",
+    "memory_reader_details",
     "open_gpu_reader",
     "open_reader",
     "open_rss_reader",
@@ -133,14 +142,20 @@ class MemoryReader(Protocol):
 
 # ------------------------------------------------------------------------------------------------------ GPU sources
 
+#: NVML memory structs by the name the reports use.
+NVML_V2, NVML_V1 = "nvmlMemory_v2", "nvmlMemory_v1"
+
+
 class NvmlReader:
-    """Device used memory through NVML (nvidia-ml-py), as nvidia-smi and FLARE's resource script read it."""
+    """Device used memory through NVML (nvidia-ml-py): the v2 struct where available (as nvidia-smi shows it),
+    else v1 (as FLARE's resource script reads it, driver-reserved memory included); ``struct`` says which."""
 
     source = "nvml"
 
     def __init__(self, index: int = 0, pci_bus_id: str | None = None):
         self._nvml = importlib.import_module("pynvml")
         self._nvml.nvmlInit()
+        self._version = None  # the version argument of nvmlDeviceGetMemoryInfo; None: the v1 struct
         try:
             if pci_bus_id:
                 # CUDA and NVML may number GPUs differently (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER);
@@ -149,18 +164,45 @@ class NvmlReader:
             else:
                 self._handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
             name = self._nvml.nvmlDeviceGetName(self._handle)
-            info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+            info = self._memory_v2()
+            if info is None:
+                info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
         except BaseException:
             self.close()
             raise
         if not getattr(info, "total", 0):
             self.close()
             raise RuntimeError("NVML reports no device memory (integrated GPU?)")
+        self.struct = NVML_V1 if self._version is None else NVML_V2
+        #: Driver-reserved memory (v2 only): v1's ``used`` is v2's ``used`` plus this.
+        self.reserved_mb = float(info.reserved) / MB if self._version is not None else None
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
-        self.description = f"GPU memory used on the device (NVML, {self.device_name})"
+        if self._version is None:
+            what = "NVML nvmlMemory_v1: used includes driver-reserved memory, as FLARE's script reads it"
+        else:
+            what = (f"NVML nvmlMemory_v2: used without the {self.reserved_mb:.0f} MB driver-reserved, "
+                    "as nvidia-smi shows it")
+        self.description = f"GPU memory used on the device ({what}; {self.device_name})"
+
+    def _memory_v2(self) -> Any:
+        """The v2 struct, remembering its version for later reads; None where the binding or driver lacks it."""
+        version = getattr(self._nvml, "nvmlMemory_v2", None)
+        if version is None:  # nvidia-ml-py before the v2 struct
+            return None
+        try:
+            info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle, version=version)
+        except TypeError:  # a binding whose nvmlDeviceGetMemoryInfo takes no version
+            return None
+        except Exception as exc:  # noqa: BLE001 - NVMLError_FunctionNotFound (older driver), NotSupported, ...
+            log.debug("NVML nvmlMemory_v2 unavailable (%s: %s); reading the v1 struct", type(exc).__name__, exc)
+            return None
+        self._version = version
+        return info
 
     def read_mb(self) -> float | None:
-        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / MB
+        if self._version is None:
+            return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / MB
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle, version=self._version).used / MB
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -346,6 +388,13 @@ def open_rss_reader(pid: int | None = None, *, sources: Sequence[str] = RSS_SOUR
         reader.tried = tried
         return reader
     raise MemorySourceError(f"no source of process memory works here for PID {pid}: " + "; ".join(tried))
+
+
+def memory_reader_details(reader: MemoryReader) -> dict[str, Any]:
+    """What a report records about a reader beyond its source: the NVML struct read and the reserved memory."""
+    if getattr(reader, "source", None) != "nvml":
+        return {}
+    return {"nvml_struct": getattr(reader, "struct", None), "nvml_reserved_mb": getattr(reader, "reserved_mb", None)}
 
 
 def open_reader(device: str, *, pid: int | None = None, gpu_index: int = 0) -> MemoryReader:

@@ -13,10 +13,16 @@ Two ways to get an FP16 engine, chosen from the installed TensorRT version:
 
 ``fp16-flag`` (TensorRT 8.6 .. 9.x, e.g. JetPack 6.0's 8.6)
     Parse the fp32 ONNX (``onnx-fp32``) into an explicit-batch network, set
-    ``BuilderFlag.FP16`` and pin the InstanceNormalization layers (native
-    normalization layers, or the ``InstanceNormalization_TRT`` plugin that the 8.6
-    ONNX parser uses by default) to fp32 with ``layer.precision`` /
-    ``set_output_type`` and ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``.
+    ``BuilderFlag.FP16`` and pin the InstanceNormalization layers to fp32 with
+    ``layer.precision`` / ``set_output_type`` and
+    ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``.
+
+In both modes the ONNX parser gets ``OnnxParserFlag.NATIVE_INSTANCENORM``: TensorRT's own
+normalization layer instead of the ``InstanceNormalization_TRT`` plugin, which the 8.6/9.x
+parser uses by default (native is the default only from 10.0). An engine holding that plugin
+deserializes only in a process that registered TensorRT's plugins first; the parser does so
+while building, a process that only loads engines does not, and its
+``deserialize_cuda_engine`` then returns None ("could not find plugin").
 
 Engines are specific to the GPU (compute capability) and the TensorRT version,
 so their file names carry both (``roi_fp16_sm87_trt10.8.engine``) and the
@@ -40,13 +46,12 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from pocketseg.atomic import atomic_write_bytes, check_writable_target
 from pocketseg.errors import InputError
 from pocketseg.manifest import INPUT_NAME, MANIFEST_NAME, EngineRecord, Manifest, Stage, load_package
 from pocketseg.runtime.tensorrt_probe import (MIN_VERSION, GpuIdentity, TensorRTError, engine_matches, gpu_identity,
-                                              import_tensorrt, parse_version)
+                                              import_tensorrt, parse_version, tensorrt_logger)
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +135,6 @@ def trtexec_command(onnx_path: str | os.PathLike, engine_path: str | os.PathLike
 
 # ---------------------------------------------------------------------------------------------------------- build
 
-_LOGGERS: dict[Any, Any] = {}  # keyed by the module object itself (kept alive), never by a reusable id()
-
-
-def _logger(trt):
-    """One ``trt.Logger`` per TensorRT module: TensorRT keeps the first logger it was given process-wide."""
-    if trt not in _LOGGERS:
-        _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
-    return _LOGGERS[trt]
-
-
 def _network_flags(trt, mode: str, version: str) -> int:
     flags = trt.NetworkDefinitionCreationFlag
     if mode == FP16_FLAG:
@@ -151,8 +146,26 @@ def _network_flags(trt, mode: str, version: str) -> int:
     return 1 << int(flags.STRONGLY_TYPED)
 
 
-def _parse(trt, network, logger, source: Path) -> None:
+def _native_instance_norm(trt, parser, mode: str, source: Path) -> None:
+    """Ask the parser for TensorRT's native InstanceNormalization layer instead of its plugin.
+
+    The flag exists from 8.6 on (and is the default from 10.0); without it an 8.6/9.x engine
+    holds ``InstanceNormalization_TRT`` plugin layers and cannot be loaded by a process that did
+    not register TensorRT's plugins.
+    """
+    flag = getattr(getattr(trt, "OnnxParserFlag", None), "NATIVE_INSTANCENORM", None)
+    if flag is None:
+        if mode == FP16_FLAG:
+            log.warning("%s: TensorRT %s has no OnnxParserFlag.NATIVE_INSTANCENORM; InstanceNormalization may "
+                        "become a plugin layer that only loads where TensorRT's plugins are registered",
+                        source, trt.__version__)
+        return
+    parser.set_flag(flag)
+
+
+def _parse(trt, network, logger, source: Path, mode: str) -> None:
     parser = trt.OnnxParser(network, logger)
+    _native_instance_norm(trt, parser, mode, source)
     if parser.parse_from_file(str(source)):
         return
     problems = []
@@ -183,7 +196,8 @@ def _check_input(trt, network, source: Path, mode: str, patch: tuple[int, int, i
 
 
 def _pin_instance_norm_fp32(trt, network) -> list[str]:
-    """Pin normalization layers (and the 8.6 parser's InstanceNormalization_TRT plugin layers) to fp32.
+    """Pin normalization layers (and any InstanceNormalization_TRT plugin layer, should a parser still
+    produce one) to fp32.
 
     The pocketseg networks have no other plugin layers; any plugin layer is pinned, which is safe (fp32).
     """
@@ -246,10 +260,10 @@ def _build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, patc
     cache_path = None if timing_cache is None else check_writable_target(timing_cache, overwrite=True)
     gpu = gpu_identity() if gpu is None else gpu
 
-    logger = _logger(trt)
+    logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, mode, version))
-    _parse(trt, network, logger, source)
+    _parse(trt, network, logger, source, mode)
     _check_input(trt, network, source, mode, patch, max_batch)
 
     config = builder.create_builder_config()

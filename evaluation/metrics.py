@@ -337,11 +337,16 @@ def normalized_surface_dice(mask_a: Any, mask_b: Any, spacing_mm: Sequence[float
 
 def _label_boxes(labels: Any, ids: Sequence[int], am: ArrayModule) -> list[tuple[slice, ...] | None]:
     """Bounding box of each label of ``ids`` (None where absent), in one pass where ndi has find_objects."""
-    find_objects = getattr(am.ndi, "find_objects", None)  # scipy has it; cupyx.scipy.ndimage has not
-    if find_objects is not None:
-        boxes = list(find_objects(labels, max_label=max(ids, default=0)))
-        return [boxes[i - 1] for i in ids]
-    return [bounding_box(labels == i, am) for i in ids]
+    find_objects = getattr(am.ndi, "find_objects", None)  # scipy has it; cupyx.scipy.ndimage from CuPy 14
+    max_label = max(ids, default=0)
+    if find_objects is None or max_label < 1:
+        return [bounding_box(labels == i, am) for i in ids]
+    if labels.size and int(labels.max()) > max_label:
+        # SciPy skips labels above max_label; cupyx's kernel does not bound them and would write the box of
+        # a label such as 255 past the end of its max_label boxes. Those labels are not scored: zero them.
+        labels = am.xp.where(labels > max_label, 0, labels)
+    boxes = list(find_objects(labels, max_label=max_label))
+    return [boxes[i - 1] for i in ids]
 
 
 def score_case(pred_array: Any, gt_array: Any, spacing_mm: Sequence[float], *, z_axis: int = 2,

@@ -5,11 +5,17 @@ and receives one :class:`ArrayModule`; only connected-component labelling picks 
 faster library per device (connected-components-3d on the CPU, cuCIM on x86_64
 GPUs), because neither NumPy nor CuPy offers a multi-label labelling.
 
+On a GPU, work is ordered by CUDA streams: :meth:`ArrayModule.new_stream` makes a
+non-blocking stream and :meth:`ArrayModule.stream_scope` makes it CuPy's current one,
+which every CuPy operation, host/device copy and engine call inside the scope then uses
+(NumPy has no streams: both are no-ops there).
+
 Nothing here imports CuPy until a GPU module is asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -23,7 +29,8 @@ import scipy.ndimage
 
 from pocketseg.errors import PocketsegError
 
-__all__ = ["ArrayModule", "DeviceUnavailableError", "array_module", "bounding_box", "cuda_available", "cpu_module"]
+__all__ = ["ArrayModule", "DeviceUnavailableError", "array_module", "bounding_box", "cuda_available", "cpu_module",
+           "skimage_labellers"]
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,23 @@ class ArrayModule:
         return np.asarray(array)
 
     def synchronize(self) -> None:
+        """Wait for the work queued on the current stream (the stream of the enclosing :meth:`stream_scope`)."""
         if self.name == "cupy":
             self.xp.cuda.get_current_stream().synchronize()
+
+    def new_stream(self) -> Any:
+        """A new non-blocking CUDA stream (None on the CPU).
+
+        Non-blocking: it never waits for the legacy default stream (CuPy's null stream), so work on
+        it does not serialise with other libraries or predictors of the process that use that stream.
+        """
+        if self.name == "cupy":
+            return self.xp.cuda.Stream(non_blocking=True)
+        return None
+
+    def stream_scope(self, stream: Any) -> contextlib.AbstractContextManager:
+        """``with am.stream_scope(stream):`` makes ``stream`` CuPy's current stream in this thread (no-op for None)."""
+        return contextlib.nullcontext() if stream is None else stream
 
     def free_cached_memory(self) -> None:
         """Return cached blocks of CuPy's memory pool to the driver (GPU memory as others see it)."""
@@ -142,14 +164,10 @@ def _gpu_module() -> ArrayModule:
         raise DeviceUnavailableError(f"device 'cuda' is not available: {why}")
     cupy = importlib.import_module("cupy")
     cundi = importlib.import_module("cupyx.scipy.ndimage")
-    try:  # cuCIM (x86_64 only; not on Jetson) labels faster than cupyx
+    try:  # cuCIM (x86_64 only; not on Jetson) labels faster than cupyx, and every value in one pass
         measure = importlib.import_module("cucim.skimage.measure")
-
-        def label(mask):
-            out, n = measure.label(mask, connectivity=3, return_num=True)
-            return out.astype(cupy.int32, copy=False), int(n)
-
-        library = "cucim"
+        label, label_multi = skimage_labellers(measure, cupy)
+        return ArrayModule("cupy", "cuda", cupy, cundi, label, "cucim", label_multi)
     except Exception:  # ImportError or a cuCIM built for another CUDA
         structure = cupy.ones((3, 3, 3), dtype=bool)
 
@@ -158,8 +176,23 @@ def _gpu_module() -> ArrayModule:
             n = cundi.label(mask, structure=structure, output=out)
             return out, int(n)
 
-        library = "cupyx.scipy.ndimage"
-    return ArrayModule("cupy", "cuda", cupy, cundi, label, library)
+        return ArrayModule("cupy", "cuda", cupy, cundi, label, "cupyx.scipy.ndimage")
+
+
+def skimage_labellers(measure: ModuleType, xp: ModuleType) -> tuple[Callable[[Any], tuple[Any, int]],
+                                                                      Callable[[Any], tuple[Any, int]]]:
+    """(binary, multi-label) labelling through a ``measure.label`` with scikit-image's API (cuCIM's on a GPU).
+
+    ``measure.label`` labels connected regions of equal value, 0 being background, so one call labels
+    every organ of a label map: a voxel is connected only to neighbours of its own value. Connectivity
+    3 (= ndim) is the full 26-neighbourhood.
+    """
+
+    def label(image: Any) -> tuple[Any, int]:
+        out, n = measure.label(image, connectivity=3, return_num=True)
+        return out.astype(xp.int32, copy=False), int(n)
+
+    return label, label
 
 
 def array_module(device: str) -> ArrayModule:

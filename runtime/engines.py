@@ -32,7 +32,8 @@ import numpy as np
 from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
 from pocketseg.manifest import INPUT_NAME, OUTPUT_NAME, Manifest, Stage
 from pocketseg.runtime.arrays import DeviceUnavailableError, array_module, cuda_available
-from pocketseg.runtime.tensorrt_probe import TensorRTError, gpu_identity, import_tensorrt, select_engine
+from pocketseg.runtime.tensorrt_probe import (TensorRTError, gpu_identity, import_tensorrt, init_plugins,
+                                              select_engine, tensorrt_logger)
 
 __all__ = [
     "BACKENDS",
@@ -52,6 +53,12 @@ DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16")
 #: Preference of ``backend="auto"`` per device, fastest first.
 AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("onnxruntime", "torch")}
+#: ONNX Runtime run option that shrinks the listed arenas ("gpu:0", "cpu:0;gpu:0") at the end of that run
+#: (kOrtRunOptionsConfigEnableMemoryArenaShrinkage, onnxruntime_run_options_config_keys.h).
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
+#: ONNX Runtime session option: weights in memory of their own, outside the arena, so that a shrink can
+#: return every arena region (a region holding an initializer is never free).
+INITIALIZERS_OUTSIDE_ARENA = "session.use_device_allocator_for_initializers"
 
 
 class EngineUnavailableError(PocketsegError, RuntimeError):
@@ -263,7 +270,13 @@ class Engine:
         """Release what the engine holds (sessions, GPU buffers)."""
 
     def free_cached_memory(self) -> None:
-        """Return memory the backend caches for itself (after a GPU out-of-memory error)."""
+        """Return memory the backend caches for itself to the device, keeping the engine usable.
+
+        Called after a GPU out-of-memory error (before the retry) and by the benchmark between
+        cases, so that every case starts from the same idle baseline: torch's caching allocator,
+        ONNX Runtime's arena (CuPy's pool is the predictor's, freed by it). TensorRT's execution
+        context holds a fixed amount, allocated once with the context; nothing to return there.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.stage.name}[{self.member}], {self.device}, {self.precision})"
@@ -288,9 +301,14 @@ class OnnxRuntimeEngine(Engine):
         if threads:
             options.intra_op_num_threads = int(threads)
         providers: list[Any] = ["CPUExecutionProvider"]
+        self._ort = ort
+        self._arena: str | None = None  # the arena free_cached_memory shrinks ("gpu:<id>"); None: none
+        self._grown = False  # whether a run may have grown the arena since its last shrink
         if device == "cuda":
-            cupy = self.am.xp
-            providers = [("CUDAExecutionProvider", {"device_id": cupy.cuda.Device().id}), "CPUExecutionProvider"]
+            device_id = self.am.xp.cuda.Device().id
+            providers = [("CUDAExecutionProvider", cuda_provider_options(device_id)), "CPUExecutionProvider"]
+            options.add_session_config_entry(INITIALIZERS_OUTSIDE_ARENA, "1")
+            self._arena = f"gpu:{device_id}"
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
@@ -305,10 +323,14 @@ class OnnxRuntimeEngine(Engine):
         self.io_dtype = np.float16 if "float16" in inputs[INPUT_NAME].type else np.float32
 
     def __call__(self, batch: Any) -> Any:
+        self._grown = True
+        return self._run(batch, None)
+
+    def _run(self, batch: Any, run_options: Any) -> Any:
         xp = self.am.xp
         batch = xp.ascontiguousarray(batch, dtype=self.io_dtype)
         if self.device == "cpu":
-            return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch}, run_options)[0]
         shape = (batch.shape[0], self.num_classes) + tuple(batch.shape[2:])
         out = xp.empty(shape, dtype=self.io_dtype)
         device_id = xp.cuda.Device().id
@@ -317,9 +339,30 @@ class OnnxRuntimeEngine(Engine):
         binding.bind_output(OUTPUT_NAME, "cuda", device_id, self.io_dtype, shape, int(out.data.ptr))
         # ONNX Runtime works on its own CUDA stream: CuPy's writes must be done before it reads.
         self.am.synchronize()
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         binding.synchronize_outputs()
         return out
+
+    def free_cached_memory(self) -> None:
+        """Shrink ONNX Runtime's device arena now: one one-tile run with the arena-shrinkage run option.
+
+        ONNX Runtime's Python API shrinks an arena only through this run option, at the end of the run
+        that carries it (also when that run fails in execution), returning every region with nothing
+        allocated in it. The weights live outside the arena
+        (:data:`INITIALIZERS_OUTSIDE_ARENA`), so after this the arena holds nothing.
+        """
+        if self._arena is None or not self._grown or self.session is None:
+            return
+        options = self._ort.RunOptions()
+        options.add_run_config_entry(ARENA_SHRINKAGE, self._arena)
+        try:
+            self._run(self.am.xp.zeros((1, 1) + self.patch_zyx, dtype=self.io_dtype), options)
+        except Exception as exc:  # noqa: BLE001 - the arena was shrunk anyway; the caller's retry decides
+            log.warning("%s: the run that shrinks ONNX Runtime's arena failed (%s: %s)", self, type(exc).__name__, exc)
+        self._grown = False
+
+    def close(self) -> None:
+        self.session = None
 
 
 class TorchEngine(Engine):
@@ -346,7 +389,12 @@ class TorchEngine(Engine):
 
     def free_cached_memory(self) -> None:
         if self.device == "cuda":
+            self.torch.cuda.synchronize()
             self.torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self.net = None
+        self.free_cached_memory()
 
     def __call__(self, batch: Any) -> Any:
         torch = self.torch
@@ -363,7 +411,14 @@ class TorchEngine(Engine):
 
 
 class TensorRTEngine(Engine):
-    """A deserialized TensorRT engine; CuPy buffers passed as tensor addresses, CuPy's stream used."""
+    """A deserialized TensorRT engine; CuPy buffers passed as tensor addresses, run on CuPy's current stream.
+
+    The current stream is the predictor's own non-blocking stream (:meth:`ArrayModule.stream_scope`), so
+    TensorRT is ordered after the CuPy work that made its input without a device-wide synchronisation.
+    Called where the current stream is CuPy's null stream (the legacy default stream, which synchronises
+    with every blocking stream of the device), the engine runs on a non-blocking stream of its own instead,
+    ordered after the null stream's queued work and before what is queued there later, by events.
+    """
 
     backend = "tensorrt"
 
@@ -372,11 +427,15 @@ class TensorRTEngine(Engine):
         super().__init__(stage, device, precision, member)
         trt = self.trt = import_tensorrt()
         path = Path(package_dir) / engine_file
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        # Engines built where the ONNX parser used a plugin (InstanceNormalization_TRT, TensorRT 8.6/9.x
+        # before NATIVE_INSTANCENORM was set) load only once TensorRT's plugins are registered.
+        init_plugins(trt)
+        self._runtime = trt.Runtime(tensorrt_logger(trt))
         self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise InputError(path, "TensorRT cannot deserialize this engine (built by another TensorRT or GPU?)")
+            raise InputError(path, "TensorRT cannot deserialize this engine: built by another TensorRT version or for "
+                                   "another GPU, or it holds a plugin layer that is not registered here (TensorRT's "
+                                   "log above says which); rebuild it with pocketseg build-engine")
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise TensorRTError(f"{path}: TensorRT could not create an execution context: out of memory")
@@ -387,6 +446,7 @@ class TensorRTEngine(Engine):
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(OUTPUT_NAME)))
         record = next(e for e in stage.engines if e.file == engine_file)
         self.max_batch = int(record.max_batch)
+        self._own_stream: Any = None  # made on the first call from the null stream
 
     def __call__(self, batch: Any) -> Any:
         xp = self.am.xp
@@ -396,14 +456,35 @@ class TensorRTEngine(Engine):
         out = xp.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=self.out_dtype)
         self.context.set_tensor_address(INPUT_NAME, int(batch.data.ptr))
         self.context.set_tensor_address(OUTPUT_NAME, int(out.data.ptr))
-        stream = xp.cuda.get_current_stream()
-        if not self.context.execute_async_v3(stream.ptr):
-            raise TensorRTError("TensorRT execution failed (out of memory or a bad input; see TensorRT's log)")
+        current = xp.cuda.get_current_stream()
+        if current.ptr:
+            self._execute(current.ptr)
+            return out
+        # CuPy's null stream is the legacy default stream: running TensorRT there would synchronise the device.
+        if self._own_stream is None:
+            self._own_stream = self.am.new_stream()
+        own = self._own_stream
+        own.wait_event(current.record())  # after the null stream's work that made the input
+        self._execute(own.ptr)
+        current.wait_event(own.record())  # before the null stream's later work that reads the output
         return out
+
+    def _execute(self, stream_ptr: int) -> None:
+        if not self.context.execute_async_v3(stream_ptr):
+            raise TensorRTError("TensorRT execution failed (out of memory or a bad input; see TensorRT's log)")
 
     def close(self) -> None:
         self.context = None
         self.engine = None
+
+
+def cuda_provider_options(device_id: int) -> dict[str, Any]:
+    """Options of ONNX Runtime's CUDA provider for ``device_id``.
+
+    ``arena_extend_strategy`` ``kSameAsRequested``: the arena grows by what a run asks for, not to the next
+    power of two (the default), which could hold nearly twice the memory a tile needs.
+    """
+    return {"device_id": int(device_id), "arena_extend_strategy": "kSameAsRequested"}
 
 
 def engine_key(stage: str, member: int = 0) -> str:

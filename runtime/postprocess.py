@@ -4,9 +4,9 @@ The paper keeps the largest connected component of every organ (Sec. 2.3,
 "post-processing"): an organ is one piece, and stray islands are false positives.
 Tumors can be many, so they keep every component, minus specks below a minimum
 volume. :func:`clean_components` applies both rules after one labelling of all
-values (connected-components-3d labels a multi-label map in a single pass on the
-CPU; elsewhere each value is labelled inside its bounding box), then decides per
-component from its size and value.
+values (connected-components-3d on the CPU and cuCIM on a GPU label a multi-label
+map in a single pass; with scipy.ndimage or cupyx alone each value is labelled
+inside its bounding box), then decides per component from its size and value.
 
 Array code over :class:`pocketseg.runtime.arrays.ArrayModule` (NumPy or CuPy);
 arrays are (z, y, x).

@@ -25,6 +25,13 @@ What "as nnU-Net does it" means here:
   linearly interpolated and thresholded at 0.5, which keeps organ volumes and
   shapes far better than nearest-neighbour interpolation of the label map.
 
+On a GPU, cupyx compiles one interpolation kernel per output shape (the shape is
+part of the kernel's source), so the per-label windows are computed at sizes
+rounded up to multiples of :data:`LABEL_WINDOW_BUCKET` and cropped: a handful of
+kernels serve every label of every scan. Each output voxel depends only on its own
+coordinate, so the crop equals the unrounded result exactly. Coordinates are
+computed in float64 as SciPy does (cupyx's ``float64_coords``, where it exists).
+
 The public functions take one :class:`~pocketseg.runtime.arrays.ArrayModule`
 (``am``: NumPy + ``scipy.ndimage``, or CuPy + ``cupyx.scipy.ndimage``) so the
 same code runs on the GPU; nothing here imports CuPy. Arrays are ``(z, y, x)`` and spacings are in
@@ -33,6 +40,8 @@ millimetres in the same order.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
 import math
@@ -64,6 +73,8 @@ ANISOTROPY_THRESHOLD = 3.0
 _SPLINE_PAD = 12
 #: Slices interpolated per chunk in the slice-wise (separate z) path.
 CHUNK_SLICES = 16
+#: Per-label windows are resampled at sizes rounded up to a multiple of this on a GPU (see the module doc).
+LABEL_WINDOW_BUCKET = 32
 
 
 # --------------------------------------------------------------------------- arguments
@@ -197,6 +208,24 @@ def _spline_coefficients(x: Any, order: int, axes: Sequence[int], xp: ModuleType
     return coef
 
 
+@functools.lru_cache(maxsize=8)
+def _affine_keywords(affine_transform: Callable[..., Any]) -> tuple[tuple[str, Any], ...]:
+    """Extra keywords for this ``affine_transform``: ``float64_coords=True`` where it has the keyword.
+
+    cupyx computes coordinates in the input's precision (float32 here) unless asked for float64, which
+    SciPy always uses; a coordinate rounded differently can move a label's 0.5 threshold by a voxel.
+    """
+    try:
+        parameters = inspect.signature(affine_transform).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return ()
+    return (("float64_coords", True),) if "float64_coords" in parameters else ()
+
+
+def _affine(ndi: ModuleType, x: Any, scales: Any, **kwargs: Any) -> Any:
+    return ndi.affine_transform(x, scales, **kwargs, **dict(_affine_keywords(ndi.affine_transform)))
+
+
 def _transform(
     x: Any,
     scales: Sequence[float],
@@ -211,7 +240,8 @@ def _transform(
     if order > 1:
         x = _spline_coefficients(x, order, range(x.ndim), xp, ndi)
         offsets = [v + _SPLINE_PAD for v in offsets]
-    return ndi.affine_transform(
+    return _affine(
+        ndi,
         x,
         xp.asarray(scales, dtype=xp.float64),
         offset=offsets,
@@ -272,8 +302,8 @@ def _resample_in_plane(
         coef = _spline_coefficients(chunk, order, (1, 2), xp, ndi)
         del chunk
         for i in range(coef.shape[0]):
-            ndi.affine_transform(
-                coef[i], scales, offset=offsets, output_shape=out_plane, output=out[first + i],
+            _affine(
+                ndi, coef[i], scales, offset=offsets, output_shape=out_plane, output=out[first + i],
                 order=order, mode="nearest", prefilter=False,
             )
             xp.clip(out[first + i], lows[i], highs[i], out=out[first + i])
@@ -419,14 +449,25 @@ def _label_window(lo: int, hi: int, n_in: int, n_out: int) -> _Window:
     return _Window(i_lo, i_hi, o_lo, o_hi, scale, scale * o_lo + offset - i_lo)
 
 
+def _bucketed(n: int, bucket: int) -> int:
+    """``n`` rounded up to a multiple of ``bucket``."""
+    return -(-n // bucket) * bucket
+
+
 def _label_pass(
-    sub: Any, windows: Sequence[_Window], axes: Sequence[int], xp: ModuleType, ndi: ModuleType
+    sub: Any, windows: Sequence[_Window], axes: Sequence[int], xp: ModuleType, ndi: ModuleType, bucket: int = 1
 ) -> Any:
-    """Linearly resample ``axes`` of a cropped mask to their output crop; the other axes stay."""
+    """Linearly resample ``axes`` of a cropped mask to their output crop; the other axes stay.
+
+    The transform runs at the output shape rounded up to multiples of ``bucket`` and is cropped back:
+    output voxel o depends on its coordinate alone, so the crop is exactly the unrounded result.
+    """
     scales = [w.scale if ax in axes else 1.0 for ax, w in enumerate(windows)]
     offsets = [w.offset if ax in axes else 0.0 for ax, w in enumerate(windows)]
     shape = [w.out_hi - w.out_lo if ax in axes else sub.shape[ax] for ax, w in enumerate(windows)]
-    return _transform(sub, scales, offsets, shape, 1, xp, ndi)
+    padded = [_bucketed(n, bucket) for n in shape]
+    out = _transform(sub, scales, offsets, padded, 1, xp, ndi)
+    return out if padded == shape else out[tuple(slice(0, n) for n in shape)]
 
 
 def _label_select(sub: Any, window: _Window, n_in: int, n_out: int, axis: int, xp: ModuleType) -> Any:
@@ -444,6 +485,7 @@ def resample_labels(
     *,
     separate_z: int | None = None,
     am: ArrayModule | None = None,
+    window_bucket: int | None = None,
 ) -> Any:
     """Resample a (z, y, x) label map to ``new_shape``; uint8 on ``xp``.
 
@@ -453,11 +495,20 @@ def resample_labels(
     values present in the input appear in the output, 255 ("ignore") included.
     Each mask is resampled only around its bounding box, which gives the same result
     as the whole volume at a fraction of the cost for small organs.
+    ``window_bucket``: the window sizes are rounded up to multiples of it for the
+    interpolation (the result is the same); None: :data:`LABEL_WINDOW_BUCKET` on a GPU,
+    where each new size would compile a new kernel, 1 (no rounding) on the CPU.
     """
     _check_volume(labels, "labels")
-    xp, ndi = (am or cpu_module()).xp, (am or cpu_module()).ndi
+    am = am or cpu_module()
+    xp, ndi = am.xp, am.ndi
     new_shape = _check_shape3(new_shape, "new_shape")
     separate_z = _check_axis(separate_z)
+    if window_bucket is None:
+        window_bucket = LABEL_WINDOW_BUCKET if am.device == "cuda" else 1
+    if isinstance(window_bucket, (bool, np.bool_)) or not isinstance(window_bucket, (int, np.integer)) \
+            or window_bucket < 1:
+        raise ValueError(f"window_bucket must be a positive integer, got {window_bucket!r}")
     kind = getattr(getattr(labels, "dtype", None), "kind", None)
     if kind not in ("b", "i", "u"):
         raise ValueError(f"labels must have an integer or bool dtype, got {getattr(labels, 'dtype', None)}")
@@ -480,7 +531,7 @@ def resample_labels(
         ]
         sub = mask[tuple(slice(w.in_lo, w.in_hi) for w in windows)].astype(xp.float32)
         if separate_z is None:
-            res = _label_pass(sub, windows, (0, 1, 2), xp, ndi)
+            res = _label_pass(sub, windows, (0, 1, 2), xp, ndi, window_bucket)
         else:
             # Nearest along the thick axis (a selection of slices) commutes exactly with
             # linear in-plane interpolation; do the pass that shrinks the mask first.
@@ -488,9 +539,9 @@ def resample_labels(
             plane = tuple(ax for ax in range(3) if ax != a)
             if new_shape[a] < lab.shape[a]:
                 res = _label_select(sub, windows[a], lab.shape[a], new_shape[a], a, xp)
-                res = _label_pass(res, windows, plane, xp, ndi)
+                res = _label_pass(res, windows, plane, xp, ndi, window_bucket)
             else:
-                res = _label_pass(sub, windows, plane, xp, ndi)
+                res = _label_pass(sub, windows, plane, xp, ndi, window_bucket)
                 res = _label_select(res, windows[a], lab.shape[a], new_shape[a], a, xp)
         out_sl = tuple(slice(w.out_lo, w.out_hi) for w in windows)
         region = out[out_sl]

@@ -25,8 +25,8 @@ from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
 from pocketseg.manifest import EngineRecord, Stage
 
 __all__ = ["GPU_PROBES", "GpuIdentity", "TensorRTError", "TensorRTNotInstalledError", "engine_matches",
-           "gpu_identity", "import_tensorrt", "normalize_compute_capability", "parse_nvidia_smi", "parse_version",
-           "select_engine", "tensorrt_available"]
+           "gpu_identity", "import_tensorrt", "init_plugins", "normalize_compute_capability", "parse_nvidia_smi",
+           "parse_version", "select_engine", "tensorrt_available", "tensorrt_logger"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,37 @@ def import_tensorrt():
         return importlib.import_module("tensorrt")  # optional, from NVIDIA: imported when first asked for
     except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not loadable
         raise TensorRTNotInstalledError(str(exc)) from None
+
+
+_LOGGERS: dict[Any, Any] = {}  # keyed by the module object itself (kept alive), never by a reusable id()
+_PLUGINS: dict[Any, bool] = {}  # module -> whether its plugin library registered
+
+
+def tensorrt_logger(trt):
+    """The one ``trt.Logger`` of this process, shared by the builder and the runtime.
+
+    TensorRT keeps the first logger it was given process-wide and warns when later objects bring
+    another one, so every Builder, Runtime and OnnxParser of a TensorRT module gets this one.
+    """
+    if trt not in _LOGGERS:
+        _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[trt]
+
+
+def init_plugins(trt) -> bool:
+    """Register TensorRT's own plugins (``libnvinfer_plugin``) once per process; whether that worked.
+
+    An engine that holds a plugin layer can only be deserialized once its plugin creator is in the
+    registry. The builder side registers plugins implicitly (the ONNX parser does it while parsing),
+    a fresh process that only loads engines does not, so the runtime calls this before loading.
+    """
+    if trt not in _PLUGINS:
+        try:
+            _PLUGINS[trt] = bool(trt.init_libnvinfer_plugins(tensorrt_logger(trt), ""))
+        except Exception as exc:  # noqa: BLE001 - a missing plugin library only matters for engines that need it
+            log.debug("TensorRT plugins not registered: %s: %s", type(exc).__name__, exc)
+            _PLUGINS[trt] = False
+    return _PLUGINS[trt]
 
 
 def tensorrt_available() -> bool:

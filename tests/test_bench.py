@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import fake_cupy
 import nibabel as nib
 import numpy as np
 import pytest
@@ -293,3 +294,19 @@ def test_flags_map_to_function_keywords():
     assert flags - {"backends"} - timing_only == set(inspect.signature(benchmark_backends).parameters) - {"progress"}
     report_flags = {a.dest for a in sub.choices["demo-report"]._actions} - {"help"}
     assert report_flags == set(inspect.signature(R.write_demo_report).parameters)
+
+
+def test_release_between_cases_frees_every_engine_cache_not_only_cupys(tiny_package):
+    """The warm worker's release: the predictor's hook, which reaches each engine (torch's cache, ONNX Runtime's
+    arena) before CuPy's pool, so every backend's row starts its cases from the same idle baseline."""
+    pipeline = B._Pipeline({"pipeline": "pocketseg", "device": "cpu", "model": str(tiny_package),
+                            "backend": "onnxruntime", "precision": "fp32"})
+    freed = []
+    for nets in pipeline.impl.networks.values():
+        for engine in nets.engines:
+            engine.free_cached_memory = lambda engine=engine: freed.append(engine)
+    gpu = fake_cupy.fake_gpu_module()  # counts the frees of (a stand-in for) CuPy's pool
+    pipeline.impl.am = gpu
+    pipeline.release()
+    assert len(freed) == sum(len(n.engines) for n in pipeline.impl.networks.values()) >= 2
+    assert gpu.xp.pool.freed == 1

@@ -12,6 +12,7 @@ import logging
 import math
 import tracemalloc
 
+import fake_cupy
 import nibabel as nib
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from pocketseg import labels as L
 from pocketseg.errors import InputError
 from pocketseg.geometry import spacing_from_affine
 from pocketseg.manifest import load_package
+from pocketseg.runtime import cascade
 from pocketseg.runtime.cascade import CascadePredictor, StageNetworks, check_ct_intensities
 from pocketseg.runtime.engines import Selection
 from pocketseg.runtime.resample import resample_image, resample_labels, separate_z_axis, target_shape
@@ -288,3 +290,54 @@ def test_given_roi_box_skips_the_roi_stage(tiny_package):
     assert (result.labels[:, :, :2] == 0).all()  # outside the box: background (RAS: k is z)
     with pytest.raises(InputError, match="does not fit"):
         p.predict(volume, roi_box_zyx=((0, z + 1), (0, y), (0, x)))
+
+
+def test_a_gpu_predictor_queues_all_its_work_on_its_own_non_blocking_stream(tiny_package, monkeypatch):
+    """With a stand-in for CuPy (NumPy arrays, CuPy's stream API): every engine call, the syncs of the
+    timings and the cache release happen on the predictor's stream, none on the legacy default stream."""
+    gpu = fake_cupy.fake_gpu_module()
+    monkeypatch.setattr(cascade, "array_module", lambda device: gpu)
+    p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
+    cuda = gpu.xp.cuda
+    assert p.stream is cuda.made[0] and p.stream.non_blocking and p.stream.ptr != 0
+    seen, freed = [], []
+
+    class Spy:
+        """An engine that notes the stream current at each call."""
+
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def __call__(self, batch):
+            seen.append(cuda.get_current_stream())
+            return self.engine(batch)
+
+        def free_cached_memory(self):
+            freed.append(cuda.get_current_stream())
+
+    for nets in p.networks.values():
+        nets.engines = [Spy(e) for e in nets.engines]
+    volume = _volume(3, slices=12)
+    labels = p.predict(volume).labels
+    np.testing.assert_array_equal(labels, CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
+                                  .predict(volume).labels)  # the same result as the CPU module's
+    assert seen and all(s is p.stream for s in seen)
+    assert p.stream.synchronized == 3 and cuda.null.synchronized == 0  # upload, ROI, detail timings wait on it
+    assert cuda.get_current_stream() is cuda.null  # restored after predict
+    p.free_cached_memory()
+    assert freed == [p.stream, p.stream] and gpu.xp.pool.freed == 1  # every engine, then CuPy's pool
+
+
+def test_free_cached_memory_reaches_every_engine_of_the_ensemble(tiny_package):
+    p = CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
+    freed = []
+    for name, nets in p.networks.items():
+        for engine in nets.engines:
+            engine.free_cached_memory = lambda name=name: freed.append(name)
+    p.free_cached_memory()
+    assert sorted(freed) == sorted(p.networks)
+    p.close()
+    assert all(e.session is None for nets in p.networks.values() for e in nets.engines)  # sessions dropped

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
+import fake_cupy
 import numpy as np
 import pytest
 
 from pocketseg.errors import InputError
-from pocketseg.manifest import load_package
+from pocketseg.manifest import EngineRecord, Intensity, Network, Stage, load_package
 from pocketseg.runtime import engines
+from pocketseg.runtime import tensorrt_probe as probe
 from pocketseg.runtime.arrays import DeviceUnavailableError, cuda_available
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'runtime') is not installed")
@@ -81,3 +84,210 @@ def test_auto_device_falls_back_to_the_cpu_when_no_backend_runs_on_the_gpu(monke
     assert (sel.device, sel.precision) == ("cpu", "fp32") and "no backend can run on the GPU" in sel.reason
     with pytest.raises(engines.EngineUnavailableError):
         engines.resolve(device="cuda")  # an explicit device is never rewritten
+
+
+# ------------------------------------------------------------------------ TensorRT's runtime side, with fakes
+
+class _FakeTrtRuntimeModule:
+    """The part of the ``tensorrt`` module an engine load touches (TensorRT Python API: ``Logger``, ``Runtime``,
+    ``init_libnvinfer_plugins(logger, namespace)``, ``nptype``, ``ICudaEngine`` tensor queries,
+    ``IExecutionContext.set_input_shape / get_tensor_shape / set_tensor_address / execute_async_v3``).
+
+    Like TensorRT, ``deserialize_cuda_engine`` returns None for an engine holding a plugin layer whose
+    creator is not registered ("could not find plugin") — the engine files here all hold one.
+    """
+
+    __version__ = "8.6.2"
+
+    def __init__(self):
+        module = self
+        self.plugins_registered = 0
+        self.runtimes: list = []
+        self.executed: list[int] = []
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, min_severity=2):
+                self.min_severity = min_severity
+
+        class Context:
+            def __init__(self):
+                self.shape = None
+                self.addresses: dict[str, int] = {}
+
+            def set_input_shape(self, name, shape):
+                self.shape = tuple(shape)
+                return True
+
+            def get_tensor_shape(self, name):
+                return (self.shape[0], 3) + self.shape[2:] if name == "logits" else self.shape
+
+            def set_tensor_address(self, name, ptr):
+                self.addresses[name] = ptr
+
+            def execute_async_v3(self, stream_handle):
+                module.executed.append(stream_handle)
+                return True
+
+        class Engine:
+            num_io_tensors = 2
+
+            def get_tensor_name(self, index):
+                return ("image", "logits")[index]
+
+            def get_tensor_dtype(self, name):
+                return "HALF"
+
+            def create_execution_context(self):
+                return Context()
+
+        class Runtime:
+            def __init__(self, logger):
+                self.logger = logger
+                module.runtimes.append(self)
+
+            def deserialize_cuda_engine(self, serialized):
+                assert bytes(serialized).startswith(b"ENGINE")
+                return Engine() if module.plugins_registered else None
+
+        self.Logger, self.Runtime = Logger, Runtime
+
+    def init_libnvinfer_plugins(self, logger, namespace):
+        assert isinstance(logger, self.Logger) and namespace == ""
+        self.plugins_registered += 1
+        return True
+
+    @staticmethod
+    def nptype(dtype):
+        return {"HALF": np.float16, "FLOAT": np.float32}[dtype]
+
+
+@pytest.fixture
+def fake_trt(monkeypatch, tmp_path):
+    fake = _FakeTrtRuntimeModule()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(probe, "_LOGGERS", {})
+    monkeypatch.setattr(probe, "_PLUGINS", {})
+    gpu = fake_cupy.fake_gpu_module()
+    monkeypatch.setattr(engines, "array_module", lambda device: gpu)
+    (tmp_path / "roi.engine").write_bytes(b"ENGINE with an InstanceNormalization_TRT plugin layer")
+    stage = Stage(name="roi", preset="roi", network=Network(8, ((3, 3, 3),), ((1, 1, 1),)), num_classes=3,
+                  spacing_mm_zyx=(5.0, 4.0, 4.0), patch_zyx=(4, 8, 8), intensity=Intensity(0.0, 1.0, -100.0, 300.0),
+                  files={}, engines=(EngineRecord("roi.engine", "fp16", "8.6.2", "8.7", "Orin", 2),))
+    return fake, stage, gpu, tmp_path
+
+
+def test_tensorrt_engine_registers_plugins_before_loading_and_shares_one_logger(fake_trt):
+    fake, stage, _, folder = fake_trt
+    first = engines.TensorRTEngine(folder, stage, "cuda", "fp16", "roi.engine")
+    second = engines.TensorRTEngine(folder, stage, "cuda", "fp16", "roi.engine")
+    assert first.engine is not None and second.max_batch == 2
+    assert fake.plugins_registered == 1  # once per process
+    shared = probe.tensorrt_logger(fake)  # the builder's logger too (engine_build uses the same function)
+    assert [r.logger for r in fake.runtimes] == [shared, shared]
+
+
+def test_tensorrt_engine_that_cannot_load_says_what_to_do(fake_trt, monkeypatch):
+    fake, stage, _, folder = fake_trt
+    monkeypatch.setattr(fake, "init_libnvinfer_plugins", lambda logger, namespace: False)
+    with pytest.raises(InputError, match="plugin layer that is not registered.*pocketseg build-engine"):
+        engines.TensorRTEngine(folder, stage, "cuda", "fp16", "roi.engine")
+
+
+def test_tensorrt_runs_on_the_current_non_blocking_stream(fake_trt):
+    fake, stage, gpu, folder = fake_trt
+    engine = engines.TensorRTEngine(folder, stage, "cuda", "fp16", "roi.engine")
+    stream = gpu.new_stream()
+    assert stream.non_blocking and stream.ptr != 0
+    batch = np.zeros((2, 1, 4, 8, 8), np.float32)
+    with gpu.stream_scope(stream):
+        out = engine(batch)
+    assert fake.executed == [stream.ptr]
+    assert out.shape == (2, 3, 4, 8, 8) and out.dtype == np.float16
+    assert gpu.xp.cuda.get_current_stream() is gpu.xp.cuda.null  # the scope restored the null stream
+
+
+def test_tensorrt_never_runs_on_the_legacy_default_stream(fake_trt):
+    fake, stage, gpu, folder = fake_trt
+    engine = engines.TensorRTEngine(folder, stage, "cuda", "fp16", "roi.engine")
+    null = gpu.xp.cuda.null
+    engine(np.zeros((1, 1, 4, 8, 8), np.float32))
+    engine(np.zeros((1, 1, 4, 8, 8), np.float32))
+    own = gpu.xp.cuda.made[0]
+    assert len(gpu.xp.cuda.made) == 1 and own.non_blocking  # one stream of its own, reused
+    assert fake.executed == [own.ptr, own.ptr] and 0 not in fake.executed
+    # ordered after the null stream's work (the input) and before its later work (reading the output)
+    assert [e.stream for e in own.waited] == [null, null]
+    assert [e.stream for e in null.waited] == [own, own]
+
+
+# ------------------------------------------------------------------------------- ONNX Runtime's GPU arena
+
+def test_onnxruntime_cuda_provider_grows_its_arena_as_requested():
+    assert engines.cuda_provider_options(1) == {"device_id": 1, "arena_extend_strategy": "kSameAsRequested"}
+
+
+def test_onnxruntime_cuda_session_is_configured_for_shrinking(tiny_package, monkeypatch):
+    """A CUDA session, built against a fake onnxruntime that records what it is given."""
+    created = {}
+
+    class SessionOptions:
+        def __init__(self):
+            self.entries = {}
+
+        def add_session_config_entry(self, key, value):
+            self.entries[key] = value
+
+    class InferenceSession:
+        def __init__(self, path, sess_options=None, providers=None):
+            created.update(path=path, options=sess_options, providers=providers)
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_inputs(self):
+            return [types.SimpleNamespace(name="image", type="tensor(float16)")]
+
+    ort = types.SimpleNamespace(SessionOptions=SessionOptions, InferenceSession=InferenceSession,
+                                GraphOptimizationLevel=types.SimpleNamespace(ORT_ENABLE_ALL=99))
+    monkeypatch.setitem(sys.modules, "onnxruntime", ort)
+    monkeypatch.setattr(engines, "array_module", lambda device: fake_cupy.fake_gpu_module())
+    stage = load_package(tiny_package).detail
+    engine = engines.OnnxRuntimeEngine(tiny_package, stage, "cuda", "fp32")
+    assert created["providers"][0] == ("CUDAExecutionProvider", engines.cuda_provider_options(0))
+    assert created["options"].entries == {engines.INITIALIZERS_OUTSIDE_ARENA: "1"}
+    assert engine._arena == "gpu:0"
+
+
+def test_free_cached_memory_shrinks_the_onnxruntime_arena_in_one_run(tiny_package):
+    ort = pytest.importorskip("onnxruntime")
+    manifest = load_package(tiny_package)
+    sel = engines.resolve(backend="onnxruntime", device="cpu", manifest=manifest)
+    engine = engines.open_engine(tiny_package, manifest.detail, sel)
+    # A CPU session has no GPU arena; its CPU arena takes the same option, so the real ONNX Runtime
+    # validates and runs exactly what a GPU session gets with "gpu:<id>".
+    engine._arena = "cpu:0"
+    calls = []
+    real_run = engine.session.run
+
+    def spy(output_names, input_feed, run_options=None):
+        calls.append((input_feed["image"].shape, run_options))
+        return real_run(output_names, input_feed, run_options)
+
+    engine.session.run = spy
+    engine.free_cached_memory()
+    assert calls == []  # nothing ran yet: nothing to shrink
+    batch = np.zeros((2, 1) + manifest.detail.patch_zyx, np.float32)
+    engine(batch)
+    engine.free_cached_memory()
+    assert len(calls) == 2 and calls[0][1] is None
+    shape, options = calls[1]
+    assert shape == (1, 1) + manifest.detail.patch_zyx  # one tile
+    assert isinstance(options, ort.RunOptions)
+    assert options.get_run_config_entry(engines.ARENA_SHRINKAGE) == "cpu:0"
+    engine.free_cached_memory()
+    assert len(calls) == 2  # no run since: no second shrink
+    engine.close()
+    assert engine.session is None
+    engine.free_cached_memory()  # a closed engine has nothing to free

@@ -162,3 +162,56 @@ def test_no_gpu_source_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(MemorySourceError, match=r"nvml: .*; cudaMemGetInfo: "):
         M.open_gpu_reader(0)
+
+
+def _nvml_with_structs(*, v2: bool, binding_has_v2: bool = True) -> types.ModuleType:
+    """nvidia-ml-py's memory query: ``nvmlDeviceGetMemoryInfo(handle, version=None)`` reads the v1 struct
+    (``used`` includes the driver-reserved memory), ``version=nvmlMemory_v2`` the v2 struct (``reserved`` apart);
+    a driver without nvmlDeviceGetMemoryInfo_v2 raises NVMLError_FunctionNotFound for the latter."""
+    nvml = _jetson_pynvml()
+    total, used, reserved = 80000 * M.MB, 1000 * M.MB, 450 * M.MB
+
+    class FunctionNotFound(Exception):
+        pass
+
+    if binding_has_v2:
+        nvml.nvmlMemory_v2 = 0x02000028
+
+        def memory_info(handle, version=None):
+            if not version:
+                return types.SimpleNamespace(total=total, free=total - used - reserved, used=used + reserved)
+            if not v2:
+                raise FunctionNotFound("Function Not Found")
+            assert version == nvml.nvmlMemory_v2
+            return types.SimpleNamespace(version=version, total=total, reserved=reserved,
+                                         free=total - used - reserved, used=used)
+    else:  # an old binding: no constant, no keyword
+        def memory_info(handle):
+            return types.SimpleNamespace(total=total, free=total - used - reserved, used=used + reserved)
+    nvml.nvmlDeviceGetMemoryInfo = memory_info
+    return nvml
+
+
+def test_nvml_reads_the_v2_struct_without_reserved_memory(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _nvml_with_structs(v2=True))
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    reader = M.open_gpu_reader(0)
+    assert reader.struct == "nvmlMemory_v2" and reader.reserved_mb == pytest.approx(450.0)
+    assert reader.read_mb() == pytest.approx(1000.0)  # as nvidia-smi shows it
+    assert "nvmlMemory_v2" in reader.description
+    assert M.memory_reader_details(reader) == {"nvml_struct": "nvmlMemory_v2", "nvml_reserved_mb": 450.0}
+
+
+@pytest.mark.parametrize("binding_has_v2", [True, False])
+def test_nvml_falls_back_to_the_v1_struct_and_says_so(monkeypatch, binding_has_v2):
+    monkeypatch.setitem(sys.modules, "pynvml", _nvml_with_structs(v2=False, binding_has_v2=binding_has_v2))
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    reader = M.open_gpu_reader(0)
+    assert reader.source == "nvml" and reader.struct == "nvmlMemory_v1" and reader.reserved_mb is None
+    assert reader.read_mb() == pytest.approx(1450.0)  # v1: reserved included, as FLARE's script reads it
+    assert "nvmlMemory_v1" in reader.description
+    assert M.memory_reader_details(reader) == {"nvml_struct": "nvmlMemory_v1", "nvml_reserved_mb": None}
+
+
+def test_rss_readers_have_no_nvml_details():
+    assert M.memory_reader_details(M.open_reader("cpu")) == {}

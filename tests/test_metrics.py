@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.ndimage
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial import cKDTree
 
@@ -32,6 +33,7 @@ from pocketseg.evaluation.metrics import (
     surface_distances,
     surfel_area_table,
 )
+from pocketseg.runtime.arrays import ArrayModule
 
 SPACING = (0.7, 1.1, 2.3)  # all different, so any axis mix-up shows
 
@@ -134,6 +136,36 @@ def test_score_case_empty_rules(backend):
     assert scores["Gallbladder_DSC"] == scores["Gallbladder_NSD"] == 0.0
     for name in ("Right_kidney", "Aorta", "Inferior_vena_cava", "Esophagus", "Tumor"):  # absent from both
         assert scores[f"{name}_DSC"] == scores[f"{name}_NSD"] == 1.0
+
+
+class _BoundedFindObjectsNdi:
+    """scipy.ndimage whose find_objects refuses labels above max_label, as cupyx's kernel (CuPy >= 14) must
+    never see them: it writes the box of label l at row l - 1 of a max_label-row buffer, unbounded."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(scipy.ndimage, name)
+
+    def find_objects(self, input, max_label=0):
+        self.calls += 1
+        assert max_label >= 1 and int(input.max()) <= max_label, f"label {int(input.max())} > max_label {max_label}"
+        return scipy.ndimage.find_objects(input, max_label=max_label)
+
+
+def test_find_objects_never_sees_labels_above_the_scored_ones():
+    gt = np.zeros((10, 10, 10), np.uint8)
+    gt[1:5, 1:5, 1:5] = 1
+    gt[6:9, 6:9, 6:9] = 255  # an "ignore" label, above every scored class
+    pred = gt.copy()
+    pred[0, 0, 0] = 200
+    ndi = _BoundedFindObjectsNdi()
+    am = ArrayModule("numpy", "cpu", np, ndi, lambda m: (m, 0), "none")
+    scores = score_case(pred, gt, (1.0, 1.0, 1.0), am=am)
+    assert ndi.calls == 2  # the one-pass path is still taken, for both maps
+    assert scores == score_case(pred, gt, (1.0, 1.0, 1.0))
+    assert scores["Liver_DSC"] == 1.0 and scores["Spleen_DSC"] == 1.0  # absent from both
 
 
 def test_nsd_is_zero_below_dsc_02():

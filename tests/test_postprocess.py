@@ -106,3 +106,36 @@ def test_clean_components_one_pass_equals_the_per_value_loop():
         lab14, n14 = scipy.ndimage.label(a == 14, structure=np.ones((3, 3, 3)))
         assert n14 == 0 or np.bincount(lab14.ravel())[1:].min() >= 6
         np.testing.assert_array_equal(a[labels == 4], 4)  # not named in any rule: untouched
+
+
+def test_cucim_style_labelling_labels_every_value_in_one_pass():
+    """cuCIM's measure.label has scikit-image's API (connected regions of equal value, 0 is background), so
+    scikit-image stands in for it here: the GPU module's labellers give the per-value loop's result with one
+    call for all values."""
+    measure = pytest.importorskip("skimage.measure", reason="scikit-image stands in for cuCIM's measure")
+    from pocketseg.runtime.postprocess import clean_components
+
+    calls = []
+
+    class CountingMeasure:
+        @staticmethod
+        def label(image, **kwargs):
+            calls.append(kwargs)
+            return measure.label(image, **kwargs)
+
+    label, label_multi = arrays.skimage_labellers(CountingMeasure, np)
+    one_pass = arrays.ArrayModule("numpy", "cpu", np, scipy.ndimage, label, "cucim (scikit-image)", label_multi)
+    loop = arrays.ArrayModule("numpy", "cpu", np, scipy.ndimage, arrays._scipy_label, "scipy.ndimage")
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 1.2)
+        labels = np.digitize(smooth, np.quantile(smooth, np.linspace(0.3, 0.98, 6))).astype(np.uint8)
+        labels[labels == 5] = 14
+        calls.clear()
+        a = clean_components(labels.copy(), (1, 2, 3), {14: 6}, one_pass)
+        assert calls == [{"connectivity": 3, "return_num": True}]  # one labelling for four values, 26-connected
+        b = clean_components(labels.copy(), (1, 2, 3), {14: 6}, loop)
+        np.testing.assert_array_equal(a, b)
+        assert (a != labels).any()
+    components, n = label(np.array([[[1, 1, 0, 2, 2]]], np.uint8))
+    assert components.dtype == np.int32 and n == 2

@@ -259,6 +259,84 @@ def test_labels_match_whole_volume_reference(separate_z, new_shape) -> None:
     np.testing.assert_array_equal(out, _reference_labels(labels, new_shape, separate_z))
 
 
+class _RecordingNdi:
+    """scipy.ndimage, recording the output shape of every affine_transform; with cupyx's keyword
+    ``float64_coords`` (CuPy >= 14) it also records what it was given."""
+
+    def __init__(self, with_float64_coords: bool):
+        self.shapes: list[tuple[int, ...]] = []
+        self.float64_coords: list[bool] = []
+        self.spline_filter1d = scipy.ndimage.spline_filter1d
+        if with_float64_coords:
+            def affine_transform(input, matrix, offset=0.0, output_shape=None, output=None, order=3,
+                                 mode="constant", cval=0.0, prefilter=True, *, texture_memory=False,
+                                 float64_coords=False):
+                self.float64_coords.append(float64_coords)
+                return self._run(input, matrix, offset, output_shape, output, order, mode, cval, prefilter)
+        else:
+            def affine_transform(input, matrix, offset=0.0, output_shape=None, output=None, order=3,
+                                 mode="constant", cval=0.0, prefilter=True):
+                return self._run(input, matrix, offset, output_shape, output, order, mode, cval, prefilter)
+        self.affine_transform = affine_transform
+
+    def _run(self, input, matrix, offset, output_shape, output, order, mode, cval, prefilter):
+        self.shapes.append(tuple(output_shape) if output_shape is not None else tuple(input.shape))
+        return scipy.ndimage.affine_transform(input, matrix, offset=offset, output_shape=output_shape, output=output,
+                                              order=order, mode=mode, cval=cval, prefilter=prefilter)
+
+
+def _organs(seed: int, shape=(37, 45, 41)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    for value in range(1, 14):  # boxes of every size, some touching the borders
+        lo = [int(rng.integers(0, n - 2)) for n in shape]
+        hi = [min(n, a + int(rng.integers(1, n // 2))) for a, n in zip(lo, shape)]
+        labels[tuple(slice(a, b) for a, b in zip(lo, hi))] = value
+    labels[rng.random(shape) < 0.01] = 14  # specks
+    return labels
+
+
+@pytest.mark.parametrize("separate_z", [None, 0, 2])
+@pytest.mark.parametrize("new_shape", [(50, 61, 33), (19, 30, 77)])
+def test_bucketed_label_windows_give_identical_results(separate_z, new_shape) -> None:
+    """The GPU's window sizes rounded up to multiples of 32 (one cupyx kernel per size) change nothing."""
+    bucketed, plain = _RecordingNdi(False), _RecordingNdi(False)
+    for seed in range(3):
+        labels = _organs(seed)
+        am_b = SimpleNamespace(xp=np, ndi=bucketed, device="cpu")
+        am_p = SimpleNamespace(xp=np, ndi=plain, device="cpu")
+        out = resample_labels(labels, new_shape, separate_z=separate_z, am=am_b, window_bucket=32)
+        np.testing.assert_array_equal(out, resample_labels(labels, new_shape, separate_z=separate_z, am=am_p,
+                                                           window_bucket=1))
+        np.testing.assert_array_equal(out, _reference_labels(labels, new_shape, separate_z))
+    assert all(n % 32 == 0 for shape in bucketed.shapes for n in shape)
+    # ~40 windows of different sizes share a few kernels' worth of output shapes
+    assert len(set(bucketed.shapes)) < len(set(plain.shapes)) / 3
+
+
+def test_label_windows_are_bucketed_on_a_gpu_only_by_default() -> None:
+    labels = _organs(0)
+    for device, multiple in (("cuda", True), ("cpu", False)):
+        ndi = _RecordingNdi(False)
+        resample_labels(labels, (50, 61, 33), am=SimpleNamespace(xp=np, ndi=ndi, device=device))
+        assert all(n % 32 == 0 for shape in ndi.shapes for n in shape) == multiple
+    with pytest.raises(ValueError, match="window_bucket"):
+        resample_labels(labels, (50, 61, 33), window_bucket=0)
+
+
+def test_float64_coordinates_are_asked_for_where_affine_transform_has_the_keyword() -> None:
+    labels = _organs(1)
+    image = _smooth((20, 24, 22))
+    newer, older = _RecordingNdi(True), _RecordingNdi(False)
+    for ndi in (newer, older):
+        am = SimpleNamespace(xp=np, ndi=ndi, device="cpu")
+        resample_labels(labels, (30, 31, 29), am=am)
+        resample_image(image, (11, 30, 40), order=3, am=am)
+        resample_image(image, (11, 30, 40), order=3, separate_z=0, am=am)  # the slice-wise path
+    assert newer.float64_coords and all(newer.float64_coords)
+    assert len(newer.float64_coords) == len(newer.shapes) == len(older.shapes)
+
+
 def test_labels_separate_z_is_nearest_along_that_axis() -> None:
     labels = np.zeros((3, 6, 6), np.uint8)
     labels[1, 1:5, 1:5] = 4

@@ -25,6 +25,9 @@ at tags v8.6.1, v10.0.0, v10.12.0, v11.0):
 * ``IOptimizationProfile.set_shape(input, min, opt, max)``.
 * ``OnnxParser(network, logger)``, ``parse_from_file(model)`` -> bool, ``num_errors``, ``get_error(index)``
   -> ParserError with ``code()``, ``desc()``, ``node()``; 8.x's ONNX parser needs an explicit-batch network.
+  ``set_flag(flag)`` with ``OnnxParserFlag.NATIVE_INSTANCENORM`` (8.6 and later): InstanceNormalization
+  becomes TensorRT's native normalization layer; without it the 8.6/9.x parser makes an
+  ``InstanceNormalization_TRT`` plugin layer (native is the default from 10.0).
 * ``INetworkDefinition.num_inputs/get_input(i)/num_layers/get_layer(i)``; ``ITensor.name/shape/dtype``;
   ``ILayer.name/type/num_outputs/precision/set_output_type(index, dtype)``; ``LayerType.NORMALIZATION``
   (native InstanceNormalization) and ``PLUGIN_V2`` (8.6's default InstanceNormalization_TRT plugin);
@@ -38,6 +41,7 @@ import importlib.util
 import json
 import logging
 import shlex
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -61,7 +65,8 @@ ORIN = GpuIdentity("Orin", "8.7")
 @pytest.fixture(autouse=True)
 def _fresh_logger_cache(monkeypatch):
     """Each fake module gets its own trt.Logger; the module's cache would otherwise keep every fake alive."""
-    monkeypatch.setattr(tb, "_LOGGERS", {})
+    monkeypatch.setattr(probe, "_LOGGERS", {})
+    monkeypatch.setattr(probe, "_PLUGINS", {})
 
 
 # ------------------------------------------------------------------------------------------------ pure logic
@@ -225,6 +230,7 @@ class FakeTensorRT:
         self.major = int(version.split(".")[0])
         self.build_fails = build_fails
         self.builders: list = []
+        self.parsers: list = []
         self.parsed: list[str] = []
         trt = self
 
@@ -249,6 +255,7 @@ class FakeTensorRT:
             builder_flags = _Enum("BuilderFlag", {"FP16": 0, "OBEY_PRECISION_CONSTRAINTS": 9,
                                                   "PREFER_PRECISION_CONSTRAINTS": 10})
         self.Logger = Logger
+        self.OnnxParserFlag = _Enum("OnnxParserFlag", {"NATIVE_INSTANCENORM": 0})
         self.NetworkDefinitionCreationFlag = flags
         self.BuilderFlag = builder_flags
         self.MemoryPoolType = _Enum("MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1})
@@ -329,7 +336,16 @@ class FakeTensorRT:
         class OnnxParser:
             def __init__(self, network, logger):
                 assert isinstance(network, NetworkDefinition) and isinstance(logger, Logger)
-                self.network, self.errors = network, []
+                self.network, self.errors, self.flags = network, [], set()
+                trt.parsers.append(self)
+
+            def set_flag(self, flag):
+                assert isinstance(flag, trt.OnnxParserFlag)
+                self.flags.add(flag)
+
+            def _instance_norm_kind(self):
+                native = trt.major >= 10 or trt.OnnxParserFlag.NATIVE_INSTANCENORM in self.flags
+                return trt.LayerType.NORMALIZATION if native else trt.LayerType.PLUGIN_V2
 
             @property
             def num_errors(self):
@@ -350,7 +366,8 @@ class FakeTensorRT:
                     return False
                 net, data = self.network, spec["input"]
                 net.inputs.append(Tensor(data["name"], data["shape"], trt.DataType[data["dtype"]]))
-                net.layers += [Layer(net, name, trt.LayerType[kind], n) for name, kind, n in spec["layers"]]
+                net.layers += [Layer(net, name, self._instance_norm_kind() if kind == "InstanceNormalization"
+                                     else trt.LayerType[kind], n) for name, kind, n in spec["layers"]]
                 return True
 
         class OptimizationProfile:
@@ -403,6 +420,7 @@ class FakeTensorRT:
         class Builder:
             def __init__(self, logger):
                 assert isinstance(logger, Logger)
+                self.logger = logger
                 self.networks: list = []
                 self.configs: list = []
                 trt.builders.append(self)
@@ -443,8 +461,9 @@ class FakeTensorRT:
         return self.builder.configs[-1]
 
 
-def _spec(dtype: str, patch=PATCH, batch=-1, plugin_norm=False) -> str:
-    norm = "PLUGIN_V2" if plugin_norm else "NORMALIZATION"
+def _spec(dtype: str, patch=PATCH, batch=-1, plugin_norm=False, onnx_norm=False) -> str:
+    """``onnx_norm``: InstanceNormalization nodes, which the fake parser maps as its TensorRT version would."""
+    norm = "PLUGIN_V2" if plugin_norm else "InstanceNormalization" if onnx_norm else "NORMALIZATION"
     return json.dumps({"input": {"name": "image", "shape": [batch, 1, *patch], "dtype": dtype},
                        "layers": [["conv0", "CONVOLUTION", 1], ["norm0", norm, 1], ["relu0", "ACTIVATION", 1],
                                   ["conv1", "CONVOLUTION", 1], ["norm1", norm, 1], ["head", "CONVOLUTION", 1]]})
@@ -504,6 +523,32 @@ def test_build_engine_tensorrt_8_6_pins_the_instance_norm_plugin(tmp_path):
     build_engine(fp32, tmp_path / "e.engine", patch_zyx=PATCH, trt=trt, gpu=ORIN)
     assert {layer.name for layer in trt.network.layers if layer.output_types} == {"norm0", "norm1"}
     assert trt.config.flags == [trt.BuilderFlag.FP16, trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS]
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "9.3.0", "10.3.0"])
+def test_instance_norm_is_parsed_into_native_layers_not_plugins(tmp_path, version):
+    # An 8.6/9.x engine with InstanceNormalization_TRT plugin layers deserializes only in a process that
+    # registered TensorRT's plugins; the parser flag keeps plugins out of the engine altogether.
+    dtype = "FLOAT" if version.startswith(("8.", "9.")) else "HALF"
+    onnx_file = tmp_path / "roi.onnx"
+    onnx_file.write_text(_spec(dtype, onnx_norm=True))
+    trt = FakeTensorRT(version)
+    build_engine(onnx_file, tmp_path / "e.engine", patch_zyx=PATCH, trt=trt, gpu=ORIN)
+    assert trt.parsers[-1].flags == {trt.OnnxParserFlag.NATIVE_INSTANCENORM}
+    kinds = {layer.name: layer.type for layer in trt.network.layers}
+    assert kinds["norm0"] == kinds["norm1"] == trt.LayerType.NORMALIZATION
+    assert trt.LayerType.PLUGIN_V2 not in kinds.values()
+    if dtype == "FLOAT":  # fp16-flag mode: the native layers are the ones kept in fp32
+        assert {layer.name for layer in trt.network.layers if layer.output_types} == {"norm0", "norm1"}
+
+
+def test_builder_and_runtime_share_one_logger(tmp_path, onnx_pair):
+    _, fp16 = onnx_pair
+    trt = FakeTensorRT("10.3.0")
+    build_engine(fp16, tmp_path / "a.engine", patch_zyx=PATCH, trt=trt, gpu=ORIN)
+    build_engine(fp16, tmp_path / "b.engine", patch_zyx=PATCH, trt=trt, gpu=ORIN)
+    loggers = {id(b.logger) for b in trt.builders}
+    assert loggers == {id(probe.tensorrt_logger(trt))}  # the runtime's engines take it from the same place
 
 
 @pytest.mark.parametrize("version", ["10.3.0", "10.12.0"])
@@ -738,13 +783,43 @@ def _real_trt_and_gpu():
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (it comes from NVIDIA's packages)")
     try:
         gpu = gpu_identity()
-    except EngineBuildError as exc:
+    except TensorRTError as exc:
         pytest.skip(f"no GPU: {exc}")
     return trt, gpu
 
 
+#: Loads an engine in a process that never built one, so never registered TensorRT's plugins (as a later
+#: `pocketseg predict` does), runs it on torch CUDA tensors and saves the logits: argv engine, input, output.
+_LOAD_IN_FRESH_PROCESS = """
+import sys
+import numpy as np
+import tensorrt as trt
+import torch
+
+engine_file, input_file, output_file = sys.argv[1:4]
+runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+engine = runtime.deserialize_cuda_engine(open(engine_file, "rb").read())
+if engine is None:
+    sys.exit("deserialize_cuda_engine returned None in a fresh process")
+context = engine.create_execution_context()
+x = np.load(input_file)
+in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype("image")))
+out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype("logits")))
+torch_dtype = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+image = torch.from_numpy(x.astype(in_dtype)).cuda()
+context.set_input_shape("image", tuple(image.shape))
+logits = torch.empty(tuple(context.get_tensor_shape("logits")), dtype=torch_dtype[out_dtype], device="cuda")
+context.set_tensor_address("image", image.data_ptr())
+context.set_tensor_address("logits", logits.data_ptr())
+stream = torch.cuda.Stream()
+assert context.execute_async_v3(stream.cuda_stream)
+stream.synchronize()
+np.save(output_file, logits.float().cpu().numpy())
+"""
+
+
 @pytest.mark.tensorrt
-def test_real_tensorrt_builds_and_runs_an_engine(tmp_path):
+def test_real_tensorrt_builds_an_engine_that_runs_in_a_fresh_process(tmp_path):
     trt, gpu = _real_trt_and_gpu()
     np = pytest.importorskip("numpy")
     onnx = pytest.importorskip("onnx")
@@ -760,22 +835,14 @@ def test_real_tensorrt_builds_and_runs_an_engine(tmp_path):
     assert record.compute_capability == gpu.compute_capability and record.tensorrt_version == trt.__version__
     assert engine_path.stat().st_size > 0 and cache.stat().st_size > 0
 
-    runtime = trt.Runtime(tb._logger(trt))
-    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
-    context = engine.create_execution_context()
+    # Not in this process: the build registered TensorRT's plugins here, which would hide an engine that
+    # needs them (8.6's InstanceNormalization_TRT) from the test.
     x = np.random.default_rng(1).normal(size=(2, 1, *PATCH)).astype(np.float32)
-    in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype("image")))
-    out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype("logits")))
-    torch_dtype = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
-    image = torch.from_numpy(x.astype(in_dtype)).cuda()
-    context.set_input_shape("image", tuple(image.shape))
-    logits = torch.empty(tuple(context.get_tensor_shape("logits")), dtype=torch_dtype[out_dtype], device="cuda")
-    context.set_tensor_address("image", image.data_ptr())
-    context.set_tensor_address("logits", logits.data_ptr())
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    got = logits.float().cpu().numpy()
+    np.save(tmp_path / "x.npy", x)
+    done = subprocess.run([sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(engine_path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "logits.npy")], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "logits.npy")
     ref = _ort_logits(tiny_onnx(False), x)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() < 5e-2 * max(1.0, np.abs(ref).max())
