@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="label file (.nii.gz) for one scan, or a folder (one CASE.nii.gz per scan)")
     p.add_argument("-m", "--model", required=True, help="model package folder (pocketseg export)")
-    _engine_options(p, "inference engine [auto: tensorrt > onnxruntime > torch, whichever can run]")
+    _engine_options(p, "inference engine [auto: tensorrt > onnxruntime > torch, whichever can run; torch first "
+                       "for nnU-Net-exact inference on the CPU]")
     p.add_argument("--statistics", action="store_true",
                    help="write CASE.statistics.json: per class volume (mL) and mean HU, timings")
     p.add_argument("--preview", action="store_true", help="write CASE.png: three views with the label overlay")

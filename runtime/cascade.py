@@ -254,7 +254,8 @@ class CascadePredictor:
         self.manifest: Manifest = load_package(self.package_dir)
         self.settings = _settings(self.manifest.inference, fast=fast, overlap=overlap, gaussian=gaussian,
                                   mirroring=mirroring, back_resampling=back_resampling)
-        self.selection: Selection = resolve(backend, device, self.manifest, precision)
+        self.selection: Selection = resolve(backend, device, self.manifest, precision,
+                                           exact=self.settings.nnunet_numerics)
         self.am: ArrayModule = array_module(self.selection.device)
         self.batch_size = batch_size
         self.threads = threads

@@ -53,6 +53,10 @@ DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16")
 #: Preference of ``backend="auto"`` per device, fastest first.
 AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("onnxruntime", "torch")}
+#: On the CPU, nnU-Net-exact inference prefers torch: the same convolution kernels as nnU-Net's predictor, so
+#: that voxels whose two best classes are within a float16 step fall the same way (ONNX Runtime's kernels sum
+#: in another order); ONNX Runtime is next where torch is not installed.
+EXACT_CPU_ORDER = ("torch", "onnxruntime")
 #: ONNX Runtime run option that shrinks the listed arenas ("gpu:0", "cpu:0;gpu:0") at the end of that run
 #: (kOrtRunOptionsConfigEnableMemoryArenaShrinkage, onnxruntime_run_options_config_keys.h).
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
@@ -185,11 +189,12 @@ def _available_on(backend: str, device: str, manifest: Manifest | None) -> tuple
 
 
 def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | None = None,
-            precision: str = "auto") -> Selection:
+            precision: str = "auto", *, exact: bool | None = None) -> Selection:
     """The backend, device and precision to run with.
 
     ``device="auto"`` is ``cuda`` when CuPy sees a GPU, else ``cpu``. ``backend="auto"``
-    takes the first usable backend of :data:`AUTO_ORDER`. ``precision="auto"`` is fp16 on
+    takes the first usable backend of :data:`AUTO_ORDER` (:data:`EXACT_CPU_ORDER` on the CPU for
+    nnU-Net-exact inference: ``exact``, by default the package's setting). ``precision="auto"`` is fp16 on
     a GPU (the paper's FP16 engines) and fp32 on the CPU. An explicit choice that cannot
     run raises :class:`EngineUnavailableError` (or :class:`DeviceUnavailableError`) saying why.
     """
@@ -213,7 +218,10 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
     if precision == "fp16" and device == "cpu":
         raise InputError(None, "precision fp16 needs a CUDA device; on the CPU the runtime runs fp32")
 
-    candidates = AUTO_ORDER[device] if backend == "auto" else (backend,)
+    if exact is None:
+        exact = bool(manifest is not None and manifest.inference.nnunet_numerics)
+    order = EXACT_CPU_ORDER if exact and device == "cpu" else AUTO_ORDER[device]
+    candidates = order if backend == "auto" else (backend,)
     skipped = []
     for name in candidates:
         if name == "tensorrt" and precision != "fp16":
@@ -221,7 +229,7 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
             continue
         ok, why, files = _available_on(name, device, manifest)
         if ok:
-            how = "auto" if backend == "auto" else "requested"
+            how = "requested" if backend != "auto" else "auto, nnU-Net-exact" if order is EXACT_CPU_ORDER else "auto"
             reason = f"{device_reason}; backend {name} ({how})"
             if skipped:
                 reason += "; skipped " + "; ".join(skipped)
@@ -229,7 +237,7 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
         skipped.append(f"{name}: {why}")
     if backend == "auto" and device_auto and precision_auto and device == "cuda":
         # A GPU but no GPU-capable backend installed: the CPU still works.
-        fallback = resolve(backend="auto", device="cpu", manifest=manifest, precision="fp32")
+        fallback = resolve(backend="auto", device="cpu", manifest=manifest, precision="fp32", exact=exact)
         return Selection(fallback.backend, "cpu", "fp32",
                          f"CPU: no backend can run on the GPU ({'; '.join(skipped)}); {fallback.reason}")
     if backend == "auto":

@@ -28,6 +28,21 @@ def test_auto_picks_onnxruntime_on_the_cpu(tiny_package):
 
 
 @no_gpu
+def test_exact_inference_prefers_torch_on_the_cpu_and_falls_back_to_onnxruntime(tiny_package, monkeypatch):
+    pytest.importorskip("torch")
+    manifest = load_package(tiny_package)
+    exact = engines.resolve(manifest=manifest, exact=True)
+    assert exact.backend == "torch" and "nnU-Net-exact" in exact.reason
+    assert engines.resolve(manifest=manifest, exact=False).backend == "onnxruntime"
+    assert engines.resolve(manifest=manifest, backend="onnxruntime", exact=True).backend == "onnxruntime"
+    real = engines._available_on
+    monkeypatch.setattr(engines, "_available_on", lambda name, device, m: (False, "not installed", {})
+                        if name == "torch" else real(name, device, m))
+    fallback = engines.resolve(manifest=manifest, exact=True)
+    assert fallback.backend == "onnxruntime" and "torch: not installed" in fallback.reason
+
+
+@no_gpu
 def test_unavailable_choices_say_why():
     with pytest.raises(DeviceUnavailableError, match="cuda"):
         engines.resolve(device="cuda")
