@@ -296,7 +296,8 @@ def _usage(action: argparse.Action) -> str:
 
 
 def _cell(text: str | None) -> str:
-    return (text or "").replace("|", "\\|").replace("\n", " ")
+    """A help text as argparse prints it (``%%`` is a literal per cent sign), safe in a Markdown table cell."""
+    return (text or "").replace("%%", "%").replace("|", "\\|").replace("\n", " ")
 
 
 def cli_reference() -> str:

@@ -85,6 +85,16 @@ def test_labelling_libraries_agree_on_random_maps():
         assert pairs.shape[1] == na
 
 
+def _organ_like_maps(seed: int, count: int):
+    """Smooth random label maps with values 0-4 and 14 in blobs of many sizes."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 1.2)
+        labels = np.digitize(smooth, np.quantile(smooth, np.linspace(0.3, 0.98, 6))).astype(np.uint8)
+        labels[labels == 5] = 14
+        yield labels
+
+
 def test_clean_components_one_pass_equals_the_per_value_loop():
     cc = arrays.cpu_module()
     if cc.label_multi is None:
@@ -92,11 +102,7 @@ def test_clean_components_one_pass_equals_the_per_value_loop():
     loop = arrays.ArrayModule("numpy", "cpu", np, scipy.ndimage, arrays._scipy_label, "scipy.ndimage")
     from pocketseg.runtime.postprocess import clean_components
 
-    rng = np.random.default_rng(3)
-    for _ in range(4):
-        smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 1.2)
-        labels = np.digitize(smooth, np.quantile(smooth, np.linspace(0.3, 0.98, 6))).astype(np.uint8)
-        labels[labels == 5] = 14
+    for labels in _organ_like_maps(seed=3, count=4):
         a = clean_components(labels.copy(), (1, 2, 3), {14: 6}, cc)
         b = clean_components(labels.copy(), (1, 2, 3), {14: 6}, loop)
         np.testing.assert_array_equal(a, b)
@@ -126,11 +132,7 @@ def test_cucim_style_labelling_labels_every_value_in_one_pass():
     label, label_multi = arrays.skimage_labellers(CountingMeasure, np)
     one_pass = arrays.ArrayModule("numpy", "cpu", np, scipy.ndimage, label, "cucim (scikit-image)", label_multi)
     loop = arrays.ArrayModule("numpy", "cpu", np, scipy.ndimage, arrays._scipy_label, "scipy.ndimage")
-    rng = np.random.default_rng(5)
-    for _ in range(3):
-        smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 1.2)
-        labels = np.digitize(smooth, np.quantile(smooth, np.linspace(0.3, 0.98, 6))).astype(np.uint8)
-        labels[labels == 5] = 14
+    for labels in _organ_like_maps(seed=5, count=3):
         calls.clear()
         a = clean_components(labels.copy(), (1, 2, 3), {14: 6}, one_pass)
         assert calls == [{"connectivity": 3, "return_num": True}]  # one labelling for four values, 26-connected
