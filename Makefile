@@ -16,7 +16,7 @@ NNUNET_DEPS := acvl-utils==0.2.6 batchgenerators==0.25.5 blosc2 einops graphviz 
 	scikit-image scikit-learn seaborn SimpleITK tifffile yacs
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint-imports docs bench clean
+.PHONY: venv demo test lint-imports docs bench gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -80,5 +80,37 @@ bench: venv
 	$(BIN)/python -m pocketseg.benchmarks.nifti_read --out bench-output
 	$(BIN)/python -m pocketseg.benchmarks.synth_speed --out bench-output
 
+# The GPU check (docs/development.md, "Checks on a GPU"). A lent GPU machine starts bare and offline and takes at
+# most 64 MiB along with the tree: `make gpu-wheels` (here, with network) packs what it lacks into $(GPU_KIT)/carry,
+# the folder to carry; `make gpu-check` (there) unpacks it into $(GPU_KIT)/site, which only PYTHONPATH points at,
+# and runs every check in one go, with a report in $$OUT (else gpu-check-output). `make gpu-check DRY=1` walks the
+# same steps here on the CPU with tiny inputs. PEER=0 leaves the nnU-Net peer out of the kit, CT=1 adds the real CT
+# images of CT_EXAMPLES (as many as fit); STEPS=a,b and GPU_CHECK_ARGS="..." pass on to the check.
+GPU_KIT    ?= gpu-kit
+GPU_PYTHON ?= python3
+PEER       ?= 1
+CT         ?= 0
+CT_EXAMPLES ?= ../shared/data/ct_examples
+# What nnU-Net's predictor imports that the GPU machine lacks; unpinned names take the version installed here.
+GPU_PEER_DEPS := acvl-utils batchgenerators blosc2 ndindex SimpleITK
+GPU_CHECK_FLAGS = --kit $(GPU_KIT) --overwrite $(if $(STEPS),--steps $(STEPS)) $(GPU_CHECK_ARGS)
+
+gpu-wheels: venv
+	$(BIN)/python -m pocketseg.benchmarks.gpu_kit wheels --kit $(GPU_KIT) \
+	  --peer "$(NNUNET) $(GPU_PEER_DEPS)" $(if $(filter 0,$(PEER)),--no-peer) \
+	  $(if $(filter 1,$(CT)),--ct-examples $(CT_EXAMPLES))
+
+ifeq ($(DRY),1)
+gpu-check: venv
+	PYTHONSAFEPATH=1 $(BIN)/python -m pocketseg.benchmarks.gpu_check --dry-run $(GPU_CHECK_FLAGS)
+else
+# No venv and no network there: the machine's own Python, with the kit's folder in front on PYTHONPATH only.
+# PYTHONSAFEPATH keeps the root's core folder `pocketseg/` from hiding the installed package.
+gpu-check:
+	PYTHONSAFEPATH=1 $(GPU_PYTHON) benchmarks/gpu_kit.py unpack --kit $(GPU_KIT)
+	PYTHONPATH=$(abspath $(GPU_KIT)/site)$(if $(PYTHONPATH),:$(PYTHONPATH)) PYTHONSAFEPATH=1 \
+	  $(GPU_PYTHON) -m pocketseg.benchmarks.gpu_check $(GPU_CHECK_FLAGS)
+endif
+
 clean:
-	rm -rf $(VENV) demo-output bench-output build *.egg-info
+	rm -rf $(VENV) demo-output bench-output build *.egg-info gpu-check-output
