@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(p, "inference engine [auto: tensorrt > onnxruntime > torch, whichever can run; torch first "
                        "for nnU-Net-exact inference on the CPU]")
     p.add_argument("--statistics", action="store_true",
-                   help="write CASE.statistics.json: per class volume (mL) and mean HU, timings")
-    p.add_argument("--preview", action="store_true", help="write CASE.png: three views with the label overlay")
+                   help="write NAME.statistics.json beside each label map NAME.nii.gz: per class volume (mL) "
+                        "and mean HU, timings")
+    p.add_argument("--preview", action="store_true",
+                   help="write NAME.png beside each label map NAME.nii.gz: three views with the label overlay")
     p.add_argument("--overlap", type=float, default=None,
                    help="tile overlap fraction in [0, 1); 0 is the paper's tile step 1.0 "
                         "[the package's: 0 for pocketseg's own, 0.5 for imported nnU-Net models]")

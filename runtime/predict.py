@@ -32,7 +32,7 @@ from pocketseg import labels as L
 from pocketseg.atomic import atomic_write_bytes, check_writable_target, ensure_dir, write_json
 from pocketseg.errors import InputError, PocketsegError, require
 from pocketseg.imageio import load_volume
-from pocketseg.layout import case_name, is_nifti_path, label_name, nifti_files
+from pocketseg.layout import case_name, is_nifti_path, label_name, nifti_files, strip_nifti
 from pocketseg.nifti import nifti_image, write_labels
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
@@ -61,12 +61,18 @@ class CaseJob:
     output: Path
 
     @property
+    def output_stem(self) -> str:
+        """The label map's name without its ending: side files are named after the output, never the input
+        (two patients' scans may both be called ``ct.nii.gz``)."""
+        return strip_nifti(self.output.name)
+
+    @property
     def statistics_path(self) -> Path:
-        return self.output.with_name(self.case + ".statistics.json")
+        return self.output.with_name(self.output_stem + ".statistics.json")
 
     @property
     def preview_path(self) -> Path:
-        return self.output.with_name(self.case + ".png")
+        return self.output.with_name(self.output_stem + ".png")
 
 
 def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[list[CaseJob], bool]:
@@ -174,8 +180,9 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         device: ``auto`` (a CUDA GPU when one is usable), ``cpu`` or ``cuda``.
         backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch`` (see :func:`pocketseg.runtime.engines.resolve`).
         precision: ``auto`` (fp16 on a GPU, fp32 on the CPU), ``fp32`` or ``fp16``.
-        statistics: also write ``CASE.statistics.json`` (volume in mL and mean HU per class, timings).
-        preview: also write ``CASE.png`` (three views with the label overlay; needs the ``viz`` extra).
+        statistics: also write ``NAME.statistics.json`` beside the label map ``NAME.nii.gz`` (volume in mL and
+            mean HU per class, timings).
+        preview: also write ``NAME.png`` beside it (three views with the label overlay; needs the ``viz`` extra).
         overlap: fraction of a tile shared with its neighbour, in [0, 1); 0 is the paper's tile step 1.0.
             None: the package's (0 for pocketseg's packages, nnU-Net's 0.5 for imported models).
         gaussian: blend overlapping tiles with Gaussian weights (None: the package's setting).

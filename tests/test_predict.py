@@ -45,7 +45,7 @@ def test_single_file_with_statistics_and_preview(tiny_package, cases, tmp_path):
     seg = nib.load(out)
     assert seg.shape == ref.shape and seg.get_data_dtype() == np.uint8
     np.testing.assert_allclose(seg.affine, ref.affine)
-    stats = json.loads((tmp_path / "A.statistics.json").read_text())
+    stats = json.loads((tmp_path / "A_seg.statistics.json").read_text())  # named after the output
     labels = np.asarray(seg.dataobj)
     voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
     present = {int(v) for v in np.unique(labels)} - {0}
@@ -59,8 +59,27 @@ def test_single_file_with_statistics_and_preview(tiny_package, cases, tmp_path):
         else:
             assert entry["mean_hu"] is None, name
     assert {e["id"] for e in stats["classes"].values() if e["voxels"]} == present
-    png = (tmp_path / "A.png").read_bytes()
+    png = (tmp_path / "A_seg.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a rendered figure, not an empty image
+
+
+def test_side_files_are_named_after_the_output_not_the_input(tiny_package, tmp_path):
+    """Two patients whose scans are both called ct.nii.gz: each keeps its own statistics and preview."""
+    pytest.importorskip("matplotlib")
+    outs = tmp_path / "outs"
+    for k, patient in enumerate(("patient1", "patient2")):
+        (tmp_path / f"s{k}").mkdir()
+        scan = _write_case(tmp_path / f"s{k}" / "ct.nii.gz", seed=k)
+        assert _run("-i", scan, "-o", outs / f"{patient}.nii.gz", "-m", tiny_package, "--statistics",
+                    "--preview") == 0
+    assert sorted(p.name for p in outs.iterdir()) == [
+        "patient1.nii.gz", "patient1.png", "patient1.statistics.json",
+        "patient2.nii.gz", "patient2.png", "patient2.statistics.json"]
+    for patient in ("patient1", "patient2"):
+        stats = json.loads((outs / f"{patient}.statistics.json").read_text())
+        labels = np.asarray(nib.load(outs / f"{patient}.nii.gz").dataobj)
+        assert {e["id"]: e["voxels"] for e in stats["classes"].values()} == {
+            e["id"]: int((labels == e["id"]).sum()) for e in stats["classes"].values()}
 
 
 def test_existing_output_is_never_overwritten_silently(tiny_package, cases, tmp_path):
