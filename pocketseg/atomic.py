@@ -202,3 +202,5 @@ def read_json(path: str | os.PathLike, *, missing: str = "does not exist") -> An
         raise InputError(source, missing) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(source, f"is not valid JSON ({exc})") from None
+    except OSError as exc:  # unreadable: permissions, a folder, an I/O error
+        raise InputError(source, f"cannot be read ({exc.strerror or exc})") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -191,6 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pocketseg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`pocketseg info ... | head`): nothing more to say. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail again; 141 is what a shell reports
+        # for a program ended by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # what the operating system refused (permissions, a full disk ...), in one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pocketseg: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

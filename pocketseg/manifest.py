@@ -359,8 +359,14 @@ def load_package(folder: str | os.PathLike) -> Manifest:
             problems.append(f"{name} has no checksum in the manifest")
         elif not path.is_file():
             problems.append(f"{name} is missing")
-        elif sha256_file(path) != expected:
-            problems.append(f"{name} does not match its SHA-256 (modified or corrupt)")
+        else:
+            try:
+                actual = sha256_file(path)
+            except OSError as exc:  # permissions, an I/O error
+                problems.append(f"{name} cannot be read ({exc.strerror or exc})")
+                continue
+            if actual != expected:
+                problems.append(f"{name} does not match its SHA-256 (modified or corrupt)")
     if problems:
         raise InputError(folder, "model package refused: " + "; ".join(problems))
     return manifest

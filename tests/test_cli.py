@@ -94,3 +94,52 @@ def test_train_cli_reports_bad_dataset_in_one_line(tmp_path):
                   "--out", str(tmp_path / "run"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_output_cut_short_by_a_closed_pipe_ends_quietly(tmp_path):
+    """`pocketseg info FILE | head`: the reader is gone before pocketseg writes; no traceback."""
+    image = tmp_path / "ct.nii.gz"
+    write_nifti(np.full((4, 6, 8), -1000, np.int16), image, affine=np.eye(4))
+    proc = subprocess.Popen([sys.executable, "-m", "pocketseg", "info", str(image)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before the interpreter has even started
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err
+
+
+def test_an_unreadable_model_file_is_one_line_in_predict_and_reported_by_doctor(tiny_package, tmp_path,
+                                                                               monkeypatch, capsys):
+    from pocketseg import manifest as manifest_module
+    from pocketseg.deploy.doctor import diagnose
+
+    real = manifest_module.sha256_file
+
+    def unreadable(path, *args, **kwargs):  # as chmod 000 does for anyone but root
+        if path.suffix == ".onnx":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(manifest_module, "sha256_file", unreadable)
+    image = tmp_path / "ct.nii.gz"
+    write_nifti(np.full((8, 16, 16), -1000, np.int16), image, affine=np.eye(4))
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "-i", str(image), "-o", str(out), "-m", str(tiny_package)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be read (Permission denied)" in err[0] and ".onnx" in err[0]
+    assert not out.exists()
+    report = diagnose(tiny_package)
+    assert not report["package"]["checksums_ok"]
+    assert "cannot be read (Permission denied)" in report["package"]["checksum_problem"]
+
+
+def test_an_operating_system_error_is_one_line_with_the_file(monkeypatch, capsys):
+    from pocketseg import cli
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", "/data/out/case.nii.gz")
+
+    monkeypatch.setitem(cli.HANDLERS, "info", full_disk)
+    assert main(["info", "whatever.nii.gz"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pocketseg: error: /data/out/case.nii.gz: No space left on device"]
