@@ -23,6 +23,17 @@ BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "torch")
 PRECISION_CHOICES = ("auto", "fp32", "fp16")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (thread counts, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _engine_options(p: argparse.ArgumentParser, backend_help: str) -> None:
     """--device, --backend and --precision of the commands that run a model package."""
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to run [auto: cuda if usable]")
@@ -84,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--val-fraction", dest="val_fraction", type=float, default=None,
                        help="hold out this fraction of cases for validation instead of a fold")
     p.add_argument("--iterations", type=int, default=250, help="iterations per epoch [250]")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=2, help="patches per iteration [2]")
+    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=2, help="patches per iteration [2]")
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate [0.01]")
     p.add_argument("--schedule", choices=["step", "poly"], default="step",
                    help="step: halve every 200 epochs (paper); poly: nnU-Net's polynomial decay [step]")
@@ -169,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="the paper's settings for any package: tile step 1, uniform blending, no test-time mirroring, "
                         "labels back to the original grid (faster; for imported models not nnU-Net-exact)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="tiles per network call [1]")
+    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=1, help="tiles per network call [1]")
     p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs already exist")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--series-uid", dest="series_uid", default=None,
                    help="SeriesInstanceUID to read when a DICOM folder holds several series")
     p.add_argument("--no-intensity-check", dest="check_intensities", action="store_false",
                    help="run even on images that do not look like CT in HU (constant, no air)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime [all cores]")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of ONNX Runtime [all cores]")
 
     p = sub.add_parser("evaluate", help="FLARE 2023 DSC and NSD of a folder of predictions against ground truth",
                        description="Score predictions (CASE.nii.gz) against same-named ground-truth label maps as the "
@@ -228,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="no untimed warm-up prediction before the warm runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic cases [0]")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime / torch [all cores]")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of ONNX Runtime / torch [all cores]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in OUT_DIR")
     p.add_argument("--backends", action="store_true",
                    help="instead: the torch/onnxruntime/tensorrt x fp32/fp16 table (size, DSC, time, status per row)")
@@ -266,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-run", dest="roi_run", default=None, help="use this trained ROI run instead of training one")
     p.add_argument("--epochs", type=int, default=1000, help="epochs of every training [1000]")
     p.add_argument("--iterations", type=int, default=250, help="iterations per epoch [250]")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=2, help="patches per iteration [2]")
+    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=2, help="patches per iteration [2]")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of fully labelled cases held out and scored after every round [0.2]")
     p.add_argument("--seed", type=int, default=0, help="random seed of every training [0]")

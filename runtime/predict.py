@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from pocketseg import labels as L
 from pocketseg.atomic import atomic_write_bytes, check_writable_target, ensure_dir, write_json
 from pocketseg.errors import InputError, PocketsegError, require
 from pocketseg.imageio import load_volume
-from pocketseg.layout import case_name, is_nifti_path, label_name, nifti_files, strip_nifti
+from pocketseg.layout import CHANNEL_SUFFIX, case_name, is_nifti_path, label_name, nifti_files, strip_nifti
 from pocketseg.nifti import nifti_image, write_labels
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
@@ -75,6 +76,22 @@ class CaseJob:
         return self.output.with_name(self.output_stem + ".png")
 
 
+#: nnU-Net's channel suffix of an image file name: ``CASE_0000``, ``CASE_0001`` ...
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _refuse_extra_channels(folder: Path, files: Sequence[Path]) -> None:
+    """Refuse ``CASE_0001``, ``CASE_0002`` ... beside ``CASE_0000``: further channels of a multi-channel case,
+    which the CT models do not take (rather than segmenting each as a case of its own)."""
+    first = {case_name(f) for f in files if strip_nifti(f.name).endswith(CHANNEL_SUFFIX)}
+    for f in files:
+        match = _CHANNEL.match(strip_nifti(f.name))
+        if match and match["channel"] != CHANNEL_SUFFIX[1:] and match["case"] in first:
+            raise InputError(f, f"is channel {int(match['channel'])} of case {match['case']} "
+                                f"(beside {match['case']}{CHANNEL_SUFFIX}); multi-channel input is not supported: "
+                                f"one CT image per case")
+
+
 def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[list[CaseJob], bool]:
     """The cases of INPUT and their output files; True when INPUT is a folder of NIfTI files."""
     src, dst = Path(input), Path(output)
@@ -85,6 +102,7 @@ def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[lis
         if files:
             if is_nifti_path(dst):
                 raise InputError(dst, "INPUT is a folder of NIfTI files, so OUTPUT must be a folder, not a file name")
+            _refuse_extra_channels(src, files)
             jobs = [CaseJob(case_name(f), f, dst / label_name(case_name(f))) for f in files]
             inputs = {f.resolve() for f in files}
             clash = [j.output for j in jobs if j.output.resolve() in inputs]

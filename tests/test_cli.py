@@ -143,3 +143,12 @@ def test_an_operating_system_error_is_one_line_with_the_file(monkeypatch, capsys
     assert main(["info", "whatever.nii.gz"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pocketseg: error: /data/out/case.nii.gz: No space left on device"]
+
+
+@pytest.mark.parametrize("flag, value", [("--threads", "0"), ("--threads", "-1"), ("--batch-size", "0"),
+                                         ("--threads", "two")])
+def test_counts_below_one_are_refused_by_the_parser(flag, value):
+    res = run_cli("predict", "-i", "ct.nii.gz", "-o", "seg.nii.gz", "-m", "model", flag, value)
+    assert res.returncode == 2
+    assert f"argument {flag}" in res.stderr
+    assert "must be at least 1" in res.stderr or "expected a whole number" in res.stderr

@@ -235,3 +235,19 @@ def test_resume_finishes_an_interrupted_case(tiny_package, cases, tmp_path):
         assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
     labels = np.asarray(read_nifti(out / "A.nii.gz").data)
     assert {e["id"] for e in stats["classes"].values() if e["voxels"]} == {int(v) for v in np.unique(labels)} - {0}
+
+
+def test_folder_mode_refuses_a_second_channel_instead_of_segmenting_it_as_a_case(tiny_package, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_case(folder / "a_0000.nii.gz", 0)
+    _write_case(folder / "a_0001.nii.gz", 1)
+    out = tmp_path / "out"
+    assert _run("-i", folder, "-o", out, "-m", tiny_package) == 2
+    err = capsys.readouterr().err
+    assert "a_0001.nii.gz" in err and "channel 1 of case a" in err
+    assert not out.exists() or not any(out.iterdir())
+    # A lone file that merely ends in four digits (no CASE_0000 beside it) is still a case of its own.
+    (folder / "a_0000.nii.gz").unlink()
+    jobs, _ = plan_cases(folder, out)
+    assert [j.case for j in jobs] == ["a_0001"]
