@@ -224,6 +224,9 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
     candidates = order if backend == "auto" else (backend,)
     skipped = []
     for name in candidates:
+        if name == "tensorrt" and device != "cuda":
+            skipped.append(f"tensorrt: runs only on a CUDA GPU, and the device is {device}")
+            continue
         if name == "tensorrt" and precision != "fp16":
             skipped.append("tensorrt: the package's engines are fp16")
             continue

@@ -46,8 +46,10 @@ def test_exact_inference_prefers_torch_on_the_cpu_and_falls_back_to_onnxruntime(
 def test_unavailable_choices_say_why():
     with pytest.raises(DeviceUnavailableError, match="cuda"):
         engines.resolve(device="cuda")
-    with pytest.raises(engines.EngineUnavailableError, match="tensorrt"):
+    with pytest.raises(engines.EngineUnavailableError, match="tensorrt: runs only on a CUDA GPU, and the device is"):
         engines.resolve(backend="tensorrt", device="cpu", precision="fp32")
+    with pytest.raises(engines.EngineUnavailableError, match="runs only on a CUDA GPU"):  # not "engines are fp16"
+        engines.resolve(backend="tensorrt")
     with pytest.raises(InputError, match="fp16 needs a CUDA device"):
         engines.resolve(device="cpu", precision="fp16")
     with pytest.raises(InputError, match="backend must be one of"):
