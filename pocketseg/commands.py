@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="pseudo-label only every N-th case starting at I; 0/N also runs the schedule and waits for "
                         "the other shards [0/1]")
+    # -v/-q also after the command (`pocketseg predict ... -q`); SUPPRESS keeps the global value unless given.
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -323,9 +327,9 @@ def cli_reference() -> str:
     lines = ["# Command-line reference", "",
              "<!-- Generated from pocketseg/commands.py by `make docs`; do not edit by hand. -->", "",
              f"`pocketseg [-v | -q] COMMAND ...` - {parser.description}", "",
-             "Global options: `-v`/`--verbose` logs debug messages; `-q`/`--quiet` shows only warnings and errors and "
-             "no progress bars; `--version`. Every option of a command is a keyword argument of the Python function "
-             "the command calls. Bad input ends with one line, `pocketseg: error: PATH: problem`, and exit status 2.",
+             "Global options (before or after the command): `-v`/`--verbose` logs debug messages; `-q`/`--quiet` "
+             "shows only warnings and errors and no progress bars; `--version`. Every option of a command is a "
+             "keyword argument of the Python function the command calls. Bad input ends with one line, `pocketseg: error: PATH: problem`, and exit status 2.",
              ""]
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {choice.dest: choice.help for choice in sub._choices_actions}
@@ -335,8 +339,8 @@ def cli_reference() -> str:
         lines += ["", f"## pocketseg {name}", "", _cell(command.description or helps.get(name)), "",
                   "| argument | default | meaning |", "|:--|:--|:--|"]
         for action in command._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue  # help, and the global -v/-q repeated on every command
             plain = action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS
             default = "" if plain or not action.option_strings else f"`{action.default}`"
             required = " (required)" if action.required and action.option_strings else ""

@@ -32,7 +32,7 @@ def test_flags_map_to_function_keywords():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, func in (("synth", synthesize_dataset), ("info", volume_info)):
-        dests = {a.dest for a in sub.choices[name]._actions} - {"help", "json"}
+        dests = {a.dest for a in sub.choices[name]._actions} - {"help", "json", "verbose", "quiet"}  # global flags
         params = set(inspect.signature(func).parameters)
         assert dests <= params, f"{name}: flags without a keyword: {dests - params}"
 
@@ -152,3 +152,14 @@ def test_counts_below_one_are_refused_by_the_parser(flag, value):
     assert res.returncode == 2
     assert f"argument {flag}" in res.stderr
     assert "must be at least 1" in res.stderr or "expected a whole number" in res.stderr
+
+
+@pytest.mark.parametrize("argv", [["-q", "info", "x.nii.gz"], ["info", "x.nii.gz", "-q"], ["info", "-q", "x.nii.gz"]])
+def test_quiet_works_before_and_after_the_command(argv):
+    args = build_parser().parse_args(argv)
+    assert args.quiet is True and args.verbose is False
+
+
+def test_global_flags_default_to_off_with_a_command():
+    args = build_parser().parse_args(["info", "x.nii.gz"])
+    assert args.quiet is False and args.verbose is False
