@@ -256,8 +256,7 @@ def _log_case(job: CaseJob, prediction: Prediction) -> None:
     t = prediction.timings_s
     log.info("%s: %.2f s (roi %.2f, detail %.2f, post %.2f) on %s/%s", job.case, t["total"], t["roi"], t["detail"],
              t["postprocess"], prediction.device, prediction.backend)
-    for warning in prediction.warnings:
-        log.warning("%s: %s", job.case, warning)
+    # prediction.warnings were logged where they arose (runtime.cascade); they go on into the statistics.
 
 
 def _read(job: CaseJob) -> Volume:

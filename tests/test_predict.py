@@ -251,3 +251,16 @@ def test_folder_mode_refuses_a_second_channel_instead_of_segmenting_it_as_a_case
     (folder / "a_0000.nii.gz").unlink()
     jobs, _ = plan_cases(folder, out)
     assert [j.case for j in jobs] == ["a_0001"]
+
+
+def test_a_scan_without_abdomen_is_warned_about_once(tiny_package, cases, tmp_path, monkeypatch, caplog):
+    from pocketseg.runtime import cascade
+
+    monkeypatch.setattr(cascade, "bounding_box", lambda mask, am: None)  # the ROI net finds nothing
+    out = tmp_path / "A.nii.gz"
+    with caplog.at_level("WARNING"):
+        assert main(["predict", "-i", str(cases / "A_0000.nii.gz"), "-o", str(out), "-m", str(tiny_package),
+                     "--statistics"]) == 0
+    said = [r for r in caplog.records if "found no abdomen" in r.getMessage()]
+    assert len(said) == 1
+    assert any("found no abdomen" in w for w in json.loads((tmp_path / "A.statistics.json").read_text())["warnings"])
