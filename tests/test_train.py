@@ -156,6 +156,7 @@ def test_bad_input_is_reported_before_training(dataset, cache, tmp_path):
         train(ds, out=tmp_path / "r2", **args)
     assert "FLARESyn_0003" in str(err.value) and "17" in str(err.value)
     assert "FLARESyn_0001" in str(err.value) and "shape" in str(err.value)
+    assert not (tmp_path / "r2").exists()  # bad labels are found before the run folder is made
 
     empty = tmp_path / "empty"
     (empty / "imagesTr").mkdir(parents=True)
@@ -178,3 +179,22 @@ def test_bad_input_is_reported_before_training(dataset, cache, tmp_path):
         train(dataset, out=busy / "notes.txt" / "run", **args)  # a file where a folder must go
     with pytest.raises(InputError, match="not detail"):
         train(dataset, out=tmp_path / "r4", **{**args, "stage": "detail"})
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(dataset, cache, tmp_path, monkeypatch):
+    from pocketseg.trainer import train as train_module
+
+    def broken(self):
+        (self.out / "half-written.txt").write_text("x")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(train_module.Trainer, "fit", broken)
+    args = dict(stage="roi", preset="roi-tiny", epochs=1, cache=cache, **QUICK)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train(dataset, out=tmp_path / "run", **args)
+    assert not (tmp_path / "run").exists()  # a rerun is not refused for a folder holding only the failed attempt
+    mine = tmp_path / "mine"
+    mine.mkdir()  # an empty folder the user made is the user's: it stays
+    with pytest.raises(RuntimeError):
+        train(dataset, out=mine, **args)
+    assert mine.is_dir()

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -326,10 +327,26 @@ def train(
     data_root = Path(dataset)
     raw = open_dataset(data_root)
     cases = raw.labelled(full_only=True)
+    validate_cases(cases, dataset_root=data_root)  # before the run folder exists: bad data leaves nothing behind
+    created = not out.exists()
     _on_rank0(lambda: _check_out_dir(out, resume), ranks)
-    validate_cases(cases, dataset_root=data_root)
-    with _run_log(out, ranks):
-        return Trainer(raw.root, cases, settings, out, dev, ranks).fit()
+    try:
+        with _run_log(out, ranks):
+            return Trainer(raw.root, cases, settings, out, dev, ranks).fit()
+    except BaseException:
+        if created and ranks.rank == 0:
+            _remove_unstarted_run(out)
+        raise
+
+
+def _remove_unstarted_run(out: Path) -> None:
+    """Remove the run folder this call created when the run failed before its first checkpoint, so that a
+    rerun is not refused for a folder that holds nothing but the failed attempt's log (the error itself has
+    been raised to the caller)."""
+    if (out / ckpt.LATEST).exists():
+        return
+    log.warning("%s: the run failed before its first checkpoint; its folder is removed", out)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @contextlib.contextmanager
