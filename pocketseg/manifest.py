@@ -10,13 +10,17 @@ A model package is a folder (format 2; format 1 packages load unchanged)::
 
 engine_build and the runtime read it only through :class:`Manifest` (frozen
 dataclasses), never through raw dictionary keys. :func:`load_package` checks
-the SHA-256 of every listed file and refuses a tampered or incomplete package.
+the SHA-256 of every listed file and refuses a tampered or incomplete package;
+the manifest carries the SHA-256 of its own content (``content_sha256``, over its
+canonical JSON without that field), so an edit of the manifest itself is refused
+too (manifests written before that field existed load without it).
 Sizes and spacings are (z, y, x).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -149,6 +153,16 @@ class Inference:
     nnunet_numerics: bool = False
 
 
+#: The manifest's digest of its own content.
+CONTENT_DIGEST = "content_sha256"
+
+
+def content_digest(data: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's content: its JSON without :data:`CONTENT_DIGEST`, keys sorted, no whitespace."""
+    body = {k: v for k, v in data.items() if k != CONTENT_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class Manifest:
     stages: dict[str, Stage]
@@ -192,10 +206,16 @@ class Manifest:
         return replace(self, checksums={name: sha256_file(Path(folder) / name) for name in sorted(self.files())})
 
     def to_json(self) -> str:
-        return json_text(asdict(self), indent=2)
+        """The manifest file's text, with the digest of its own content (:func:`content_digest`)."""
+        data = json.loads(json_text(asdict(self)))
+        return json_text({**data, CONTENT_DIGEST: content_digest(data)}, indent=2)
 
     @staticmethod
     def from_dict(data: dict[str, Any], source: Path | None = None) -> Manifest:
+        recorded = data.get(CONTENT_DIGEST) if isinstance(data, dict) else None
+        if recorded is not None and recorded != content_digest(data):
+            raise InputError(source, "manifest refused: its content does not match its content_sha256 (edited "
+                                     "after it was written); export or import the package again")
         try:
             version = data["format_version"]
             if isinstance(version, bool) or not isinstance(version, int):

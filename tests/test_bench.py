@@ -288,11 +288,11 @@ def test_flags_map_to_function_keywords():
     from pocketseg.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    flags = {a.dest for a in sub.choices["bench"]._actions} - {"help"}
+    flags = {a.dest for a in sub.choices["bench"]._actions} - {"help", "verbose", "quiet"}
     assert flags - {"backends"} == set(inspect.signature(B.run_bench).parameters) - {"progress"}
     timing_only = {"backend", "precision", "compare", "cold", "warm"}
     assert flags - {"backends"} - timing_only == set(inspect.signature(benchmark_backends).parameters) - {"progress"}
-    report_flags = {a.dest for a in sub.choices["demo-report"]._actions} - {"help"}
+    report_flags = {a.dest for a in sub.choices["demo-report"]._actions} - {"help", "verbose", "quiet"}
     assert report_flags == set(inspect.signature(R.write_demo_report).parameters)
 
 

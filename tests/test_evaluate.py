@@ -243,7 +243,7 @@ def test_cli_flags_map_to_keywords():
     import inspect
 
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    dests = {a.dest for a in sub.choices["evaluate"]._actions} - {"help"}
+    dests = {a.dest for a in sub.choices["evaluate"]._actions} - {"help", "verbose", "quiet"}
     assert dests == set(inspect.signature(evaluate_folders).parameters) - {"progress"}
 
 

@@ -50,10 +50,34 @@ def test_tampered_missing_and_unlisted_files_are_refused(package):
     with pytest.raises(InputError, match="detail.onnx is missing"):
         load_package(folder)
     data = json.loads((folder / MANIFEST_NAME).read_text())
+    data.pop("content_sha256")  # as a manifest written before the digest: the file checks still hold
     data["checksums"].pop("roi.onnx")
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(InputError, match="roi.onnx has no checksum"):
         load_package(folder)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["stages"]["detail"]["intensity"].update(mean=500.0),  # changed 0.24 % of voxels, exit 0
+    lambda d: d.update(roi_margin_mm=25.0),
+    lambda d: d["labels"].update(liver=2, right_kidney=1),
+    lambda d: d["checksums"].update({"detail.onnx": d["checksums"]["roi.onnx"]}),
+])
+def test_an_edited_manifest_is_refused_even_with_valid_values(package, edit):
+    folder, manifest = package
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    assert data["content_sha256"] and load_package(folder) == manifest
+    edit(data)
+    (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=4))
+    with pytest.raises(InputError, match="does not match its content_sha256"):
+        load_package(folder)
+
+
+def test_the_content_digest_ignores_formatting_only(package):
+    folder, manifest = package
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).write_text(json.dumps(dict(reversed(list(data.items()))), indent=None))
+    assert load_package(folder) == manifest
 
 
 def test_bad_manifests(tmp_path, package):
@@ -61,6 +85,7 @@ def test_bad_manifests(tmp_path, package):
         read_manifest(tmp_path / "nowhere")
     folder, _ = package
     data = json.loads((folder / MANIFEST_NAME).read_text())
+    data.pop("content_sha256")  # the values are checked also where no digest guards them
     (folder / MANIFEST_NAME).write_text(json.dumps({**data, "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(InputError, match="newer"):
         read_manifest(folder)

@@ -713,6 +713,7 @@ def test_build_package_engines_changes_nothing_when_a_stage_fails(package, monke
 
 def test_build_package_engines_needs_the_fp16_onnx_on_tensorrt_10(package):
     data = json.loads((package / MANIFEST_NAME).read_text())
+    data.pop("content_sha256")  # an older package without the digest, whose values still load
     for stage in data["stages"].values():
         name = stage["files"].pop("onnx-fp16")
         data["checksums"].pop(name)
