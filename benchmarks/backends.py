@@ -2,7 +2,7 @@
 
     pocketseg bench --backends -m PKG_DIR -o OUT_DIR [--device cpu|cuda] [--sizes 512x512x55,512x512x100]
 
-For each of torch / onnxruntime / tensorrt x fp32 / fp16 (:data:`runtime.engines.BACKENDS`,
+For each of torch / onnxruntime / openvino / tensorrt x fp32 / fp16 / bf16 (:data:`runtime.engines.BACKENDS`,
 :data:`runtime.engines.PRECISIONS`): the export target whose file the row loads (from
 :data:`engine_build.targets.EXPORT_TARGETS`), the size of those files for both stages,
 the DSC and NSD (organ mean, FLARE 2023 metrics, :func:`benchmarks.metrics.score_case`)
@@ -49,26 +49,29 @@ log = logging.getLogger(__name__)
 #: Default cases of the table: the two smallest sizes of Table 6 (each row predicts every case).
 BACKEND_SIZES = ((512, 512, 55), (512, 512, 100))
 #: The file format each backend reads. TensorRT runs engines built from the fp16 ONNX (pocketseg build-engine).
-_FORMAT = {"torch": ".safetensors", "onnxruntime": ".onnx", "tensorrt": ".onnx"}
+_FORMAT = {"torch": ".safetensors", "onnxruntime": ".onnx", "openvino": ".onnx", "tensorrt": ".onnx"}
 
 
 #: How to get each backend, for the reason of an "unavailable" row (the full probe detail goes to the JSON).
 _INSTALL = {"torch": "pip install 'pocketseg[train]'", "onnxruntime": "pip install 'pocketseg[runtime]'",
+            "openvino": "pip install 'pocketseg[openvino]'",
             "tensorrt": "pip install 'pocketseg[tensorrt]' (x86_64) or JetPack's python3-libnvinfer (Jetson)"}
 
 
 def row_target(backend: str, precision: str) -> ExportTarget | None:
     """The export target whose file a (backend, precision) row loads, looked up in EXPORT_TARGETS.
 
-    torch reads its safetensors weights at either precision (fp16: autocast on CUDA); ONNX
+    torch reads its safetensors weights at any precision (fp16: autocast on CUDA); ONNX
     Runtime and TensorRT read the ONNX target of the row's precision (TensorRT through its
-    engines). None when the table has no such target.
+    engines), OpenVINO the fp32 ONNX for fp32 and bf16. None when the table has no such target.
     """
     suffix = _FORMAT.get(backend)
     if suffix is None:
         raise InputError(None, f"unknown backend {backend!r}")
+    # OpenVINO computes bf16 from the fp32 graph (its inference precision), like fp32.
+    wanted = "fp32" if backend == "openvino" and precision == "bf16" else precision
     for target in EXPORT_TARGETS:
-        if target.suffix.endswith(suffix) and (backend == "torch" or target.precision == precision):
+        if target.suffix.endswith(suffix) and (backend == "torch" or target.precision == wanted):
             return target
     return None
 

@@ -5,8 +5,10 @@
 - Python (version, executable), platform and machine, Jetson's L4T release, system memory;
 - GPUs (name, compute capability, memory) from NVML (``pynvml`` of nvidia-ml-py), else from
   ``nvidia-smi``, else none; the driver's version and the CUDA version it supports;
-- TensorRT, ONNX Runtime (and its execution providers), CuPy (and the CUDA runtime it loads),
-  cuCIM, torch, nvidia-ml-py and connected-components-3d: present or not, version;
+- TensorRT, ONNX Runtime (and its execution providers), OpenVINO (and whether the CPU computes
+  bf16 natively: OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` listing BF16; AMX where /proc/cpuinfo
+  shows it), CuPy (and the CUDA runtime it loads), cuCIM, torch, nvidia-ml-py and
+  connected-components-3d: present or not, version;
 - what ``backend="auto"``, ``device="auto"`` picks (:func:`pocketseg.runtime.engines.resolve`),
   or why nothing can run;
 - with a model package: whether its checksums verify and, per TensorRT engine record, whether
@@ -37,7 +39,7 @@ from typing import Any
 from pocketseg.errors import InputError, PocketsegError
 from pocketseg.manifest import load_package, read_manifest
 from pocketseg.runtime.arrays import cuda_available
-from pocketseg.runtime.engines import probe_backends, resolve
+from pocketseg.runtime.engines import BACKENDS, cpu_amx, cpu_bf16_support, probe_backends, resolve
 from pocketseg.runtime.tensorrt_probe import (engine_matches, gpu_identity, import_tensorrt,
                                               normalize_compute_capability, parse_version, select_engine)
 from pocketseg.version import __version__
@@ -263,7 +265,7 @@ def _backends() -> dict[str, dict[str, Any]]:
             statuses = probe_backends(import_torch=False)
         except Exception as exc2:  # noqa: BLE001
             return {name: _library(False, detail=f"probe failed ({_error(exc2)})")
-                    for name in ("tensorrt", "onnxruntime", "torch")}
+                    for name in BACKENDS}
     for name, status in statuses.items():
         out[name] = _library(status.installed, status.version, status.detail, devices=list(status.devices))
     trt = out.get("tensorrt")
@@ -283,6 +285,13 @@ def _backends() -> dict[str, dict[str, Any]]:
                 ort["providers"] = list(importlib.import_module("onnxruntime").get_available_providers())
             except Exception as exc:  # noqa: BLE001
                 ort["detail"] = f"providers unknown ({_error(exc)})"
+    openvino = out.get("openvino")
+    if openvino is not None:
+        try:
+            openvino["bf16_native"], openvino["bf16_evidence"] = cpu_bf16_support()
+        except Exception as exc:  # noqa: BLE001 - a broken OpenVINO install must not stop the doctor
+            openvino["bf16_native"], openvino["bf16_evidence"] = False, f"probe failed ({_error(exc)})"
+        openvino["amx"] = cpu_amx()
     torch = out.get("torch")
     if torch is not None and torch["installed"] and "torch" in sys.modules:
         try:
@@ -337,7 +346,7 @@ def _libraries() -> dict[str, dict[str, Any]]:
     libraries["connected-components-3d"] = _plain("cc3d", "connected-components-3d",
                                                   "not installed (labelling falls back to scipy.ndimage); "
                                                   "pip install 'pocketseg[runtime]'")
-    order = ("tensorrt", "onnxruntime", "cupy", "cucim", "torch", "nvidia-ml-py", "connected-components-3d")
+    order = ("tensorrt", "onnxruntime", "openvino", "cupy", "cucim", "torch", "nvidia-ml-py", "connected-components-3d")
     return {name: libraries[name] for name in order if name in libraries}
 
 
@@ -422,7 +431,8 @@ def _package(folder: Path) -> tuple[dict[str, Any], Any]:
     info["format_version"] = manifest.format_version
     info["pocketseg_version"] = manifest.pocketseg_version
     info["stages"] = {name: {"preset": s.preset, "num_classes": s.num_classes, "patch_zyx": list(s.patch_zyx),
-                             "spacing_mm_zyx": list(s.spacing_mm_zyx), "files": dict(s.files)}
+                             "spacing_mm_zyx": list(s.spacing_mm_zyx), "files": dict(s.files),
+                             "bf16_agreement": s.bf16_agreement}
                       for name, s in manifest.stages.items()}
     try:
         load_package(folder)
@@ -531,6 +541,11 @@ def format_report(report: dict[str, Any]) -> str:
         elif lib["detail"]:
             extra.append(lib["detail"])
         lines.append(f"  {name:<24} {state:<12} {'; '.join(extra)}".rstrip())
+    openvino = report["libraries"].get("openvino")
+    if openvino is not None and "bf16_native" in openvino:
+        amx = {True: "AMX present", False: "no AMX", None: "AMX unknown"}[openvino.get("amx")]
+        lines.append(f"CPU bf16    {'native' if openvino['bf16_native'] else 'not native'} ({openvino['bf16_evidence']}; "
+                     f"{amx})")
 
     selection = report["selection"]
     if selection["ok"]:

@@ -12,7 +12,12 @@ stage spacing): max |Δlogit| must be <= 1e-3 in fp32, scaled by the largest
 |logit| when that exceeds 1 (see :func:`parity_tolerance`). The fp16 graph is
 checked with ONNX Runtime: argmax agreement with fp32 should be >= 99.9 % of
 voxels (a warning below, an error with ``strict``; ONNX Runtime on CPU has no
-fp16 kernels, so this measures the rounding of weights and I/O). Everything is
+fp16 kernels, so this measures the rounding of weights and I/O). Where OpenVINO
+is installed and the CPU computes bf16 natively, bf16 inference (OpenVINO, the
+fp32 graph) is checked against OpenVINO fp32 on the same patch, with the same
+99.9 % rule; the lowest agreement of a stage's networks goes into the manifest
+(``Stage.bf16_agreement``), which lets ``precision="auto"`` choose bf16 on
+such CPUs. Everything is
 written into a temporary folder that is renamed into place only when complete,
 and ``manifest.json`` lists the SHA-256 of every file.
 
@@ -41,13 +46,15 @@ from pocketseg.engine_build.fp16 import convert_to_mixed_fp16
 from pocketseg.engine_build.targets import file_name
 from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
 from pocketseg.geometry import ROI_MARGIN_MM
-from pocketseg.manifest import INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, Intensity, Manifest, Network, PostProcess, Stage
+from pocketseg.manifest import (AGREEMENT_MIN, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, Intensity, Manifest, Network,
+                                PostProcess, Stage)
+from pocketseg.runtime.engines import compile_openvino, cpu_bf16_support
 from pocketseg.runtime.intensity import ct_normalize
 from pocketseg.runtime.resample import resample_image, separate_z_axis
 from pocketseg.synth.phantom import make_phantom
 from pocketseg.volume import Volume, canonical_zyx
 
-__all__ = ["ExportCheckError", "StageExport", "check_fp16", "check_parity", "export_onnx", "parity_patch",
+__all__ = ["ExportCheckError", "StageExport", "check_bf16", "check_fp16", "check_parity", "export_onnx", "parity_patch",
            "parity_tolerance", "write_package"]
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,7 @@ class ExportCheckError(PocketsegError, RuntimeError):
 
 
 PARITY_TOL = 1e-3
-FP16_AGREEMENT_MIN = 0.999
+FP16_AGREEMENT_MIN = AGREEMENT_MIN
 
 
 def _require(module: str, feature: str, extra: str = "export"):
@@ -154,6 +161,17 @@ def check_fp16(fp32_path: Path, fp16_path: Path, patch: np.ndarray) -> dict[str,
             "max_abs_logit_diff": float(np.abs(got - ref).max())}
 
 
+def check_bf16(fp32_path: Path, patch: np.ndarray) -> dict[str, float]:
+    """Argmax agreement and max |Δlogit| of OpenVINO bf16 against OpenVINO fp32 on the fp32 graph (CPU, no cache)."""
+    x = np.ascontiguousarray(patch[None, None], dtype=np.float32)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        compiled = compile_openvino(fp32_path, precision)
+        out[precision] = compiled.create_infer_request().infer({INPUT_NAME: x})[compiled.output(OUTPUT_NAME)]
+    return {"argmax_agreement": float((out["bf16"].argmax(1) == out["fp32"].argmax(1)).mean()),
+            "max_abs_logit_diff": float(np.abs(out["bf16"] - out["fp32"]).max())}
+
+
 @dataclass(frozen=True, eq=False)
 class StageExport:
     """One stage of a package to write: its networks in eval mode with their fp32 weights, and what the manifest
@@ -183,13 +201,18 @@ def _stage_files(stage: StageExport, folder: Path, *, fp16: bool, check: bool, o
     members = [(stage.member_name, stage.net, stage.weights), *stage.ensemble]
     patch = parity_patch(stage.intensity, stage.spacing_mm_zyx, stage.patch_zyx) if check or fp16 else None
     written = []
-    for member, net, weights in members:
-        base = stage.name if len(members) == 1 or not member else f"{stage.name}_{member}"
+    for base, (_, net, weights) in zip(_member_bases(stage, members), members):
         written.append(_network_files(stage, base, net, weights, folder, patch, fp16=fp16, check=check, opset=opset,
                                       strict=strict, report=report))
+    bf16 = [report[base].get("bf16_argmax_agreement") for base in _member_bases(stage, members)]
+    fields = {**stage.stage_fields, "bf16_agreement": None if None in bf16 else min(bf16)}
     return Stage(name=stage.name, preset=stage.preset, network=stage.network, num_classes=stage.num_classes,
                  spacing_mm_zyx=stage.spacing_mm_zyx, patch_zyx=stage.patch_zyx, intensity=stage.intensity,
-                 files=written[0], ensemble=tuple(written[1:]), **stage.stage_fields)
+                 files=written[0], ensemble=tuple(written[1:]), **fields)
+
+
+def _member_bases(stage: StageExport, members: list) -> list[str]:
+    return [stage.name if len(members) == 1 or not member else f"{stage.name}_{member}" for member, _, _ in members]
 
 
 def _network_files(stage: StageExport, name: str, net: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path,
@@ -226,9 +249,28 @@ def _network_files(stage: StageExport, name: str, net: torch.nn.Module, weights:
                 if strict:
                     raise ExportCheckError(message)
                 log.warning(message)
+    if check:
+        _bf16_files_check(name, folder / files["onnx-fp32"], patch, strict=strict, info=info)
     report[name] = info
     log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
     return files
+
+
+def _bf16_files_check(name: str, fp32_path: Path, patch: np.ndarray, *, strict: bool, info: dict[str, Any]) -> None:
+    """bf16 vs fp32 (OpenVINO) into ``info`` where this machine can run bf16; a warning or, ``strict``, an error
+    below :data:`AGREEMENT_MIN`."""
+    native, why = cpu_bf16_support()
+    if not native:
+        log.info("%s: bf16 agreement not measured (%s)", name, why)
+        return
+    info.update({f"bf16_{k}": v for k, v in check_bf16(fp32_path, patch).items()})
+    info["bf16_verified"] = info["bf16_argmax_agreement"] >= AGREEMENT_MIN
+    if not info["bf16_verified"]:
+        message = (f"{name}: bf16 (OpenVINO) agrees with fp32 on {100 * info['bf16_argmax_agreement']:.3f} % of "
+                   f"voxels (< {100 * AGREEMENT_MIN:.1f} %); --precision auto will not choose bf16 for it")
+        if strict:
+            raise ExportCheckError(message)
+        log.warning(message)
 
 
 def check_opset(opset: int) -> int:
@@ -244,8 +286,9 @@ def write_package(stages: Sequence[StageExport], out: str | os.PathLike, *, roi_
                   extra_report: dict[str, Any] | None = None) -> Path:
     """Write a complete model package of ``stages``; returns the package folder.
 
-    ``strict`` also refuses a package whose fp16 graph agrees with fp32 on fewer than 99.9 % of voxels
-    (otherwise a warning, recorded in ``export_report.json``). ``manifest_fields`` sets the package-level
+    ``strict`` also refuses a package whose fp16 graph, or whose bf16 inference (measured where OpenVINO runs
+    bf16 natively), agrees with fp32 on fewer than 99.9 % of voxels (otherwise a warning, recorded in
+    ``export_report.json``; the bf16 agreement also in the manifest). ``manifest_fields`` sets the package-level
     format-2 fields of :class:`pocketseg.manifest.Manifest` (labels, inference settings, modality, source);
     ``extra_report`` is added to ``export_report.json``. The manifest is validated before anything is
     renamed into place; nothing is left at ``out`` on failure.

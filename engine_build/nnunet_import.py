@@ -525,7 +525,8 @@ def import_nnunet(results: str | os.PathLike, out: str | os.PathLike, *, folds: 
         fp16: also write mixed-precision fp16 ONNX (for TensorRT).
         check: check ONNX against torch, fp16 against fp32, and the converted network against nnU-Net's own
             (when nnU-Net is installed).
-        strict: refuse when fp16 agrees with fp32 on fewer than 99.9 % of voxels.
+        strict: refuse when fp16, or bf16 where OpenVINO runs it natively, agrees with fp32 on fewer than 99.9 % of
+            voxels.
         overwrite: replace an existing package folder.
         opset: ONNX opset, 17..20.
         labels: a label mapping (``MAP.json`` or its dictionary, see :func:`map_labels`): the package then

@@ -19,8 +19,8 @@ __all__ = ["build_parser", "cli_reference", "subcommand_parser"]
 
 #: Choices of --device, --backend and --precision (the runtime's DEVICES, BACKENDS, PRECISIONS, with "auto").
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "torch")
-PRECISION_CHOICES = ("auto", "fp32", "fp16")
+BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 
 def _positive_int(text: str) -> int:
@@ -39,7 +39,8 @@ def _engine_options(p: argparse.ArgumentParser, backend_help: str) -> None:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to run [auto: cuda if usable]")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=backend_help)
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                   help="network precision [auto: fp16 on cuda, fp32 on cpu]")
+                   help="network precision; bf16: CPU with native bf16, openvino backend [auto: fp16 on cuda; "
+                        "on cpu bf16 where openvino runs it natively and the package verified it, else fp32]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 ONNX")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the parity and fp16 agreement checks")
-    p.add_argument("--strict", action="store_true", help="fail if the fp16 ONNX agrees with fp32 on < 99.9 %% of voxels")
+    p.add_argument("--strict", action="store_true",
+                   help="fail if the fp16 ONNX, or bf16 inference (measured where OpenVINO runs bf16 natively), "
+                        "agrees with fp32 on < 99.9 %% of voxels")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17) [17]")
 
     p = sub.add_parser("import-nnunet", help="import a trained nnU-Net v2 model (results folder) as a model package",
@@ -146,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 ONNX")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the parity checks (ONNX vs torch, fp16 vs fp32, the network vs nnU-Net's own)")
-    p.add_argument("--strict", action="store_true", help="fail if the fp16 ONNX agrees with fp32 on < 99.9 %% of voxels")
+    p.add_argument("--strict", action="store_true",
+                   help="fail if the fp16 ONNX, or bf16 inference (measured where OpenVINO runs bf16 natively), "
+                        "agrees with fp32 on < 99.9 %% of voxels")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
 
     p = sub.add_parser("build-engine", help="build TensorRT FP16 engines for this GPU into a model package",
@@ -165,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="label file (.nii.gz) for one scan, or a folder (one CASE.nii.gz per scan)")
     p.add_argument("-m", "--model", required=True, help="model package folder (pocketseg export)")
-    _engine_options(p, "inference engine [auto: tensorrt > onnxruntime > torch, whichever can run; torch first "
-                       "for nnU-Net-exact inference on the CPU]")
+    _engine_options(p, "inference engine [auto: on cuda tensorrt > onnxruntime > torch, on cpu openvino > "
+                       "onnxruntime > torch, whichever can run; torch first for nnU-Net-exact inference on the CPU]")
     p.add_argument("--statistics", action="store_true",
                    help="write NAME.statistics.json beside each label map NAME.nii.gz: per class volume (mL) "
                         "and mean HU, timings")

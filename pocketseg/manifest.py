@@ -49,6 +49,9 @@ NORMALIZATION_SCHEMES = ("ct", "zscore", "rescale_to_0_1", "none")
 #: RAS grid (nnU-Net's NibabelIOWithReorient, TotalSegmentator, and every format-1 package).
 VOXEL_ORDERS = ("RAS", "native")
 BACK_RESAMPLING = ("labels", "logits")
+#: Lowest share of voxels whose argmax a reduced-precision run must keep for the package to call it verified
+#: (fp16 ONNX at export; bf16 on the CPU, see :attr:`Stage.bf16_agreement`).
+AGREEMENT_MIN = 0.999
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,15 @@ class Stage:
     crop_to_nonzero: bool = False  # nnU-Net's crop to the box of the non-zero voxels (holes filled)
     mirror_axes: tuple[int, ...] = ()  # network axes test-time mirroring may flip
     ensemble: tuple[dict[str, str], ...] = ()  # more networks (folds) whose logits are averaged with ``files``'s
+    #: Share of voxels whose argmax bf16 inference (OpenVINO on a CPU with native bf16) kept against fp32 on the
+    #: export's parity patch, the lowest over the stage's networks; None: not measured (no OpenVINO or no native
+    #: bf16 where the package was written, or a package older than the check).
+    bf16_agreement: float | None = None
+
+    @property
+    def bf16_verified(self) -> bool:
+        """Whether a measured bf16 agreement reaches :data:`AGREEMENT_MIN`."""
+        return self.bf16_agreement is not None and self.bf16_agreement >= AGREEMENT_MIN
 
     @property
     def members(self) -> tuple[dict[str, str], ...]:
@@ -318,6 +330,9 @@ def _stage_problems(stage: Stage) -> list[str]:
         out.append(f"mirror_axes must be network axes 0-2, got {stage.mirror_axes}")
     if not stage.files:
         out.append("no files")
+    if stage.bf16_agreement is not None and not (math.isfinite(stage.bf16_agreement)
+                                                 and 0.0 <= stage.bf16_agreement <= 1.0):
+        out.append(f"bf16_agreement must be a fraction in 0..1, got {stage.bf16_agreement!r}")
     return out
 
 
@@ -348,7 +363,16 @@ def _stage(s: dict[str, Any]) -> Stage:
         transpose_forward=_ints(s.get("transpose_forward", (0, 1, 2))),  # type: ignore[arg-type]
         crop_to_nonzero=bool(s.get("crop_to_nonzero", False)), mirror_axes=_ints(s.get("mirror_axes", ())),
         ensemble=tuple(dict(m) for m in s.get("ensemble", ())),
+        bf16_agreement=_fraction_or_none(s.get("bf16_agreement")),
     )
+
+
+def _fraction_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

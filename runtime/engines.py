@@ -1,4 +1,4 @@
-"""Inference engines behind one small interface: TensorRT, ONNX Runtime, PyTorch.
+"""Inference engines behind one small interface: TensorRT, ONNX Runtime, OpenVINO, PyTorch.
 
 An engine runs one network of a model package on batches of patches::
 
@@ -14,15 +14,24 @@ Runtime I/O binding, DLPack for torch).
 
 Which backend ``auto`` picks (:func:`resolve`): on a GPU TensorRT when the
 package has an engine built for this GPU and TensorRT version, else ONNX
-Runtime's CUDA provider, else torch; on the CPU ONNX Runtime, else torch.
-torch is imported only when the torch backend is chosen or asked about.
+Runtime's CUDA provider, else torch; on the CPU OpenVINO, else ONNX Runtime,
+else torch. torch is imported only when the torch backend is chosen or asked
+about.
+
+OpenVINO (CPU only) compiles the package's fp32 ONNX with the precision pinned
+(``INFERENCE_PRECISION_HINT`` f32 for fp32, bf16 for bf16: on a CPU with native
+bf16 OpenVINO would otherwise pick bf16 by itself) and keeps compiled models in
+a cache folder outside the package (:func:`openvino_cache_dir`). bf16 runs only
+through OpenVINO on a CPU that computes bf16 natively (:func:`cpu_bf16_support`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pocketseg.errors import InputError, MissingDependencyError, PocketsegError
-from pocketseg.manifest import INPUT_NAME, OUTPUT_NAME, Manifest, Stage
+from pocketseg.manifest import AGREEMENT_MIN, INPUT_NAME, OUTPUT_NAME, Manifest, Stage
 from pocketseg.runtime.arrays import DeviceUnavailableError, array_module, cuda_available
 from pocketseg.runtime.tensorrt_probe import (TensorRTError, gpu_identity, import_tensorrt, init_plugins,
                                               select_engine, tensorrt_logger)
@@ -41,18 +50,21 @@ __all__ = [
     "Engine",
     "EngineUnavailableError",
     "Selection",
+    "compile_openvino",
+    "cpu_bf16_support",
     "open_engine",
+    "openvino_cache_dir",
     "probe_backends",
     "resolve",
 ]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tensorrt", "onnxruntime", "torch")
+BACKENDS = ("tensorrt", "onnxruntime", "openvino", "torch")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 #: Preference of ``backend="auto"`` per device, fastest first.
-AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("onnxruntime", "torch")}
+AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("openvino", "onnxruntime", "torch")}
 #: On the CPU, nnU-Net-exact inference prefers torch: the same convolution kernels as nnU-Net's predictor, so
 #: that voxels whose two best classes are within a float16 step fall the same way (ONNX Runtime's kernels sum
 #: in another order); ONNX Runtime is next where torch is not installed.
@@ -63,6 +75,10 @@ ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 #: ONNX Runtime session option: weights in memory of their own, outside the arena, so that a shrink can
 #: return every arena region (a region holding an initializer is never free).
 INITIALIZERS_OUTSIDE_ARENA = "session.use_device_allocator_for_initializers"
+#: Environment variable naming the folder of OpenVINO's compiled-model cache (default :func:`openvino_cache_dir`).
+OPENVINO_CACHE_ENV = "POCKETSEG_OPENVINO_CACHE"
+#: OpenVINO's inference precision for each precision of the runtime that OpenVINO runs.
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 
 class EngineUnavailableError(PocketsegError, RuntimeError):
@@ -115,9 +131,63 @@ def _probe_torch(import_it: bool = True) -> BackendStatus:
                          f"CUDA {torch.version.cuda}" if cuda else "CPU build or no GPU")
 
 
+def _import_openvino() -> Any:
+    return importlib.import_module("openvino")  # optional (openvino extra): imported when asked about or run
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_cpu() -> tuple[str | None, tuple[str, ...], str]:
+    """(OpenVINO's version, its CPU's OPTIMIZATION_CAPABILITIES, why not usable); the version is None when missing."""
+    try:
+        ov = _import_openvino()
+    except ImportError as exc:
+        return None, (), f"not installed ({exc}); pip install 'pocketseg[openvino]'"
+    version = str(getattr(ov, "__version__", "")).split("-")[0] or "unknown"
+    try:
+        core = ov.Core()
+        if "CPU" not in core.available_devices:
+            return version, (), f"OpenVINO sees no CPU device (devices: {', '.join(core.available_devices) or 'none'})"
+        return version, tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")), ""
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+        return version, (), f"OpenVINO's CPU plugin cannot start ({type(exc).__name__}: {exc})"
+
+
+def _probe_openvino() -> BackendStatus:
+    version, capabilities, why = _openvino_cpu()
+    if version is None:
+        return BackendStatus("openvino", False, None, (), why)
+    if why:
+        return BackendStatus("openvino", True, version, (), why)
+    return BackendStatus("openvino", True, version, ("cpu",), "CPU capabilities: " + ", ".join(capabilities))
+
+
+def cpu_amx() -> bool | None:
+    """Whether the CPU has AMX tiles for bf16 (Linux ``/proc/cpuinfo`` flag ``amx_bf16``); None where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        return None
+    return None
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """(whether this CPU computes bf16 natively, the evidence): OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` lists
+    BF16 (AVX-512 BF16 or AMX); without OpenVINO nothing here can run bf16."""
+    version, capabilities, why = _openvino_cpu()
+    if version is None or why:
+        return False, f"OpenVINO is not usable: {why}"
+    if "BF16" not in capabilities:
+        return False, f"OpenVINO {version} reports no native bf16 on this CPU (capabilities: {', '.join(capabilities)})"
+    amx = cpu_amx()
+    return True, f"OpenVINO's CPU capabilities list BF16{'; AMX present' if amx else ''}"
+
+
 def probe_backends(*, import_torch: bool = True) -> dict[str, BackendStatus]:
     """Status of every backend on this machine (``import_torch=False`` avoids importing torch)."""
-    return {"tensorrt": _probe_tensorrt(), "onnxruntime": _probe_onnxruntime(),
+    return {"tensorrt": _probe_tensorrt(), "onnxruntime": _probe_onnxruntime(), "openvino": _probe_openvino(),
             "torch": _probe_torch(import_torch)}
 
 
@@ -180,6 +250,13 @@ def _available_on(backend: str, device: str, manifest: Manifest | None) -> tuple
         if device not in status.devices:
             return False, f"onnxruntime has no CUDAExecutionProvider here ({status.detail}); pip install onnxruntime-gpu", {}
         return True, "", {}
+    if backend == "openvino":
+        if device != "cpu":
+            return False, "this runtime runs OpenVINO on the CPU only", {}
+        status = _probe_openvino()
+        if not status.installed or "cpu" not in status.devices:
+            return False, status.detail, {}
+        return True, "", {}
     status = _probe_torch(import_it=device == "cuda")
     if not status.installed:
         return False, status.detail, {}
@@ -188,21 +265,41 @@ def _available_on(backend: str, device: str, manifest: Manifest | None) -> tuple
     return True, "", {}
 
 
+def _bf16_record(manifest: Manifest | None) -> tuple[bool, str]:
+    """(whether every stage of the package records a verified bf16 agreement, what the package says)."""
+    if manifest is None:
+        return False, "no model package given"
+    missing = [name for name, stage in manifest.stages.items() if stage.bf16_agreement is None]
+    if missing:
+        return False, (f"the package records no bf16 agreement for {', '.join(missing)} (exported without OpenVINO "
+                       "or on a CPU without native bf16)")
+    measured = ", ".join(f"{name} {100 * stage.bf16_agreement:.3f} %" for name, stage in manifest.stages.items())
+    if not all(stage.bf16_verified for stage in manifest.stages.values()):
+        return False, f"the package's bf16 agreement is below {100 * AGREEMENT_MIN:.1f} % ({measured})"
+    return True, f"the package's bf16 agreement is {measured}"
+
+
 def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | None = None,
             precision: str = "auto", *, exact: bool | None = None) -> Selection:
     """The backend, device and precision to run with.
 
-    ``device="auto"`` is ``cuda`` when CuPy sees a GPU, else ``cpu``. ``backend="auto"``
-    takes the first usable backend of :data:`AUTO_ORDER` (:data:`EXACT_CPU_ORDER` on the CPU for
-    nnU-Net-exact inference: ``exact``, by default the package's setting). ``precision="auto"`` is fp16 on
-    a GPU (the paper's FP16 engines) and fp32 on the CPU. An explicit choice that cannot
-    run raises :class:`EngineUnavailableError` (or :class:`DeviceUnavailableError`) saying why.
+    ``device="auto"`` is ``cuda`` when CuPy sees a GPU, else ``cpu`` (``cpu`` for ``precision="bf16"``).
+    ``backend="auto"`` takes the first usable backend of :data:`AUTO_ORDER` (:data:`EXACT_CPU_ORDER` on the
+    CPU for nnU-Net-exact inference: ``exact``, by default the package's setting). ``precision="auto"`` is
+    fp16 on a GPU (the paper's FP16 engines); on the CPU bf16 when OpenVINO runs, the CPU computes bf16
+    natively and every stage of the package records a bf16 agreement of at least :data:`AGREEMENT_MIN`
+    (never for nnU-Net-exact inference), else fp32. ``precision="bf16"`` runs only with OpenVINO on a CPU
+    with native bf16 (refused elsewhere); on a package without a verified agreement it runs with a warning.
+    An explicit choice that cannot run raises :class:`EngineUnavailableError` (or
+    :class:`DeviceUnavailableError`, :class:`InputError`) saying why.
     """
     _check_choice(backend, ("auto",) + BACKENDS, "backend")
     _check_choice(device, ("auto",) + DEVICES, "device")
     _check_choice(precision, ("auto",) + PRECISIONS, "precision")
     device_auto = device == "auto"
-    if device_auto:
+    if device_auto and precision == "bf16":
+        device, device_reason = "cpu", "CPU (precision bf16 runs on the CPU)"
+    elif device_auto:
         usable, why = cuda_available()
         device = "cuda" if usable else "cpu"
         device_reason = "a CUDA GPU is usable" if usable else f"CPU ({why})"
@@ -216,11 +313,21 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
     if precision_auto:
         precision = "fp16" if device == "cuda" else "fp32"
     if precision == "fp16" and device == "cpu":
-        raise InputError(None, "precision fp16 needs a CUDA device; on the CPU the runtime runs fp32")
+        raise InputError(None, "precision fp16 needs a CUDA device; on the CPU the runtime runs fp32 (or bf16)")
+    if precision == "bf16":
+        if device != "cpu":
+            raise InputError(None, "precision bf16 runs on the CPU (OpenVINO); on a CUDA device use fp16 or fp32")
+        if backend not in ("auto", "openvino"):
+            raise InputError(None, f"precision bf16 runs with the openvino backend only, not {backend}")
+        native, why = cpu_bf16_support()
+        if not native:
+            raise EngineUnavailableError(f"precision bf16 refused: this CPU has no native bf16 ({why})")
 
     if exact is None:
         exact = bool(manifest is not None and manifest.inference.nnunet_numerics)
     order = EXACT_CPU_ORDER if exact and device == "cpu" else AUTO_ORDER[device]
+    if precision == "bf16":
+        order = ("openvino",)
     candidates = order if backend == "auto" else (backend,)
     skipped = []
     for name in candidates:
@@ -236,16 +343,41 @@ def resolve(backend: str = "auto", device: str = "auto", manifest: Manifest | No
             reason = f"{device_reason}; backend {name} ({how})"
             if skipped:
                 reason += "; skipped " + "; ".join(skipped)
+            if name == "openvino":
+                precision, note = _openvino_precision(precision, precision_auto, manifest, exact)
+                reason += f"; {note}"
             return Selection(name, device, precision, reason, files)
         skipped.append(f"{name}: {why}")
     if backend == "auto" and device_auto and precision_auto and device == "cuda":
         # A GPU but no GPU-capable backend installed: the CPU still works.
-        fallback = resolve(backend="auto", device="cpu", manifest=manifest, precision="fp32", exact=exact)
-        return Selection(fallback.backend, "cpu", "fp32",
+        fallback = resolve(backend="auto", device="cpu", manifest=manifest, precision="auto", exact=exact)
+        return Selection(fallback.backend, "cpu", fallback.precision,
                          f"CPU: no backend can run on the GPU ({'; '.join(skipped)}); {fallback.reason}")
     if backend == "auto":
         raise EngineUnavailableError(f"no inference backend can run on {device}: " + "; ".join(skipped))
     raise EngineUnavailableError(f"backend {backend} cannot run on {device}: " + "; ".join(skipped))
+
+
+def _openvino_precision(precision: str, precision_auto: bool, manifest: Manifest | None,
+                        exact: bool) -> tuple[str, str]:
+    """OpenVINO's precision (fp32 or bf16) and why; warns on an explicit bf16 the package has not verified."""
+    verified, record = _bf16_record(manifest)
+    if precision == "bf16":  # asked for; native bf16 was checked by resolve
+        if not verified:
+            log.warning("precision bf16 without a verified agreement with fp32: %s; labels may differ from fp32",
+                        record)
+            return "bf16", f"precision bf16 (requested; not verified: {record})"
+        return "bf16", f"precision bf16 (requested; {record})"
+    if not precision_auto:
+        return precision, f"precision {precision} (requested)"
+    if exact:
+        return "fp32", "precision fp32 (auto: nnU-Net-exact inference)"
+    native, why = cpu_bf16_support()
+    if not native:
+        return "fp32", f"precision fp32 (auto: {why})"
+    if not verified:
+        return "fp32", f"precision fp32 (auto: the CPU computes bf16 natively, but {record})"
+    return "bf16", f"precision bf16 (auto: the CPU computes bf16 natively and {record})"
 
 
 # --------------------------------------------------------------------------------------------------------- engines
@@ -374,6 +506,96 @@ class OnnxRuntimeEngine(Engine):
 
     def close(self) -> None:
         self.session = None
+
+
+def openvino_cache_dir() -> Path:
+    """Where OpenVINO keeps compiled models: ``$POCKETSEG_OPENVINO_CACHE``, else ``pocketseg/openvino`` in the user's
+    cache folder (``$XDG_CACHE_HOME``, else ``~/.cache``). Never a package folder, whose files are checksummed."""
+    override = os.environ.get(OPENVINO_CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pocketseg" / "openvino"
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_core() -> Any:
+    return _import_openvino().Core()
+
+
+def compile_openvino(path: Path, precision: str, *, threads: int | None = None, cache_dir: Path | None = None) -> Any:
+    """OpenVINO's CPU compilation of the ONNX file ``path`` at ``precision`` (fp32 or bf16), latency hint.
+
+    The inference precision is always pinned, and read back from the compiled model: left unset, OpenVINO
+    computes in bf16 on CPUs that have it. ``threads``: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's choice);
+    ``cache_dir``: OpenVINO's ``CACHE_DIR`` (None: no cache). OpenVINO 2026.4 keeps one cached blob per model
+    file for both precisions and applies the precision when it loads it; the read-back covers a cached model too.
+    """
+    if precision not in OPENVINO_PRECISION:
+        raise InputError(None, f"OpenVINO runs precision {' or '.join(OPENVINO_PRECISION)}, not {precision!r}")
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    try:
+        compiled = _openvino_core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own for unreadable models
+        raise InputError(path, f"OpenVINO cannot compile the model ({type(exc).__name__}: {exc})") from None
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    got = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+    if got != OPENVINO_PRECISION[precision]:
+        raise EngineUnavailableError(f"{path}: OpenVINO compiled the model with inference precision {got}, not the "
+                                     f"{OPENVINO_PRECISION[precision]} asked for")
+    return compiled
+
+
+def _usable_cache_dir(package_dir: Path, cache_dir: Path | None) -> Path | None:
+    """The cache folder, created; None (no caching, with a warning) where it cannot be written or would sit inside
+    the package."""
+    cache = openvino_cache_dir() if cache_dir is None else Path(cache_dir)
+    if cache.resolve().is_relative_to(package_dir.resolve()):
+        log.warning("OpenVINO cache %s is inside the model package %s, whose files are checksummed; compiling "
+                    "without a cache (set %s elsewhere)", cache, package_dir, OPENVINO_CACHE_ENV)
+        return None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("OpenVINO cache %s cannot be created (%s); compiling without a cache", cache, exc.strerror or exc)
+        return None
+    return cache
+
+
+class OpenVinoEngine(Engine):
+    """OpenVINO on the CPU from the package's fp32 ONNX, at fp32 or bf16 (pinned), NumPy arrays in and out."""
+
+    backend = "openvino"
+
+    def __init__(self, package_dir: Path, stage: Stage, device: str, precision: str, *, threads: int | None = None,
+                 member: int = 0, cache_dir: Path | None = None):
+        super().__init__(stage, device, precision, member)
+        if device != "cpu":
+            raise EngineUnavailableError(f"this runtime runs OpenVINO on the CPU only, not on {device}")
+        if "onnx-fp32" not in self.files:
+            raise InputError(package_dir, f"stage {stage.name} has no fp32 ONNX file, which OpenVINO reads")
+        path = Path(package_dir) / self.files["onnx-fp32"]
+        self.cache_dir = _usable_cache_dir(Path(package_dir), cache_dir)
+        self.compiled = compile_openvino(path, precision, threads=threads, cache_dir=self.cache_dir)
+        inputs = {name for port in self.compiled.inputs for name in port.get_names()}
+        outputs = {name for port in self.compiled.outputs for name in port.get_names()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise InputError(path, f"the ONNX model's tensors are {sorted(inputs | outputs)}, expected {INPUT_NAME!r} "
+                                   f"and {OUTPUT_NAME!r}")
+        self._output = self.compiled.output(OUTPUT_NAME)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: Any) -> Any:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.request.infer({INPUT_NAME: batch})[self._output]
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
 
 
 class TorchEngine(Engine):
@@ -510,6 +732,9 @@ def open_engine(package_dir: str | Path, stage: Stage, selection: Selection, *, 
     if selection.backend == "onnxruntime":
         return OnnxRuntimeEngine(package_dir, stage, selection.device, selection.precision, threads=threads,
                                  member=member)
+    if selection.backend == "openvino":
+        return OpenVinoEngine(package_dir, stage, selection.device, selection.precision, threads=threads,
+                              member=member)
     if selection.backend == "torch":
         if importlib.util.find_spec("safetensors") is None:
             raise MissingDependencyError("safetensors", "The torch backend", "train")

@@ -23,6 +23,7 @@ from pocketseg.benchmarks import report as R
 from pocketseg.cli import main
 from pocketseg.errors import InputError, MissingDependencyError, OutputError
 from pocketseg.nifti import read_nifti
+from pocketseg.runtime.engines import probe_backends
 from pocketseg.volume import Volume
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'runtime') is not installed")
@@ -181,7 +182,8 @@ def bench_run(tiny_package, tmp_path_factory):
 
 def test_bench_cold_and_warm_on_the_cpu(bench_run):
     out, result = bench_run
-    assert result["device"] == "cpu" and result["backend"] == "onnxruntime"
+    cpu_auto = "openvino" if "cpu" in probe_backends(import_torch=False)["openvino"].devices else "onnxruntime"
+    assert result["device"] == "cpu" and result["backend"] == cpu_auto
     assert [(r["pipeline"], r["mode"], r["status"]) for r in result["runs"]] == [("pocketseg", "cold", "ok"),
                                                                                   ("pocketseg", "warm", "ok")]
     cold, warm = result["runs"]

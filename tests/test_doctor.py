@@ -19,6 +19,7 @@ from pocketseg.runtime.tensorrt_probe import GpuIdentity
 from pocketseg.manifest import MANIFEST_NAME, EngineRecord, Intensity, Manifest, Network, Stage, read_manifest
 from pocketseg.deploy import doctor
 from pocketseg.runtime.arrays import cuda_available
+from pocketseg.runtime.engines import probe_backends
 from pocketseg.deploy.doctor import diagnose, engine_records, format_report, parse_nvidia_smi_query
 
 ORIN = GpuIdentity("Orin (nvgpu)", "8.7")
@@ -37,6 +38,11 @@ def _no_gpu_tools() -> bool:
 
 # --------------------------------------------------------------------------------------------------- this machine
 
+def _cpu_auto() -> str:
+    """The backend ``auto`` takes on the CPU here: OpenVINO where it runs, else ONNX Runtime."""
+    return "openvino" if "cpu" in probe_backends(import_torch=False)["openvino"].devices else "onnxruntime"
+
+
 def test_report_of_this_machine_is_json_and_picks_the_cpu():
     report = diagnose()
     assert json.loads(json.dumps(report)) == report  # JSON-serialisable as it is
@@ -52,13 +58,20 @@ def test_report_of_this_machine_is_json_and_picks_the_cpu():
     if cuda_available()[0]:
         pytest.skip("a CUDA GPU is usable here; the CPU choice is checked on CPU-only machines")
     selection = report["selection"]
+    openvino = report["libraries"]["openvino"]
+    cpu_auto = "openvino" if "cpu" in openvino["devices"] else "onnxruntime"
     if _has("onnxruntime"):
         assert selection["ok"] and (selection["backend"], selection["device"], selection["precision"]) == (
-            "onnxruntime", "cpu", "fp32")
+            cpu_auto, "cpu", "fp32")
         assert "CPUExecutionProvider" in report["libraries"]["onnxruntime"]["providers"]
     assert report["libraries"]["cupy"]["usable"] is False
     text = format_report(report)
-    assert "Auto picks  onnxruntime on cpu" in text or not _has("onnxruntime")
+    assert f"Auto picks  {cpu_auto} on cpu" in text or not _has("onnxruntime")
+    # OpenVINO: its version, and whether the CPU computes bf16 natively (and why), said either way.
+    assert isinstance(openvino["bf16_native"], bool) and openvino["bf16_evidence"]
+    assert ("CPU bf16    native (" if openvino["bf16_native"] else "CPU bf16    not native (") in text
+    if openvino["installed"]:
+        assert openvino["version"] and f"openvino                 {openvino['version']}" in text
     assert "GPUs        none found" in text or not _no_gpu_tools()
 
 
@@ -111,7 +124,7 @@ def test_cupy_that_fails_to_import_is_reported_not_raised(fake_modules):
     assert cupy["installed"] and not cupy["usable"] and "libcuda.so.1" in cupy["detail"]
     assert cucim["installed"] and "libcudart" in cucim["detail"]
     if _has("onnxruntime"):
-        assert report["selection"]["device"] == "cpu" and report["selection"]["backend"] == "onnxruntime"
+        assert report["selection"]["device"] == "cpu" and report["selection"]["backend"] == _cpu_auto()
     assert "libcuda.so.1" in format_report(report)
 
 
@@ -265,7 +278,7 @@ def test_exported_package_verifies_and_has_no_engines(package, capsys):
     assert pkg["engines"] == [] and set(pkg["stages"]) == {"roi", "detail"}
     assert pkg["stages"]["detail"]["patch_zyx"] == [16, 32, 32]
     if not cuda_available()[0]:
-        assert (report["selection"]["backend"], report["selection"]["device"]) == ("onnxruntime", "cpu")
+        assert (report["selection"]["backend"], report["selection"]["device"]) == (_cpu_auto(), "cpu")
         assert report["problems"] == []
     text = format_report(report)
     assert "checksums   OK" in text and "engines     none" in text

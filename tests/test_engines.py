@@ -20,11 +20,21 @@ pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'runtime') is not 
 no_gpu = pytest.mark.skipif(cuda_available()[0], reason="this test describes a machine without a usable GPU")
 
 
+def _cpu_auto() -> str:
+    """The backend ``auto`` takes on the CPU here: OpenVINO where it runs, else ONNX Runtime."""
+    return "openvino" if "cpu" in engines.probe_backends(import_torch=False)["openvino"].devices else "onnxruntime"
+
+
 @no_gpu
-def test_auto_picks_onnxruntime_on_the_cpu(tiny_package):
+def test_auto_picks_openvino_else_onnxruntime_on_the_cpu(tiny_package, monkeypatch):
     sel = engines.resolve(manifest=load_package(tiny_package))
-    assert (sel.backend, sel.device, sel.precision) == ("onnxruntime", "cpu", "fp32")
+    assert (sel.backend, sel.device, sel.precision) == (_cpu_auto(), "cpu", "fp32")
     assert "CPU" in sel.reason
+    real = engines._available_on
+    monkeypatch.setattr(engines, "_available_on", lambda name, device, m: (False, "not installed", {})
+                        if name == "openvino" else real(name, device, m))
+    sel = engines.resolve(manifest=load_package(tiny_package))
+    assert (sel.backend, sel.precision) == ("onnxruntime", "fp32") and "openvino: not installed" in sel.reason
 
 
 @no_gpu
@@ -33,7 +43,8 @@ def test_exact_inference_prefers_torch_on_the_cpu_and_falls_back_to_onnxruntime(
     manifest = load_package(tiny_package)
     exact = engines.resolve(manifest=manifest, exact=True)
     assert exact.backend == "torch" and "nnU-Net-exact" in exact.reason
-    assert engines.resolve(manifest=manifest, exact=False).backend == "onnxruntime"
+    assert engines.resolve(manifest=manifest, exact=False).backend == _cpu_auto()
+    assert "openvino" not in engines.EXACT_CPU_ORDER  # not measured to agree with nnU-Net as well as ONNX Runtime
     assert engines.resolve(manifest=manifest, backend="onnxruntime", exact=True).backend == "onnxruntime"
     real = engines._available_on
     monkeypatch.setattr(engines, "_available_on", lambda name, device, m: (False, "not installed", {})
@@ -53,7 +64,12 @@ def test_unavailable_choices_say_why():
     with pytest.raises(InputError, match="fp16 needs a CUDA device"):
         engines.resolve(device="cpu", precision="fp16")
     with pytest.raises(InputError, match="backend must be one of"):
-        engines.resolve(backend="openvino")
+        engines.resolve(backend="coreml")
+    with pytest.raises(InputError, match="precision must be one of"):
+        engines.resolve(precision="int8")
+    with pytest.raises(InputError, match="bf16 runs with the openvino backend only"):
+        engines.resolve(backend="onnxruntime", device="cpu", precision="bf16")
+    assert engines._available_on("openvino", "cuda", None)[:2] == (False, "this runtime runs OpenVINO on the CPU only")
 
 
 def test_probe_reports_every_backend():

@@ -97,6 +97,49 @@ def test_strict_export_refuses_fp16_disagreement(runs, tmp_path, monkeypatch):
     assert export_package(*runs, tmp_path / "pkg2").is_dir()  # the default keeps the package, with a warning
 
 
+def test_bf16_agreement_is_measured_recorded_and_enforced(runs, tmp_path, monkeypatch, caplog):
+    import pocketseg.engine_build.export as E
+
+    agreement = {"roi": 0.9995, "detail": 0.9991}
+    monkeypatch.setattr(E, "cpu_bf16_support", lambda: (True, "test: native bf16"))
+    monkeypatch.setattr(E, "check_bf16", lambda path, patch: {"argmax_agreement": agreement[path.stem],
+                                                              "max_abs_logit_diff": 0.01})
+    out = export_package(*runs, tmp_path / "pkg", fp16=False, strict=True)
+    manifest = load_package(out)
+    assert {n: s.bf16_agreement for n, s in manifest.stages.items()} == agreement
+    assert all(s.bf16_verified for s in manifest.stages.values())
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["detail"]["bf16_argmax_agreement"] == 0.9991 and report["detail"]["bf16_verified"] is True
+
+    agreement["detail"] = 0.98
+    with pytest.raises(E.ExportCheckError, match="bf16 .OpenVINO. agrees with fp32 on 98.000 %"):
+        export_package(*runs, tmp_path / "strict", fp16=False, strict=True)
+    assert not (tmp_path / "strict").exists()
+    with caplog.at_level("WARNING", logger="pocketseg.engine_build.export"):
+        kept = load_package(export_package(*runs, tmp_path / "warned", fp16=False))
+    assert kept.detail.bf16_agreement == 0.98 and not kept.detail.bf16_verified and "bf16" in caplog.text
+
+    # Without native bf16 (or without OpenVINO) nothing is measured and the field stays empty.
+    monkeypatch.setattr(E, "cpu_bf16_support", lambda: (False, "test: no BF16"))
+    plain = load_package(export_package(*runs, tmp_path / "plain", fp16=False))
+    assert all(s.bf16_agreement is None for s in plain.stages.values())
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_check_bf16_measures_with_openvino(runs, tmp_path):
+    from pocketseg.engine_build.export import check_bf16
+    from pocketseg.runtime.engines import cpu_bf16_support
+
+    if not cpu_bf16_support()[0]:
+        pytest.skip("this CPU has no native bf16: " + cpu_bf16_support()[1])
+    _, preset, net, _ = load_run(runs[1], "detail")
+    export_onnx(net, preset.patch_zyx, tmp_path / "detail.onnx")
+    result = check_bf16(tmp_path / "detail.onnx", parity_patch(Intensity(**INTENSITY), preset.spacing_mm_zyx,
+                                                              preset.patch_zyx))
+    # Untrained nets: near-tied logits, of which bf16's 8-bit mantissa flips a few per cent at most.
+    assert 0.9 < result["argmax_agreement"] <= 1.0 and 0 < result["max_abs_logit_diff"] < 1.0
+
+
 def test_parity_tolerance_scales_with_large_logits():
     from pocketseg.engine_build.export import parity_tolerance
 

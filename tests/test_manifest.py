@@ -98,6 +98,30 @@ def test_bad_manifests(tmp_path, package):
         read_manifest(folder)
 
 
+def test_bf16_agreement_round_trips_and_older_manifests_load_without_it(tmp_path, package):
+    from dataclasses import replace
+
+    folder, manifest = package
+    assert manifest.detail.bf16_agreement is None and not manifest.detail.bf16_verified
+    measured = replace(manifest, stages={"roi": replace(manifest.roi, bf16_agreement=0.9995),
+                                         "detail": replace(manifest.detail, bf16_agreement=0.998)})
+    (folder / MANIFEST_NAME).write_text(measured.to_json())
+    loaded = load_package(folder)
+    assert loaded == measured and loaded.roi.bf16_verified and not loaded.detail.bf16_verified
+    # A manifest written before the field existed (no key at all, no content digest) loads unchanged.
+    data = json.loads(manifest.to_json())
+    for stage in data["stages"].values():
+        del stage["bf16_agreement"]
+    data.pop("content_sha256")
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    assert load_package(folder) == manifest
+    for bad, match in ((1.5, "bf16_agreement must be a fraction"), ("0.999", "malformed"), (True, "malformed")):
+        data["stages"]["detail"]["bf16_agreement"] = bad
+        (folder / MANIFEST_NAME).write_text(json.dumps(data))
+        with pytest.raises(InputError, match=match):
+            read_manifest(folder)
+
+
 # ------------------------------------------------------------------------------------------------ format 1
 
 FORMAT1 = Path(__file__).parent / "fixtures" / "format1"
@@ -122,3 +146,19 @@ def test_format_1_packages_predict_exactly_as_before(backend):
         load_volume(FORMAT1 / "case_0000.nii.gz")).labels
     assert now.shape == before.shape and len(np.unique(before)) > 5
     assert np.array_equal(now, before)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda d: d.update(roi_margin_mm=0), "roi_margin_mm must be a positive number"),
+    (lambda d: d["labels"].update(liver=20), "do not fit the detail stage's 15 classes"),
+    (lambda d: d.update(format_version=0), "format 0 is not one of"),
+    (lambda d: d.update(format_version="1"), "format_version must be an integer"),
+])
+def test_out_of_range_values_are_refused_without_a_digest_too(package, edit, problem):
+    folder, _ = package
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data.pop("content_sha256")  # the values themselves are checked, digest or not
+    edit(data)
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(InputError, match=problem):
+        load_package(folder)

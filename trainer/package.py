@@ -92,7 +92,8 @@ def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str |
         overwrite: replace an existing package folder (only once the new one is complete).
         fp16: also write the mixed-precision fp16 ONNX (for TensorRT).
         check: check ONNX against PyTorch and fp16 against fp32 on a synthetic-CT patch.
-        strict: refuse a package whose fp16 graph agrees with fp32 on < 99.9 % of voxels (else a warning).
+        strict: refuse a package whose fp16 graph, or bf16 inference where OpenVINO runs it natively, agrees with
+            fp32 on < 99.9 % of voxels (else a warning).
         opset: ONNX opset, 17..20.
     """
     check_opset(opset)
