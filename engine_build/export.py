@@ -240,15 +240,8 @@ def _network_files(stage: StageExport, name: str, net: torch.nn.Module, weights:
         if check:
             info.update({f"fp16_{k}": v for k, v in check_fp16(folder / files["onnx-fp32"], folder / files["onnx-fp16"],
                                                                patch).items()})
-            info["fp16_verified"] = info["fp16_argmax_agreement"] >= FP16_AGREEMENT_MIN
-            if not info["fp16_verified"]:
-                # Barely trained nets have near-tied logits, which fp16 rounding flips; a trained net agrees on
-                # >= 99.9 % of voxels. Keep the package, say so loudly, and let strict exports refuse it.
-                message = (f"{name}: fp16 ONNX agrees with fp32 on {100 * info['fp16_argmax_agreement']:.3f} % of "
-                           f"voxels (< {100 * FP16_AGREEMENT_MIN:.1f} %); check accuracy before deploying fp16")
-                if strict:
-                    raise ExportCheckError(message)
-                log.warning(message)
+            _judge_agreement(info, "fp16", f"{name}: fp16 ONNX", FP16_AGREEMENT_MIN,
+                             "check accuracy before deploying fp16", strict=strict)
     if check:
         _bf16_files_check(name, folder / files["onnx-fp32"], patch, strict=strict, info=info)
     report[name] = info
@@ -264,10 +257,20 @@ def _bf16_files_check(name: str, fp32_path: Path, patch: np.ndarray, *, strict: 
         log.info("%s: bf16 agreement not measured (%s)", name, why)
         return
     info.update({f"bf16_{k}": v for k, v in check_bf16(fp32_path, patch).items()})
-    info["bf16_verified"] = info["bf16_argmax_agreement"] >= AGREEMENT_MIN
-    if not info["bf16_verified"]:
-        message = (f"{name}: bf16 (OpenVINO) agrees with fp32 on {100 * info['bf16_argmax_agreement']:.3f} % of "
-                   f"voxels (< {100 * AGREEMENT_MIN:.1f} %); --precision auto will not choose bf16 for it")
+    _judge_agreement(info, "bf16", f"{name}: bf16 (OpenVINO)", AGREEMENT_MIN,
+                     "--precision auto will not choose bf16 for it", strict=strict)
+
+
+def _judge_agreement(info: dict[str, Any], precision: str, what: str, minimum: float, advice: str, *,
+                     strict: bool) -> None:
+    """Record whether ``info``'s ``<precision>_argmax_agreement`` reaches ``minimum``; below it warn or, ``strict``,
+    refuse. Barely trained nets have near-tied logits, which reduced precision flips; a trained net agrees on
+    >= 99.9 % of voxels, so the package is kept with a loud warning unless the export is strict."""
+    agreement = info[f"{precision}_argmax_agreement"]
+    info[f"{precision}_verified"] = agreement >= minimum
+    if not info[f"{precision}_verified"]:
+        message = (f"{what} agrees with fp32 on {100 * agreement:.3f} % of voxels (< {100 * minimum:.1f} %); "
+                   f"{advice}")
         if strict:
             raise ExportCheckError(message)
         log.warning(message)
