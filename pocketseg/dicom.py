@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pocketseg.errors import InputError, MissingDependencyError
+from pocketseg.layout import is_nifti_path
 from pocketseg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -223,9 +224,25 @@ def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     return infos
 
 
+def _no_series(folder: Path) -> str:
+    """Why ``folder`` holds no DICOM image series, as the user would describe its content."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if not entries:
+        return "is empty: expected the files of one DICOM series"
+    nifti = [p for p in entries if p.is_file() and is_nifti_path(p)]
+    if nifti:
+        return (f"holds NIfTI files ({nifti[0].name}{', ...' if len(nifti) > 1 else ''}), not a DICOM series: give one "
+                "NIfTI file, or the folder to `pocketseg predict`, which segments every NIfTI file in it")
+    subfolders = sorted(p for p in entries if p.is_dir())
+    if subfolders:
+        return (f"holds no DICOM image files itself but {len(subfolders)} sub-folder(s) ({subfolders[0].name}"
+                f"{', ...' if len(subfolders) > 1 else ''}): give one series folder (sub-folders are not searched)")
+    return f"contains no DICOM image files ({len(entries)} file(s), none of them a DICOM image)"
+
+
 def _choose_series(folder: Path, headers: Sequence[_Header], series_uid: str | None) -> tuple[str, list[_Header]]:
     if not headers:
-        raise InputError(folder, "contains no DICOM image files")
+        raise InputError(folder, _no_series(folder))
     groups = _group(headers)
     infos = sorted((_info(uid, members) for uid, members in groups.items()), key=lambda i: (-i.n_files, i.uid))
     if series_uid is not None:

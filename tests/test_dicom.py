@@ -520,8 +520,23 @@ def test_empty_folder_is_rejected(tmp_path, pydicom):
     folder.mkdir()
     with pytest.raises(InputError) as excinfo:
         read_dicom_series(folder)
-    assert str(folder) in str(excinfo.value) and "no DICOM image" in str(excinfo.value)
+    assert str(folder) in str(excinfo.value) and "is empty" in str(excinfo.value)
     assert list_series(folder) == []
+
+
+def test_a_folder_of_nifti_files_or_of_series_folders_says_what_it_holds(tmp_path, pydicom):
+    from pocketseg.dicom import read_dicom_series
+
+    nifti = tmp_path / "nifti"
+    nifti.mkdir()
+    (nifti / "a_0000.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match="holds NIfTI files \\(a_0000.nii.gz\\), not a DICOM series"):
+        read_dicom_series(nifti)
+    patients = tmp_path / "patients"
+    for name in ("p1", "p2"):
+        (patients / name).mkdir(parents=True)
+    with pytest.raises(InputError, match="2 sub-folder\\(s\\) \\(p1, ...\\): give one series folder"):
+        read_dicom_series(patients)
 
 
 def test_folder_with_only_text_is_rejected(tmp_path, pydicom):
@@ -532,7 +547,7 @@ def test_folder_with_only_text_is_rejected(tmp_path, pydicom):
     (folder / "notes.txt").write_text("hello\n")
     with pytest.raises(InputError) as excinfo:
         read_dicom_series(folder)
-    assert str(folder) in str(excinfo.value) and "no DICOM image" in str(excinfo.value)
+    assert str(folder) in str(excinfo.value) and "no DICOM image files (1 file(s)" in str(excinfo.value)
 
 
 def test_missing_folder_and_file_instead_of_folder(tmp_path, pydicom):
