@@ -64,7 +64,7 @@ def check_targets(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> Non
         if path.is_dir():
             raise OutputError(path, "is a folder, expected a file path")
         if path.exists() and not overwrite:
-            raise OutputError(path, "already exists (pass overwrite=True / --overwrite to replace it)")
+            raise OutputError(path, "already exists (--overwrite replaces it; overwrite=True from Python)")
 
 
 def check_writable_target(path: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -73,7 +73,7 @@ def check_writable_target(path: str | os.PathLike, *, overwrite: bool) -> Path:
     if target.is_dir():
         raise OutputError(target, "is a directory, expected a file path")
     if target.exists() and not overwrite:
-        raise OutputError(target, "already exists (pass overwrite=True / --overwrite to replace it)")
+        raise OutputError(target, "already exists (--overwrite replaces it; overwrite=True from Python)")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(target, f"parent folder {parent} does not exist")
@@ -134,7 +134,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     if target.exists() and not target.is_dir():
         raise OutputError(target, "exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputError(target, "is a non-empty folder (pass overwrite=True / --overwrite to replace it)")
+        raise OutputError(target, "is a non-empty folder (--overwrite replaces it; overwrite=True from Python)")
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

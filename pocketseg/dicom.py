@@ -256,7 +256,8 @@ def _choose_series(folder: Path, headers: Sequence[_Header], series_uid: str | N
     if len(groups) > 1:
         raise InputError(
             folder,
-            f"holds {len(groups)} DICOM series; pass series_uid to choose one of:\n{_describe(infos)}",
+            f"holds {len(groups)} DICOM series; choose one with --series-uid UID (series_uid= from Python):\n"
+            f"{_describe(infos)}",
         )
     uid = next(iter(groups))
     return uid, groups[uid]

@@ -270,3 +270,11 @@ def test_output_dir_mode_follows_umask(tmp_path, umask_027):
     with atomic_output_dir(tmp_path / "results") as tmp:
         (tmp / "a").write_text("a")
     assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o777 & ~umask_027  # not mkdtemp's 0700
+
+
+def test_a_refusal_to_replace_names_the_flag_first(tmp_path):
+    target = tmp_path / "seg.nii.gz"
+    target.write_bytes(b"mine")
+    with pytest.raises(OutputError, match="already exists \\(--overwrite replaces it; overwrite=True from Python\\)"):
+        pocketseg.atomic.check_targets([target], overwrite=False)
+    assert target.read_bytes() == b"mine"
