@@ -331,13 +331,16 @@ def _order_slices(folder: Path, members: Sequence[_Header]) -> tuple[list[_Heade
     Rejects duplicated positions, missing slices, irregular spacing and slices
     shifted in-plane (gantry tilt), none of which fits one affine grid.
     """
-    if len(members) < 2:
-        raise InputError(
-            folder, f"the series has a single slice ({members[0].path.name}); a 3D volume needs at least 2"
-        )
     row_dir, col_dir = _unit_orientation(folder, members[0])
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
+    if len(members) == 1:
+        # One slice (as a one-slice NIfTI is read): its extent along the normal can only come from SliceThickness.
+        thickness = members[0].slice_thickness
+        if thickness is None or not np.isfinite(thickness) or thickness <= 0:
+            raise InputError(folder, f"the series has a single slice ({members[0].path.name}) without a positive "
+                                     "SliceThickness, so its extent along the slice normal is unknown")
+        return list(members), float(thickness), normal
     positions = np.array([h.position for h in members], dtype=np.float64)
     along = positions @ normal
     order = np.argsort(along, kind="stable")

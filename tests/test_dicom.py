@@ -560,13 +560,24 @@ def test_missing_folder_and_file_instead_of_folder(tmp_path, pydicom):
         read_dicom_series(tmp_path / "file.dcm")
 
 
-def test_single_slice_is_rejected(tmp_path, pydicom):
+def test_single_slice_is_read_with_its_thickness_as_a_one_slice_nifti_is(tmp_path, pydicom):
     from pocketseg.dicom import read_dicom_series
 
-    _write_series(tmp_path / "one", n_slices=1)
+    stored, positions, _ = _write_series(tmp_path / "one", n_slices=1)  # SliceThickness 5 mm, slope 2, intercept -100
+    volume = read_dicom_series(tmp_path / "one")
+    assert 1 in volume.data.shape and volume.data.size == stored.size
+    np.testing.assert_array_equal(np.sort(np.asarray(volume.data, dtype=np.float64).ravel()),
+                                  np.sort(stored.astype(np.float64).ravel() * 2.0 - 100.0))
+    assert sorted(round(float(v), 6) for v in np.linalg.norm(volume.affine[:3, :3], axis=0)) == [0.7, 0.9, 5.0]
+
+    path = tmp_path / "one" / "slice_000.dcm"
+    ds = pydicom.dcmread(str(path))
+    del ds.SliceThickness
+    _save(ds, path)
     with pytest.raises(InputError) as excinfo:
         read_dicom_series(tmp_path / "one")
     assert str(tmp_path / "one") in str(excinfo.value) and "single slice" in str(excinfo.value)
+    assert "SliceThickness" in str(excinfo.value)
 
 
 @pytest.mark.parametrize(
