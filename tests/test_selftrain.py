@@ -433,3 +433,24 @@ def test_other_settings_on_the_same_work_folder_are_refused(crashed_and_resumed,
     work, _, _ = crashed_and_resumed
     with pytest.raises(InputError, match="threshold 0.5"):
         selftrain(dataset, work=work, **{**KW, "threshold": 0.5})
+
+
+def test_a_bad_partial_label_is_refused_when_planning_before_any_training(tmp_path):
+    from pocketseg.nifti import read_nifti, write_nifti
+    from pocketseg.synth.dataset import synthesize_dataset
+    from pocketseg.trainer.selftrain import SelfTraining, Settings
+
+    dataset = synthesize_dataset(tmp_path / "data", full=2, partial=1, seed=4, small=True, slices=24,
+                                 progress=False)
+    partial = json.loads((dataset / "dataset.json").read_text())["pocketseg"]["subsets"]["partial"][0]
+    path = dataset / "labelsTr" / f"{partial}.nii.gz"
+    label = read_nifti(path)
+    data = np.asarray(label.data).copy()
+    data[0, 0, 0] = 99
+    write_nifti(data, path, affine=label.affine, overwrite=True)
+    settings = Settings(dataset=str(dataset), rounds=2, threshold=None, tumor_pseudo=True, annotated_from_labels=False,
+                        preset="detail-tiny", roi_preset="roi-tiny", roi_run=None, epochs=1, iterations=1,
+                        batch_size=2, holdout=0.0, seed=0)
+    (tmp_path / "work").mkdir()
+    with pytest.raises(InputError, match=f"{partial}: label values outside 0-14: \\[99\\]"):
+        SelfTraining(settings, tmp_path / "work", progress=False).step_plan()

@@ -83,7 +83,7 @@ from pocketseg.nifti import read_nifti, write_labels
 from pocketseg.runtime.cascade import CascadePredictor
 from pocketseg.trainer import checkpoint as ckpt
 from pocketseg.trainer import pseudo as P
-from pocketseg.trainer.dataset import open_dataset
+from pocketseg.trainer.dataset import open_dataset, validate_cases
 from pocketseg.trainer.package import export_package, load_run
 from pocketseg.trainer.presets import get_preset
 from pocketseg.trainer.selftrain_report import write_report
@@ -272,6 +272,9 @@ class SelfTraining:
     def step_plan(self) -> None:
         s = self.settings
         raw = open_dataset(s.dataset)
+        labelled = raw.labelled(full_only=False)
+        if labelled:  # every label file, partial ones included, before hours of training (none: refused below)
+            validate_cases(labelled, dataset_root=Path(s.dataset))
         cases: dict[str, dict[str, Any]] = {}
         for c in raw.cases:
             if c.label is None:
