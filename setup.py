@@ -20,6 +20,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"', Path("pocketseg/version.py").rea
 def _packages() -> tuple[list[str], dict[str, str]]:
     package_dir = {"pocketseg": "pocketseg"}
     packages = []
+    # rglob does not descend into the links pocketseg/<room> -> ../<room> (docs/development.md, "Layers"),
+    # so each room is listed once, from its own folder, below.
     for init in sorted(Path("pocketseg").rglob("__init__.py")):
         packages.append(".".join(init.parent.parts))
     for room in ROOMS:

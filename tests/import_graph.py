@@ -1,20 +1,16 @@
-"""Stage the installed package for import-linter, and count the imports written inside functions.
+"""The package's module files, and the imports written inside functions.
 
 The rooms (``runtime/``, ``trainer/``, ...) live beside ``pocketseg/`` and reach
-the ``pocketseg`` namespace through setup.py's ``package_dir``; import-linter
-(grimp) reads a package from one folder. :func:`stage` builds that folder from
-links: ``STAGE/pocketseg`` holds links to the core's files and one link per
-room, found where the import system finds it.
-
-    python tests/import_graph.py STAGE_DIR     # stage, then: cd STAGE_DIR && lint-imports --config pyproject.toml
+the ``pocketseg`` namespace through setup.py's ``package_dir`` once installed.
+In the source tree each room is also linked into ``pocketseg/`` (``pocketseg/runtime``
+-> ``../runtime``), so the tree reads as the installed namespace: plain
+``lint-imports`` in the repository root (import-linter walks one folder per package)
+sees every room. setup.py skips those links; the wheel holds each file once.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
-import shutil
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,32 +21,9 @@ OPTIONAL = {"torch", "safetensors", "onnx", "onnx_graphsurgeon", "onnxruntime", 
 
 
 def rooms() -> dict[str, Path]:
-    """``{subpackage: folder}`` of the installed ``pocketseg`` whose folder is not inside ``pocketseg/``."""
-    core = Path(importlib.util.find_spec("pocketseg").origin).parent
-    found = {}
-    for folder in sorted(ROOT.iterdir()):
-        if (folder / "__init__.py").is_file() and folder.name not in ("pocketseg", "tests"):
-            spec = importlib.util.find_spec(f"pocketseg.{folder.name}")
-            if spec is not None and spec.submodule_search_locations:
-                location = Path(list(spec.submodule_search_locations)[0])
-                if core not in location.parents:
-                    found[folder.name] = location
-    return found
-
-
-def stage(target: Path) -> Path:
-    """``target/pocketseg``: links to the core's entries and to every room; returns ``target``."""
-    core = Path(importlib.util.find_spec("pocketseg").origin).parent
-    package = target / "pocketseg"
-    if target.exists():
-        shutil.rmtree(target)
-    package.mkdir(parents=True)
-    for entry in core.iterdir():
-        if entry.name != "__pycache__":
-            (package / entry.name).symlink_to(entry)
-    for name, folder in rooms().items():
-        (package / name).symlink_to(folder)
-    return target
+    """``{subpackage: folder}``: every folder beside ``pocketseg/`` that is a package (a room)."""
+    return {f.name: f for f in sorted(ROOT.iterdir())
+            if (f / "__init__.py").is_file() and not f.is_symlink() and f.name not in ("pocketseg", "tests")}
 
 
 def module_files() -> dict[str, Path]:
@@ -63,8 +36,6 @@ def module_files() -> dict[str, Path]:
             if rel[-1] == "__init__":
                 rel = rel[:-1]
             name = ".".join((prefix, *rel))
-            if prefix == "pocketseg" and rel and rel[0] in rooms():
-                continue
             out[name] = path
     return out
 
@@ -85,9 +56,3 @@ def function_imports(path: Path) -> list[tuple[int, str, str]]:
 
     walk(tree, None)
     return found
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/import_graph.py STAGE_DIR")
-    print(stage(Path(sys.argv[1])))

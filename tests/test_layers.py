@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from import_graph import OPTIONAL, ROOT, function_imports, module_files, stage
+from import_graph import OPTIONAL, ROOT, function_imports, module_files, rooms
 from pocketseg.cli import HANDLERS
 from pocketseg.commands import build_parser, cli_reference
 
@@ -20,31 +20,42 @@ def _lint_imports() -> Path | None:
     return exe if exe.is_file() else (Path(found) if (found := shutil.which("lint-imports")) else None)
 
 
-def test_layers_contract_holds(tmp_path):
+def test_every_room_is_linked_into_the_package_folder():
+    # The links make the source tree read as the installed namespace (plain `lint-imports` in the root).
+    found = rooms()
+    assert {"runtime", "trainer", "engine_build", "evaluation", "deploy", "benchmarks"} <= set(found)
+    for name, folder in found.items():
+        link = ROOT / "pocketseg" / name
+        assert link.is_symlink(), f"pocketseg/{name} should be a link to ../{name}"
+        assert link.resolve() == folder.resolve()
+
+
+def test_layers_contract_holds():
     exe = _lint_imports()
     if exe is None:
         pytest.skip("import-linter is not installed (extra 'test')")
-    staged = stage(tmp_path / "stage")
-    done = subprocess.run([str(exe), str(ROOT / "pyproject.toml")], cwd=staged, capture_output=True, text=True,
-                          timeout=300)
+    # Run as a user would: plain `lint-imports` in the repository root.
+    done = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout and "3 kept" in done.stdout
 
 
 def test_a_broken_layer_is_caught(tmp_path):
-    # The contract must be able to fail: a staged copy of the runtime that imports the trainer.
+    # The contract must be able to fail: a copy of the tree whose runtime imports the trainer.
     exe = _lint_imports()
     if exe is None:
         pytest.skip("import-linter is not installed (extra 'test')")
-    staged = stage(tmp_path / "stage")
-    runtime = staged / "pocketseg" / "runtime"
-    source = runtime.resolve()
-    runtime.unlink()
-    shutil.copytree(source, runtime, ignore=shutil.ignore_patterns("__pycache__"))
+    package = tmp_path / "pocketseg"
+    package.mkdir()
+    for entry in (ROOT / "pocketseg").iterdir():
+        if entry.name not in ("__pycache__", "runtime"):
+            (package / entry.name).symlink_to(entry.resolve())
+    runtime = package / "runtime"
+    shutil.copytree(ROOT / "runtime", runtime, ignore=shutil.ignore_patterns("__pycache__"))
     with open(runtime / "intensity.py", "a", encoding="utf-8") as handle:
         handle.write("\nfrom pocketseg.trainer import presets  # noqa: E402\n")
-    done = subprocess.run([str(exe), str(ROOT / "pyproject.toml")], cwd=staged, capture_output=True, text=True,
-                          timeout=300)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    done = subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "pocketseg.runtime is not allowed to import pocketseg.trainer" in done.stdout
 
