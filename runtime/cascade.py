@@ -42,7 +42,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ class Prediction:
     """The label map of one scan, in the volume's voxel order (i, j, k), with what happened on the way."""
 
     labels: np.ndarray  # uint8 (i, j, k)
+    # upload, roi, detail, postprocess, total; and the profile inside them: roi.resample, roi.net, roi.box,
+    # detail.resample, detail.net, detail.back (labels back to the scan's grid), postprocess.components.
     timings_s: dict[str, float]
     roi_box_zyx: tuple[tuple[int, int], ...]  # [start, stop) on the stage's (z, y, x) view (the canonical grid)
     device: str
@@ -373,6 +376,13 @@ class CascadePredictor:
         self.am.synchronize()
         return time.perf_counter() - start
 
+    @contextmanager
+    def _timed(self, timings: dict[str, float], key: str) -> Iterator[None]:
+        """Add the (synchronised) time of the block to ``timings[key]``: the per-stage profile."""
+        start = time.perf_counter()
+        yield
+        timings[key] = timings.get(key, 0.0) + self._sync_time(start)
+
     def _network_input(self, stage: Stage, region: Any, spacing_zyx) -> Any:
         """The stage's normalised input on its own grid, from a raw (z, y, x) region."""
         new_shape = target_shape(region.shape, spacing_zyx, stage.spacing_mm_zyx)
@@ -407,20 +417,24 @@ class CascadePredictor:
                                      gaussian=s.gaussian, batch_size=step_batch, am=am, progress=self.progress,
                                      accumulate_dtype=acc)
 
-    def _segment_region(self, stage: Stage, region: Any, spacing_zyx, batch: int, back: str) -> Any:
+    def _segment_region(self, stage: Stage, region: Any, spacing_zyx, batch: int, back: str,
+                        timings: dict[str, float]) -> Any:
         """uint8 labels of ``stage`` on the grid of a raw (z, y, x) region (crop to non-zero where the stage does)."""
         am = self.am
-        inner = nonzero_box(region, am) if stage.crop_to_nonzero else tuple(slice(0, n) for n in region.shape)
-        sub = region[inner]
-        net_input = self._network_input(stage, sub, spacing_zyx)
-        result = self._stage_labels(stage, net_input, batch, back)
+        with self._timed(timings, f"{stage.name}.resample"):
+            inner = nonzero_box(region, am) if stage.crop_to_nonzero else tuple(slice(0, n) for n in region.shape)
+            sub = region[inner]
+            net_input = self._network_input(stage, sub, spacing_zyx)
+        with self._timed(timings, f"{stage.name}.net"):
+            result = self._stage_labels(stage, net_input, batch, back)
         del net_input
         back_axis = separate_z_axis(stage.spacing_mm_zyx, spacing_zyx)
-        if back == "logits":
-            labels = resample_logits_to_labels(result, sub.shape, separate_z=back_axis, am=am,
-                                               round_to=am.xp.float16 if self.settings.nnunet_numerics else None)
-        else:
-            labels = resample_labels(result, sub.shape, separate_z=back_axis, am=am)
+        with self._timed(timings, f"{stage.name}.back"):
+            if back == "logits":
+                labels = resample_logits_to_labels(result, sub.shape, separate_z=back_axis, am=am,
+                                                   round_to=am.xp.float16 if self.settings.nnunet_numerics else None)
+            else:
+                labels = resample_labels(result, sub.shape, separate_z=back_axis, am=am)
         del result
         if stage.crop_to_nonzero and tuple(labels.shape) != tuple(region.shape):
             # nnU-Net: everything outside the non-zero box is background.
@@ -429,14 +443,19 @@ class CascadePredictor:
             return full
         return labels
 
-    def _roi_box(self, image: Any, spacing_zyx, batch: int, warnings: list[str], name: str
-                 ) -> tuple[slice, slice, slice]:
+    def _roi_box(self, image: Any, spacing_zyx, batch: int, warnings: list[str], name: str,
+                 timings: dict[str, float]) -> tuple[slice, slice, slice]:
         """The abdomen box on the stage's view: ROI net, largest component, box + margin (mm)."""
         am = self.am
         roi = self.manifest.roi
-        roi_labels = self._stage_labels(roi, self._network_input(roi, image, spacing_zyx), batch, "labels")
-        roi_labels = keep_largest_components((roi_labels > 0).astype(am.xp.uint8), (1,), am)
-        box = bounding_box(roi_labels > 0, am)
+        with self._timed(timings, "roi.resample"):
+            net_input = self._network_input(roi, image, spacing_zyx)
+        with self._timed(timings, "roi.net"):
+            roi_labels = self._stage_labels(roi, net_input, batch, "labels")
+        del net_input
+        with self._timed(timings, "roi.box"):
+            roi_labels = keep_largest_components((roi_labels > 0).astype(am.xp.uint8), (1,), am)
+            box = bounding_box(roi_labels > 0, am)
         shape = image.shape
         if box is None:
             message = "the ROI net found no abdomen; the detail net runs on the whole volume"
@@ -480,19 +499,21 @@ class CascadePredictor:
             box = _given_box(roi_box_zyx, image.shape, volume.source)
             warnings.append("ROI stage skipped: the ROI box was given")
         elif self.manifest.roi is not None:
-            box = self._roi_box(image, spacing, batch, warnings, name)
+            box = self._roi_box(image, spacing, batch, warnings, name, timings)
         else:
             box = tuple(slice(0, n) for n in image.shape)
         timings["roi"] = self._sync_time(t)
 
         t = time.perf_counter()
-        crop_labels = self._segment_region(detail, image[box], spacing, batch, self.settings.back_resampling)
+        crop_labels = self._segment_region(detail, image[box], spacing, batch, self.settings.back_resampling,
+                                           timings)
         if self.manifest.output_labels:  # the model's classes -> the package's labels
             crop_labels = xp.asarray(np.asarray(self.manifest.output_labels, dtype=np.uint8))[crop_labels]
         timings["detail"] = self._sync_time(t)
 
         t = time.perf_counter()
-        self._postprocess(crop_labels, spacing)
+        with self._timed(timings, "postprocess.components"):
+            self._postprocess(crop_labels, spacing)
         # The output is allocated in the file's voxel order and filled through the stage's view,
         # so the download needs no transposed copy.
         full = xp.zeros(volume.shape, dtype=xp.uint8)

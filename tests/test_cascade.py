@@ -137,7 +137,13 @@ def test_runtime_equals_reference_pipeline(tiny_package, predictor, seed, orient
     agreement = float((ours.labels == ref).mean())
     assert agreement >= 0.999, f"voxel agreement {agreement:.5f}"
     assert set(np.unique(ours.labels)) <= set(range(L.NUM_CLASSES))
-    assert set(ours.timings_s) >= {"roi", "detail", "postprocess", "total"}
+    t = ours.timings_s
+    assert set(t) >= {"roi", "detail", "postprocess", "total", "roi.resample", "roi.net", "roi.box",
+                      "detail.resample", "detail.net", "detail.back", "postprocess.components"}
+    # The profile's parts lie inside their stage.
+    for stage, parts in (("roi", ("resample", "net", "box")), ("detail", ("resample", "net", "back")),
+                         ("postprocess", ("components",))):
+        assert 0 < sum(t[f"{stage}.{p}"] for p in parts) <= t[stage]
 
 
 def test_orientation_does_not_change_the_result(predictor):
@@ -325,7 +331,9 @@ def test_a_gpu_predictor_queues_all_its_work_on_its_own_non_blocking_stream(tiny
     np.testing.assert_array_equal(labels, CascadePredictor(tiny_package, device="cpu", backend="onnxruntime")
                                   .predict(volume).labels)  # the same result as the CPU module's
     assert seen and all(s is p.stream for s in seen)
-    assert p.stream.synchronized == 3 and cuda.null.synchronized == 0  # upload, ROI, detail timings wait on it
+    # The timings wait on it: upload; ROI resample, net, box and the stage; detail resample, net, back and the
+    # stage; components. Nothing waits on the null stream.
+    assert p.stream.synchronized == 10 and cuda.null.synchronized == 0
     assert cuda.get_current_stream() is cuda.null  # restored after predict
     p.free_cached_memory()
     assert freed == [p.stream, p.stream] and gpu.xp.pool.freed == 1  # every engine, then CuPy's pool
