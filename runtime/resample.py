@@ -297,7 +297,8 @@ def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
     Chunk by chunk of :data:`CHUNK_SLICES` along another axis: ``prep`` (element-wise), the 1D
     prefilter along ``axis`` (:func:`_spline_coefficients`), then each output sample as the weighted
     sum of its four coefficients. Only the output is volume-sized; the chunks' buffers are small and
-    reused. ``value_range``, a list, receives the (prepared) input's minimum and maximum.
+    reused. ``value_range``, a list, receives the (prepared) input's minimum and maximum per index of the
+    chunking axis (axis 0, or 1 when ``axis`` is 0): ``[lows, highs]``.
     """
     scale, offset = _grid_map(x.shape[axis], n_out)
     where = scale * np.arange(n_out, dtype=np.float64) + offset
@@ -315,8 +316,9 @@ def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
         sel = (slice(None),) * along + (slice(start, start + CHUNK_SLICES),)
         chunk = xp.asarray(x[sel], dtype=xp.float32) if prep is None else prep(x[sel])
         if value_range is not None:
-            lows.append(chunk.min())
-            highs.append(chunk.max())
+            others = tuple(ax for ax in range(3) if ax != along)
+            lows.append(chunk.min(axis=others))
+            highs.append(chunk.max(axis=others))
         coef = _spline_coefficients(chunk, 3, (axis,), xp, ndi)
         del chunk
         acc = xp.take(coef, index[0], axis=axis)
@@ -327,7 +329,7 @@ def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
             acc += term
         out[sel] = acc
     if value_range is not None:
-        value_range[:] = [min(lows), max(highs)]
+        value_range[:] = [xp.concatenate(lows), xp.concatenate(highs)]
     return out
 
 
@@ -346,7 +348,7 @@ def _cubic_separable(x: Any, new_shape: Sequence[int], xp: ModuleType, ndi: Modu
         x = _cubic_along(x, new_shape[ax], ax, xp, ndi, prep=prep if i == 0 else None,
                          value_range=value_range if i == 0 else None)
     if clip:
-        xp.clip(x, *value_range, out=x)
+        xp.clip(x, value_range[0].min(), value_range[1].max(), out=x)
     return x
 
 
@@ -385,7 +387,7 @@ def _resample_in_plane(
     (the weights at integer coordinates are exactly 1 and 0). A spline of higher order
     would also touch the neighbouring slices through the 3D prefilter, so then the
     coefficients are computed in-plane only and each slice is evaluated in 2D, as
-    nnU-Net does; this runs over chunks of :data:`CHUNK_SLICES` slices so the float32
+    nnU-Net does (cubic: one in-plane axis after the other); this runs over chunks of :data:`CHUNK_SLICES` slices so the float32
     copies never cover the whole volume (bounded GPU memory for long scans).
     """
     plane = [ax for ax in range(3) if ax != axis]
@@ -394,6 +396,17 @@ def _resample_in_plane(
     if order <= 1:
         return _resample_axes(prep(x), new_shape, plane, order, xp, ndi)
     moved = xp.moveaxis(x, axis, 0)
+    if order == 3:  # one in-plane axis after the other (:func:`_cubic_along`), each slice clipped to its range
+        value_range: list[Any] = []
+        out, first = moved, True
+        for ax in (1, 2):
+            if new_shape[plane[ax - 1]] != moved.shape[ax]:
+                # The first pass normalises and measures each slice's range (chunks along axis 0, the slices).
+                out = _cubic_along(out, new_shape[plane[ax - 1]], ax, xp, ndi, prep=prep if first else None,
+                                   value_range=value_range if first else None)
+                first = False
+        xp.clip(out, value_range[0][:, None, None], value_range[1][:, None, None], out=out)
+        return xp.moveaxis(out, 0, axis)
     maps = [_grid_map(moved.shape[ax], new_shape[plane[ax - 1]]) for ax in (1, 2)]
     scales = xp.asarray([m[0] for m in maps], dtype=xp.float64)
     offsets = [m[1] + _SPLINE_PAD for m in maps]
