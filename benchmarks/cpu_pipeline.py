@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pocketseg.benchmarks.memory import own_peak_rss_mb
 from pocketseg.benchmarks.report import write_json
 from pocketseg.imageio import load_volume
 from pocketseg.nifti import write_labels
@@ -33,9 +34,7 @@ def _child(which: str, model: Path, case: Path, labels_out: Path, report_out: Pa
         backend, precision = OURS[which]
         predictor = CascadePredictor(model, device="cpu", backend=backend, precision=precision)
     else:
-        from pocketseg.benchmarks.peers.nnunet import (
-            NnUNetCascade,  # the peer needs nnU-Net (peers extra)
-        )
+        from pocketseg.benchmarks.peers.nnunet import NnUNetCascade  # the peer needs nnU-Net (peers extra)
 
         predictor = NnUNetCascade(model, device="cpu", tile_step_size=1.0, use_gaussian=False)
     t_load = time.perf_counter()
@@ -51,7 +50,7 @@ def _child(which: str, model: Path, case: Path, labels_out: Path, report_out: Pa
     write_labels(labels, labels_out, reference=volume, overwrite=True)
     t_write = time.perf_counter()
     report = {"import_and_load_s": t_load - t0, "read_s": t_read - t_load, "predict_s": t_pred - t_read,
-              "write_s": t_write - t_pred, "stages_s": stages}
+              "write_s": t_write - t_pred, "stages_s": stages, "peak_rss_mb": own_peak_rss_mb()}
     write_json(report_out, report, overwrite=True)
 
 

@@ -14,8 +14,8 @@ first is for a user.
 
 Each pipeline runs in a fresh process, as a user runs it: imports, model loading,
 reading the NIfTI file, both stages, post-processing and writing the label map.
-The parent measures the process's wall time and its peak resident memory (the
-kernel's ``ru_maxrss`` of that child), and the child reports its own stage times.
+The parent measures the process's wall time; the child reports its stage times and
+its own peak resident memory (``VmHWM``: see :func:`pocketseg.benchmarks.memory.own_peak_rss_mb`).
 Peer settings are the paper's: tile step 1 (no overlap beyond covering the volume),
 no Gaussian blending, no test-time augmentation; both use every core.
 
@@ -46,7 +46,7 @@ from pocketseg.benchmarks.cpu_pipeline import NETWORK_PARTS, OURS, PIPELINES
 from pocketseg.benchmarks.report import write_json
 from pocketseg.imageio import load_volume
 from pocketseg.layout import image_name
-from pocketseg.nifti import read_nifti, write_labels, write_nifti
+from pocketseg.nifti import read_nifti, write_nifti
 from pocketseg.runtime.cascade import CascadePredictor
 from pocketseg.runtime.engines import (
     OPENVINO_CACHE_ENV,
@@ -76,7 +76,8 @@ def available_pipelines(wanted=PIPELINES) -> tuple[tuple[str, ...], dict[str, st
     return tuple(n for n in wanted if n not in skipped), skipped
 
 
-def _run_child(which: str, model: Path, case: Path, work: Path) -> dict:
+def run_pipeline(which: str, model: Path, case: Path, work: Path) -> dict:
+    """One pipeline in a fresh process: its report (with the child's own peak RSS) and wall time."""
     labels_out = work / f"{which}_labels.nii.gz"
     report_out = work / f"{which}_report.json"
     cmd = [sys.executable, "-m", "pocketseg.benchmarks.cpu_pipeline", which, "--model", str(model),
@@ -85,13 +86,13 @@ def _run_child(which: str, model: Path, case: Path, work: Path) -> dict:
     env = {**os.environ, OPENVINO_CACHE_ENV: str(work / "openvino-cache")}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{which} pipeline failed with exit status {proc.returncode}")
     report = json.loads(report_out.read_text())
-    report.update(wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024.0, labels=str(labels_out))
+    report.update(wall_s=wall, labels=str(labels_out))
     return report
 
 
@@ -120,9 +121,7 @@ def roi_stage_agreement(model: Path, case: Path) -> dict:
     labels compare the two pipelines' preprocessing, tiling and resampling back on a network
     whose output means something.
     """
-    from pocketseg.benchmarks.peers.nnunet import (
-        NnUNetCascade,  # the peer needs nnU-Net (peers extra)
-    )
+    from pocketseg.benchmarks.peers.nnunet import NnUNetCascade  # the peer needs nnU-Net (peers extra)
     image, spacing = canonical_zyx(load_volume(case))
     ours = CascadePredictor(model, device="cpu")
     roi = ours.manifest.roi
@@ -177,7 +176,7 @@ def run(out: Path, model: Path | None, slices: int, seed: int, repeats: int, pip
     for _ in range(repeats):  # alternating, so that a slower phase of a shared machine hits every pipeline
         for name in pipelines:
             log.info("running %s", name)
-            results[name].append(_run_child(name, model, case, out))
+            results[name].append(run_pipeline(name, model, case, out))
     best = {name: min(runs, key=lambda r: r["wall_s"]) for name, runs in results.items()}
     summary: dict = {"case": str(case), "shape": list(read_nifti(case).shape), "model": str(model),
                      "cpu_count": os.cpu_count(), "bf16": cpu_bf16_support()[1], "repeats": repeats,
