@@ -5,7 +5,13 @@ it, so a crash or an exception mid-write never leaves a partial file at the
 target path, and an existing file is only replaced when the caller asked for
 it. Every folder the package creates goes through :func:`ensure_dir`, every
 JSON file through :func:`write_json`, so they fail the same way: one
-:class:`~pocketseg.errors.OutputError` naming the path.
+:class:`~pocketseg.errors.OutputError` naming the path (a full disk included:
+"No space left on device").
+
+Files that belong together (a label map and its statistics and preview) are
+staged with :func:`staged_files`: each is written to a temporary file beside its
+target, and only when all of them are written are they renamed into place, the
+last one given last, so a failure leaves none of them (and no temporary file).
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from pocketseg.errors import InputError, OutputError
-
 
 def _umask() -> int:
     """The process umask, read without changing it where /proc allows (thread-safe)."""
@@ -102,9 +107,18 @@ def atomic_open(path: str | os.PathLike) -> Iterator:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, overwrite: bool = False) -> Path:
-    """Write ``payload`` to ``path`` atomically (temporary file + fsync + rename)."""
-    target = check_writable_target(path, overwrite=overwrite)
+def _write_failed(target: Path, exc: OSError) -> OutputError:
+    """What the operating system refused while writing ``target`` (a full disk, a quota, an I/O error), as
+    one error naming the file; errors of the package itself pass unchanged."""
+    if isinstance(exc, OutputError):
+        return exc
+    return OutputError(target, f"cannot be written: {exc.strerror or exc}")
+
+
+def _write_temporary(target: Path, payload: bytes | memoryview) -> str:
+    """``payload`` in a new temporary file beside ``target`` (flushed and fsynced); its name.
+
+    Nothing is left behind when this fails."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; outputs get the usual 0666 & ~umask
@@ -113,14 +127,121 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, 
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        if not overwrite and target.exists():  # appeared while we were writing
-            raise OutputError(target, "appeared while writing; not replacing it")
-        os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    return tmp_name
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, overwrite: bool = False) -> Path:
+    """Write ``payload`` to ``path`` atomically (temporary file + fsync + rename).
+
+    Raises:
+        OutputError: the target exists (without ``overwrite``) or cannot be written (naming the file and the
+            operating system's reason, e.g. "No space left on device"); no temporary file is left.
+    """
+    target = check_writable_target(path, overwrite=overwrite)
+    try:
+        tmp_name = _write_temporary(target, payload)
+    except OSError as exc:
+        raise _write_failed(target, exc) from None
+    try:
+        if not overwrite and target.exists():  # appeared while we were writing
+            raise OutputError(target, "appeared while writing; not replacing it")
+        os.replace(tmp_name, target)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise _write_failed(target, exc) from None
+        raise
     return target
+
+
+class StagedFiles:
+    """Files written to temporary names beside their targets, renamed into place together (see
+    :func:`staged_files`)."""
+
+    def __init__(self, *, overwrite: bool = False):
+        self.overwrite = overwrite
+        self._staged: list[tuple[Path, str]] = []
+
+    @property
+    def targets(self) -> list[Path]:
+        return [target for target, _ in self._staged]
+
+    def write(self, path: str | os.PathLike, payload: bytes | memoryview) -> Path:
+        """Stage ``payload`` for ``path`` (written and fsynced now, published by :meth:`publish`)."""
+        target = check_writable_target(path, overwrite=self.overwrite)
+        if target in self.targets:
+            raise ValueError(f"{target} is staged twice")
+        try:
+            self._staged.append((target, _write_temporary(target, payload)))
+        except OSError as exc:
+            raise _write_failed(target, exc) from None
+        return target
+
+    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+        return self.write(path, text.encode("utf-8"))
+
+    def discard(self) -> None:
+        """Remove every staged temporary file; no target is touched."""
+        for _, tmp_name in self._staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        self._staged.clear()
+
+    def publish(self) -> list[Path]:
+        """Rename the staged files over their targets in the order they were staged; the targets.
+
+        Every target is checked before the first rename (one that appeared meanwhile is not replaced without
+        ``overwrite``). Should a rename fail, the files this call created are removed again, so a failure
+        leaves none of the new files (replaced ones stay replaced: their earlier content is gone either way).
+        """
+        staged, self._staged = self._staged, []
+        published: list[Path] = []
+        current = staged[0][0] if staged else Path(".")
+        try:
+            if not self.overwrite:
+                for target, _ in staged:
+                    if target.exists():
+                        raise OutputError(target, "appeared while writing; not replacing it")
+            for current, tmp_name in staged:
+                existed = current.exists()
+                os.replace(tmp_name, current)
+                if not existed:
+                    published.append(current)
+        except BaseException as exc:
+            for target in published:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+            for _, tmp_name in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_name)
+            if isinstance(exc, OSError):
+                raise _write_failed(current, exc) from None
+            raise
+        return [target for target, _ in staged]
+
+
+@contextlib.contextmanager
+def staged_files(*, overwrite: bool = False) -> Iterator[StagedFiles]:
+    """Write several files all-or-nothing: each ``staged.write(path, payload)`` goes to a temporary file beside
+    ``path``; when the ``with`` body ends without an exception they are renamed into place in the order
+    written (so the file that marks a result finished is staged last); on an exception, a full disk
+    included, every temporary file is removed and no target is touched.
+
+    A process killed while the files are renamed can still leave the earlier ones without the last one: the
+    window is that of a few renames in one folder, not that of computing and writing them.
+    """
+    staged = StagedFiles(overwrite=overwrite)
+    try:
+        yield staged
+    except BaseException:
+        staged.discard()
+        raise
+    staged.publish()
 
 
 @contextlib.contextmanager
@@ -204,3 +325,4 @@ def read_json(path: str | os.PathLike, *, missing: str = "does not exist") -> An
         raise InputError(source, f"is not valid JSON ({exc})") from None
     except OSError as exc:  # unreadable: permissions, a folder, an I/O error
         raise InputError(source, f"cannot be read ({exc.strerror or exc})") from None
+

@@ -10,8 +10,10 @@ Input forms (as nnU-Net and TotalSegmentator take them):
   ``resume`` skips finished cases; a bad case is reported and the rest continue, and the
   run ends with the list of failures and a non-zero exit.
 
-Every file is written atomically (temporary file, then rename) and an existing output is
-replaced only with ``overwrite``: an interrupted run leaves no partial file.
+A case's files (label map, statistics, preview) are staged under temporary names beside
+their targets and renamed into place together once all are written, the label map last
+(:func:`pocketseg.atomic.staged_files`): an interrupted run or a full disk leaves none of
+them, and an existing output is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes, check_writable_target, ensure_dir, write_json
-from pocketseg.errors import InputError, PocketsegError, require
+from pocketseg.atomic import ensure_dir, json_text, staged_files
+from pocketseg.errors import InputError, OutputError, PocketsegError, require
 from pocketseg.imageio import load_volume
 from pocketseg.layout import CHANNEL_SUFFIX, case_name, is_nifti_path, label_name, nifti_files, strip_nifti
-from pocketseg.nifti import nifti_image, write_labels
+from pocketseg.nifti import label_bytes, nifti_image
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
 from pocketseg.volume import Volume
@@ -74,6 +76,10 @@ class CaseJob:
     @property
     def preview_path(self) -> Path:
         return self.output.with_name(self.output_stem + ".png")
+
+    def outputs(self, statistics: bool, preview: bool) -> list[Path]:
+        """The files of the case, the label map last (its presence marks the case finished)."""
+        return ([self.statistics_path] if statistics else []) + ([self.preview_path] if preview else []) + [self.output]
 
 
 #: nnU-Net's channel suffix of an image file name: ``CASE_0000``, ``CASE_0001`` ...
@@ -148,24 +154,25 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[flo
 
 def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, statistics: bool, preview: bool,
                    overwrite: bool, label_names: Mapping[str, int] | None = None) -> Path:
-    if statistics:
-        report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
-                  "device": prediction.device, "backend": prediction.backend,
-                  "timings_s": {k: round(v, 4) for k, v in prediction.timings_s.items()},
-                  "warnings": prediction.warnings,
-                  "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm, label_names)}
-        write_json(job.statistics_path, report, overwrite=overwrite)
-    if preview:
-        png = render_preview(volume.data, volume.affine, prediction.labels, title=f"{job.case} - pocketseg",
-                             label_names=label_names)
-        atomic_write_bytes(job.preview_path, png, overwrite=overwrite)
-    # The label map last: its presence marks the case finished for ``resume``.
-    return write_labels(prediction.labels, job.output, reference=volume, overwrite=overwrite)
+    """Write the case's files all or nothing: staged beside their targets, renamed into place together once
+    every one is written, the label map last (its presence marks the case finished for ``resume``)."""
+    with staged_files(overwrite=overwrite) as staged:
+        if statistics:
+            report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
+                      "device": prediction.device, "backend": prediction.backend,
+                      "timings_s": {k: round(v, 4) for k, v in prediction.timings_s.items()},
+                      "warnings": prediction.warnings,
+                      "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm, label_names)}
+            staged.write_text(job.statistics_path, json_text(report))
+        if preview:
+            staged.write(job.preview_path, render_preview(volume.data, volume.affine, prediction.labels,
+                                                          title=f"{job.case} - pocketseg", label_names=label_names))
+        staged.write(job.output, label_bytes(prediction.labels, job.output, reference=volume))
+    return job.output
 
 
 def _finished(job: CaseJob, statistics: bool, preview: bool) -> bool:
-    wanted = [job.output] + ([job.statistics_path] if statistics else []) + ([job.preview_path] if preview else [])
-    return all(p.is_file() for p in wanted)
+    return all(p.is_file() for p in job.outputs(statistics, preview))
 
 
 def _may_replace(job: CaseJob, overwrite: bool, resume: bool) -> bool:
@@ -175,11 +182,31 @@ def _may_replace(job: CaseJob, overwrite: bool, resume: bool) -> bool:
 
 
 def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool) -> None:
-    check_writable_target(job.output, overwrite=overwrite)
-    if statistics:
-        check_writable_target(job.statistics_path, overwrite=overwrite)
-    if preview:
-        check_writable_target(job.preview_path, overwrite=overwrite)
+    """Refuse, before any work, outputs that exist (unless they may be replaced), saying which files of the
+    case exist and how to go on."""
+    for path in job.outputs(statistics, preview):
+        if path.is_dir():
+            raise OutputError(path, "is a folder, expected a file path")
+    if not job.output.parent.is_dir():
+        raise OutputError(job.output, f"parent folder {job.output.parent} does not exist")
+    if not os.access(job.output.parent, os.W_OK):
+        raise OutputError(job.output, f"parent folder {job.output.parent} is not writable")
+    if overwrite:
+        return
+    existing = [p for p in job.outputs(statistics, preview) if p.exists()]
+    if not existing:
+        return
+    names = ", ".join(p.name for p in existing)
+    if not job.output.exists():
+        state = (f"without the label map {job.output.name}, left by an interrupted run or an older version "
+                 f"({names}): --continue finishes the case and replaces it, --overwrite too")
+    elif len(existing) == len(job.outputs(statistics, preview)):
+        state = f"(the case is finished: {names}): --continue skips finished cases, --overwrite replaces them"
+    else:
+        missing = ", ".join(p.name for p in job.outputs(statistics, preview) if not p.exists())
+        state = (f"(the label map is there, {missing} not: written without those options): --overwrite writes "
+                 f"the case again with every asked file")
+    raise OutputError(existing[0], f"already exists {state} (resume=True, overwrite=True from Python)")
 
 
 def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os.PathLike, *,
@@ -220,7 +247,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
 
     Raises:
         InputError: bad input, named with its path (nothing is written for it).
-        OutputError: an output exists (without ``overwrite``) or cannot be written.
+        OutputError: an output exists (without ``overwrite``) or cannot be written (a full disk: nothing of
+            the case is left behind).
         PredictFailures: in folder mode, the cases that failed (the others were written).
     """
     jobs, folder_mode = plan_cases(input, output)

@@ -9,10 +9,13 @@
   succeeds; an exception leaves no target and no temp folder; an existing
   non-empty folder is refused without ``overwrite`` and, with it, replaced only
   after success (and kept intact when the body or the final swap fails).
+* ``staged_files``: files that belong together appear together, in the order
+  written, or (a full disk, an exception, a failed rename) none of them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -278,3 +281,65 @@ def test_a_refusal_to_replace_names_the_flag_first(tmp_path):
     with pytest.raises(OutputError, match="already exists \\(--overwrite replaces it; overwrite=True from Python\\)"):
         pocketseg.atomic.check_targets([target], overwrite=False)
     assert target.read_bytes() == b"mine"
+
+
+# --------------------------------------------------------------------------- staged_files
+
+
+def test_staged_files_publish_together_in_order(tmp_path, monkeypatch):
+    order = []
+    real_replace = os.replace
+    monkeypatch.setattr(pocketseg.atomic.os, "replace", lambda src, dst: (order.append(Path(dst).name),
+                                                                          real_replace(src, dst)))
+    with pocketseg.atomic.staged_files() as staged:
+        staged.write(tmp_path / "side.json", b"{}")
+        staged.write(tmp_path / "main.bin", b"main")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []  # nothing yet
+    assert order == ["side.json", "main.bin"]  # the file that marks the result finished comes last
+    assert (tmp_path / "side.json").read_bytes() == b"{}" and (tmp_path / "main.bin").read_bytes() == b"main"
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_staged_files_full_disk_leaves_nothing_and_names_the_file(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def full_on_main(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".main.bin."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(pocketseg.atomic.os, "fsync", full_on_main)
+    with pytest.raises(OutputError) as excinfo:
+        with pocketseg.atomic.staged_files() as staged:
+            staged.write(tmp_path / "side.json", b"{}")
+            staged.write(tmp_path / "main.bin", b"main")
+    assert excinfo.value.path == str(tmp_path / "main.bin")
+    assert "No space left on device" in str(excinfo.value)
+    assert list(tmp_path.iterdir()) == []  # neither file, no temporary
+
+
+def test_staged_files_failed_rename_removes_what_it_published(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def second_fails(src, dst):
+        if Path(dst).name == "main.bin":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(pocketseg.atomic.os, "replace", second_fails)
+    with pytest.raises(OutputError, match="main.bin: cannot be written: Input/output error"):
+        with pocketseg.atomic.staged_files() as staged:
+            staged.write(tmp_path / "side.json", b"{}")
+            staged.write(tmp_path / "main.bin", b"main")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_files_exception_in_body_discards(tmp_path):
+    (tmp_path / "side.json").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with pocketseg.atomic.staged_files(overwrite=True) as staged:
+            staged.write(tmp_path / "side.json", b"new")
+            raise RuntimeError("crash before the last file")
+    assert (tmp_path / "side.json").read_bytes() == b"old"
+    assert temp_leftovers(tmp_path) == []
+

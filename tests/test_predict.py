@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 import pocketseg
+import pocketseg.atomic
 from pocketseg.cli import main
 from pocketseg.nifti import read_nifti, write_nifti
 from pocketseg.runtime.predict import case_name, case_statistics, plan_cases
@@ -264,3 +267,65 @@ def test_a_scan_without_abdomen_is_warned_about_once(tiny_package, cases, tmp_pa
     said = [r for r in caplog.records if "found no abdomen" in r.getMessage()]
     assert len(said) == 1
     assert any("found no abdomen" in w for w in json.loads((tmp_path / "A.statistics.json").read_text())["warnings"])
+
+
+# ------------------------------------------------------------------------------------ full disk: all or nothing
+
+
+def _disk_full_for(monkeypatch, name: str) -> None:
+    """Make writing ``name`` fail as a full disk does: the fsync of its temporary file raises ENOSPC."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(pocketseg.atomic.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("full", ["patient1.nii.gz", "patient1.statistics.json"])
+def test_a_full_disk_leaves_no_file_of_the_case_and_one_line(tiny_package, cases, tmp_path, monkeypatch, capsys,
+                                                              full):
+    out = tmp_path / "outs"
+    out.mkdir()
+    _disk_full_for(monkeypatch, full)
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out / "patient1.nii.gz", "-m", tiny_package,
+                "--statistics") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pocketseg: error: {out / full}: cannot be written: No space left on device"]
+    assert list(out.iterdir()) == []  # no label map, no statistics without it, no temporary file
+    monkeypatch.undo()  # space freed: the same command now simply works
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out / "patient1.nii.gz", "-m", tiny_package,
+                "--statistics") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["patient1.nii.gz", "patient1.statistics.json"]
+
+
+def test_a_full_disk_in_folder_mode_fails_that_case_only(tiny_package, cases, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _disk_full_for(monkeypatch, "B.nii.gz")
+    assert _run("-i", cases, "-o", out, "-m", tiny_package, "--statistics") == 2
+    err = capsys.readouterr().err
+    assert "1 case(s) failed (1 written)" in err and f"{out / 'B.nii.gz'}: cannot be written: No space left" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "A.statistics.json"]  # B's staged files gone
+    monkeypatch.undo()
+    assert _run("-i", cases, "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "A.statistics.json", "B.nii.gz",
+                                                     "B.statistics.json"]
+
+
+def test_a_rerun_after_an_interruption_says_how_to_go_on(tiny_package, cases, tmp_path, capsys):
+    out = tmp_path / "patient1.nii.gz"
+    (tmp_path / "patient1.statistics.json").write_text("{}")  # left without its label map (an older version)
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--statistics") == 2
+    err = capsys.readouterr().err
+    assert "patient1.statistics.json: already exists without the label map patient1.nii.gz" in err
+    assert "--continue finishes the case" in err
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
+    assert json.loads((tmp_path / "patient1.statistics.json").read_text())["case"] == "A"
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--statistics") == 2
+    err = capsys.readouterr().err
+    assert "the case is finished: patient1.statistics.json, patient1.nii.gz" in err
+    assert "--continue skips finished cases, --overwrite replaces them" in err
+
