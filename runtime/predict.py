@@ -39,6 +39,7 @@ from pocketseg.layout import CHANNEL_SUFFIX, case_name, is_nifti_path, label_nam
 from pocketseg.nifti import label_bytes, nifti_image
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
+from pocketseg.runtime.memory_limit import parse_size
 from pocketseg.volume import Volume
 
 __all__ = ["CaseJob", "PredictFailures", "case_name", "case_statistics", "plan_cases", "predict", "segment"]
@@ -214,7 +215,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             preview: bool = False, overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
-            check_intensities: bool = True, threads: int | None = None, progress: bool = True) -> list[Path]:
+            check_intensities: bool = True, threads: int | None = None, max_memory: str | int | None = None,
+            progress: bool = True) -> list[Path]:
     """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
 
     Args:
@@ -240,6 +242,9 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
         threads: CPU threads of ONNX Runtime (default: all cores).
+        max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
+            (``8GiB``, ``--max-memory``); a scan estimated above it is refused before anything is allocated.
+            None: 75 % of the machine's physical memory (:mod:`pocketseg.runtime.memory_limit`).
         progress: show progress bars.
 
     Returns:
@@ -247,11 +252,13 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
 
     Raises:
         InputError: bad input, named with its path (nothing is written for it).
+        InputError: also a scan whose resampled grids would need more memory than ``max_memory``.
         OutputError: an output exists (without ``overwrite``) or cannot be written (a full disk: nothing of
             the case is left behind).
         PredictFailures: in folder mode, the cases that failed (the others were written).
     """
     jobs, folder_mode = plan_cases(input, output)
+    max_bytes = parse_size(max_memory)
     if preview:
         require("matplotlib", "Preview images (--preview)", "viz")
     todo = []
@@ -268,7 +275,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
                                  gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
-                                 progress=progress and not folder_mode)
+                                 progress=progress and not folder_mode, max_memory=max_bytes)
     if not folder_mode:
         job = todo[0]
         volume = load_volume(job.source, series_uid=series_uid)
@@ -362,7 +369,7 @@ def _as_volume(image: Any, series_uid: str | None) -> Volume:
 def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backend: str = "auto",
             precision: str = "auto", overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
-            series_uid: str | None = None, check_intensities: bool = True):
+            series_uid: str | None = None, check_intensities: bool = True, max_memory: str | int | None = None):
     """Segment one CT scan and return its label map as a nibabel image (``pocketseg.segment``).
 
     The loaded model stays cached for the next call with the same model and settings.
@@ -380,21 +387,26 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
         batch_size: tiles per network call.
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
+        max_memory: the most memory the scan's resampled grids may need (bytes or ``8GiB``; None: 75 % of the
+            machine's physical memory).
 
     Returns:
         A uint8 ``nibabel.Nifti1Image`` (label ids of the package) with the input's geometry:
         affine, qform and sform exactly as the input's.
 
     Raises:
-        InputError: an unreadable image or package, or an image that is not CT.
+        InputError: an unreadable image or package, an image that is not CT, or one whose resampled grids
+            would need more memory than ``max_memory``.
     """
     volume = _as_volume(image, series_uid)
-    key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size))
+    max_bytes = parse_size(max_memory)
+    key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size),
+           max_bytes)
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         predictor = _PREDICTORS[key] = CascadePredictor(model, device=device, backend=backend, precision=precision,
                                                         overlap=overlap, gaussian=gaussian, fast=fast,
-                                                        batch_size=batch_size)
+                                                        batch_size=batch_size, max_memory=max_bytes)
     prediction = predictor.predict(volume, check_intensities=check_intensities)
     image = nifti_image(prediction.labels, reference=volume, dtype=np.uint8)
     # Through bytes once: the returned image then has .affine set from its header, exactly as a

@@ -329,3 +329,31 @@ def test_a_rerun_after_an_interruption_says_how_to_go_on(tiny_package, cases, tm
     assert "the case is finished: patient1.statistics.json, patient1.nii.gz" in err
     assert "--continue skips finished cases, --overwrite replaces them" in err
 
+
+# ------------------------------------------------------------------------------------------------ memory limit
+
+
+def test_a_header_with_huge_voxels_is_refused_before_allocating(tiny_package, tmp_path, capsys):
+    ph = make_phantom(0, small=True, slices=16)
+    scan = tmp_path / "huge.nii.gz"
+    write_nifti(ph.image, scan, affine=np.diag([1000.0, 1000.0, 1000.0, 1.0]))  # 1 m voxels: a 128 m body
+    out = tmp_path / "out.nii.gz"
+    assert _run("-i", scan, "-o", out, "-m", tiny_package) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pocketseg: error: {scan}: voxel spacing 1000 x 1000 x 1000 mm")
+    assert "GiB, above the limit of" in err[0] and "of this machine's" in err[0] and "--max-memory" in err[0]
+    assert not out.exists()
+
+
+def test_max_memory_sets_the_limit(tiny_package, cases, tmp_path, capsys):
+    out = tmp_path / "A.nii.gz"
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--max-memory", "1MiB") == 2
+    err = capsys.readouterr().err
+    assert "A_0000.nii.gz: voxel spacing" in err and "above the limit of 1.0 MiB (--max-memory)" in err
+    assert not out.exists()
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--max-memory", "8GiB") == 0
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--max-memory", "lots") == 2
+    assert "--max-memory (max_memory= from Python) must be a size" in capsys.readouterr().err
+    with pytest.raises(pocketseg.errors.InputError, match="above the limit"):
+        pocketseg.segment(cases / "A_0000.nii.gz", tiny_package, max_memory=2**20)
+
