@@ -1,4 +1,4 @@
-"""Files, in one place: folders, atomic writes, JSON and text (and reading JSON back).
+"""Files, in one place: folders, atomic writes, JSON and text (and reading JSON back), lock files.
 
 Every file is written to a temporary file beside the target and renamed over
 it, so a crash or an exception mid-write never leaves a partial file at the
@@ -12,6 +12,11 @@ Files that belong together (a label map and its statistics and preview) are
 staged with :func:`staged_files`: each is written to a temporary file beside its
 target, and only when all of them are written are they renamed into place, the
 last one given last, so a failure leaves none of them (and no temporary file).
+
+:func:`try_lock` takes a lock file atomically (``O_CREAT | O_EXCL``) that records
+its owner (pid, host, start time); a lock whose owner was a process on this host
+that is gone is taken over, one on another host never is (its processes cannot be
+seen from here).
 """
 
 from __future__ import annotations
@@ -20,12 +25,22 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pocketseg.errors import InputError, OutputError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: stale locks are then never taken over automatically
+    fcntl = None  # type: ignore[assignment]
+
 
 def _umask() -> int:
     """The process umask, read without changing it where /proc allows (thread-safe)."""
@@ -326,3 +341,171 @@ def read_json(path: str | os.PathLike, *, missing: str = "does not exist") -> An
     except OSError as exc:  # unreadable: permissions, a folder, an I/O error
         raise InputError(source, f"cannot be read ({exc.strerror or exc})") from None
 
+
+# ------------------------------------------------------------------------------------------------- lock files
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lock file, as the file says (None where it does not say, or cannot be read)."""
+
+    path: Path
+    pid: int | None = None
+    host: str | None = None
+    started: float | None = None
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return f"lock file {self.path} (owner unreadable)"
+        since = "" if self.started is None else time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"pid {self.pid} on host {self.host}{since}, lock file {self.path}"
+
+    @property
+    def on_this_host(self) -> bool:
+        return self.host == socket.gethostname()
+
+    @property
+    def stale(self) -> bool:
+        """The owner was a process on this host that is gone (or whose pid now belongs to a newer process).
+        An owner on another host is never judged stale: its processes cannot be seen from here."""
+        if self.pid is None or not self.on_this_host:
+            return False
+        if self.pid <= 0:
+            return True
+        try:
+            os.kill(self.pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # exists, owned by another user
+            pass
+        started = _process_start_time(self.pid)
+        # A process that started after the lock was taken cannot have taken it: the pid was reused.
+        return started is not None and self.started is not None and started > self.started + 2.0
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where /proc tells (Linux); else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, counted after the command name
+        with open("/proc/stat", encoding="ascii") as proc_stat:
+            boot = next(float(line.split()[1]) for line in proc_stat if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def read_lock(path: str | os.PathLike) -> LockHolder:
+    """The holder a lock file names (fields None where the file is unreadable or not a lock)."""
+    lock_path = Path(path)
+    try:
+        record = json.loads(lock_path.read_text(encoding="utf-8"))
+        return LockHolder(lock_path, int(record["pid"]), str(record["host"]), float(record["started"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return LockHolder(lock_path)
+
+
+class FileLock:
+    """A lock file this process holds; :meth:`release` (or leaving the ``with`` block) removes it."""
+
+    def __init__(self, path: Path, token: str, took_over: LockHolder | None = None):
+        self.path = path
+        self._token = token
+        #: The stale holder whose lock this one replaced, if any.
+        self.took_over = took_over
+
+    def held(self) -> bool:
+        """Whether the file is still this lock (not removed, not taken over)."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8")).get("token") == self._token
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def release(self) -> None:
+        if self.held():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _create_lock(path: Path) -> FileLock | None:
+    """Create the lock file, complete with its record, only if it does not exist; None if it does."""
+    token = uuid.uuid4().hex
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": token}
+    # The record is written under a temporary name and hard-linked to the lock's name: the link is atomic
+    # and fails where the name exists, and the lock never exists without its record. Where the file system
+    # has no hard links, an exclusive create and a write (a crash in between leaves an unreadable lock).
+    tmp_name = _write_temporary(path, json_text(record).encode("utf-8"))
+    try:
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            return None
+        except OSError:  # no hard links here
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json_text(record))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+    return FileLock(path, token)
+
+
+def _break_stale(path: Path, holder: LockHolder) -> bool:
+    """Remove a stale lock file, unless another process is doing so or has done so already; True if removed.
+
+    Breakers of one lock are processes of one host (only there is the lock judged stale); they serialise on
+    an advisory lock of the stale file itself and check that the name still points at that file, so no
+    breaker removes a lock another one has just taken.
+    """
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process is breaking it
+            return False
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return True
+        if not same_file or read_lock(path) != holder:
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def try_lock(path: str | os.PathLike) -> FileLock | LockHolder:
+    """Take the lock file ``path`` atomically: the :class:`FileLock` when this process got it, else the
+    :class:`LockHolder` that has it. A lock left by a process of this host that is gone is taken over
+    (logged by the caller); one held by another host is not.
+    """
+    lock_path = Path(path)
+    broken = None
+    try:
+        for _ in range(3):
+            lock = _create_lock(lock_path)
+            if lock is not None:
+                lock.took_over = broken
+                return lock
+            holder = read_lock(lock_path)
+            if not holder.stale or not _break_stale(lock_path, holder):
+                return holder
+            broken = holder
+    except OSError as exc:
+        raise _write_failed(lock_path, exc) from None
+    return read_lock(lock_path)

@@ -6,6 +6,10 @@ import errno
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -357,3 +361,60 @@ def test_max_memory_sets_the_limit(tiny_package, cases, tmp_path, capsys):
     with pytest.raises(pocketseg.errors.InputError, match="above the limit"):
         pocketseg.segment(cases / "A_0000.nii.gz", tiny_package, max_memory=2**20)
 
+
+# ------------------------------------------------------------------------------------ several runs, one folder
+
+
+def _predict_processes(n: int, src: Path, out: Path, package: Path, *extra: str) -> list[subprocess.CompletedProcess]:
+    """``n`` predict processes started together on one output folder; their results."""
+    env = dict(os.environ, PYTHONPATH=str(Path(pocketseg.__file__).resolve().parents[1]),
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "pocketseg", "predict", "-i", str(src), "-o", str(out), "-m", str(package),
+               "--threads", "1", *extra]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(n)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr))
+    return results
+
+
+@pytest.fixture(scope="module")
+def five_cases(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("five")
+    for k in range(5):
+        _write_case(folder / f"c{k}_0000.nii.gz", k, slices=8)
+    return folder
+
+
+@pytest.mark.parametrize("runs,extra", [(2, ()), (3, ("--continue",))])
+def test_concurrent_runs_share_a_folder_and_write_every_case_once(tiny_package, five_cases, tmp_path, runs, extra):
+    out = tmp_path / "out"
+    results = _predict_processes(runs, five_cases, out, tiny_package, *extra)
+    for r in results:
+        assert r.returncode == 0, r.stderr
+        assert "failed" not in r.stderr.replace("0 failed", "")
+    computed = [line for r in results for line in r.stdout.splitlines()]  # each run prints what it wrote
+    expected = sorted(str(out / f"c{k}.nii.gz") for k in range(5))
+    assert sorted(computed) == expected  # every case once: none twice, none missing
+    assert sorted(p.name for p in out.iterdir()) == [f"c{k}.nii.gz" for k in range(5)]  # no lock file left
+    for r in results:  # the summary of each run accounts for every case
+        summary = [line for line in r.stderr.splitlines() if "case(s) written by this run" in line]
+        assert len(summary) == 1
+        mine = len(r.stdout.splitlines())
+        assert f"{mine} case(s) written by this run, {5 - mine} done by another run, 0 failed" in summary[0]
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tiny_package, cases, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    (out / "A.lock").write_text(json.dumps({"pid": killed.pid, "host": socket.gethostname(),
+                                            "started": time.time() - 5}))
+    with caplog.at_level("WARNING"):
+        assert main(["predict", "-i", str(cases), "-o", str(out), "-m", str(tiny_package)]) == 0
+    assert any(f"took over the lock of pid {killed.pid}" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz"]
