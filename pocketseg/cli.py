@@ -115,7 +115,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     if not written:
-        print("nothing to do: every case is finished (--continue)", file=sys.stderr)
+        print("nothing written by this run: every case was finished earlier (--continue) or by another run",
+              file=sys.stderr)
     return 0
 
 

@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-intensity-check", dest="check_intensities", action="store_false",
                    help="run even on images that do not look like CT in HU (constant, no air)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of ONNX Runtime [all cores]")
+    p.add_argument("--max-memory", dest="max_memory", default=None, metavar="SIZE",
+                   help="refuse a scan whose resampled grids and label buffers would need more memory than SIZE "
+                        "(8GiB, 512MiB, 16GB), estimated from its header before anything is allocated "
+                        "[75%% of the machine's physical memory]")
 
     p = sub.add_parser("evaluate", help="FLARE 2023 DSC and NSD of a folder of predictions against ground truth",
                        description="Score predictions (CASE.nii.gz) against same-named ground-truth label maps as the "

@@ -56,6 +56,7 @@ from pocketseg.manifest import BACK_RESAMPLING, Inference, Manifest, Stage, load
 from pocketseg.runtime.arrays import ArrayModule, array_module, bounding_box
 from pocketseg.runtime.engines import Engine, Selection, open_engine, resolve
 from pocketseg.runtime.intensity import normalizer
+from pocketseg.runtime.memory_limit import check_memory, default_limit_bytes, estimate_memory, parse_size
 from pocketseg.runtime.postprocess import clean_components, keep_largest_components
 from pocketseg.runtime.resample import (resample_image, resample_labels, resample_logits_to_labels, separate_z_axis,
                                         target_shape)
@@ -241,6 +242,9 @@ class CascadePredictor:
         threads: CPU threads of ONNX Runtime (default: all cores).
         progress: show a progress bar of the tiles.
         fallback_to_cpu: after a GPU out-of-memory error with one tile per batch, run the scan on the CPU.
+        max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
+            (``8GiB``); a scan estimated above it is refused before anything is allocated
+            (:mod:`pocketseg.runtime.memory_limit`). None: 75 % of the machine's physical memory.
 
     Raises:
         InputError: a bad argument or a package that does not load.
@@ -250,9 +254,11 @@ class CascadePredictor:
     def __init__(self, model: str | Path, *, device: str = "auto", backend: str = "auto", precision: str = "auto",
                  overlap: float | None = None, gaussian: bool | None = None, mirroring: bool | None = None,
                  back_resampling: str | None = None, fast: bool = False, batch_size: int = 1,
-                 threads: int | None = None, progress: bool = False, fallback_to_cpu: bool = True):
+                 threads: int | None = None, progress: bool = False, fallback_to_cpu: bool = True,
+                 max_memory: str | int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
+        self.max_memory = parse_size(max_memory)
         self.package_dir = Path(model)
         self.manifest: Manifest = load_package(self.package_dir)
         self.settings = _settings(self.manifest.inference, fast=fast, overlap=overlap, gaussian=gaussian,
@@ -329,8 +335,20 @@ class CascadePredictor:
         """
         if volume.data.ndim != 3:
             raise InputError(volume.source, f"expected a 3D image, got shape {volume.data.shape}")
+        self.check_memory(volume)
         with self.am.stream_scope(self.stream):
             return self._predict_retrying(volume, check_intensities, roi_box_zyx)
+
+    def check_memory(self, volume: Volume) -> None:
+        """Refuse a scan whose resampled grids would need more than the memory limit (before allocating them)."""
+        view = VoxelView.of(volume, self.manifest.detail)
+        # The shape of the stage's view, from a view of one byte: nothing the size of the scan is allocated.
+        shape_zyx = view.forward(np.broadcast_to(np.zeros((), np.uint8), volume.shape)).shape
+        estimate = estimate_memory(shape_zyx, view.spacing_zyx, self.manifest, self.settings)
+        limit = self.max_memory if self.max_memory is not None else default_limit_bytes()
+        log.debug("%s: estimated peak memory %.2f GiB %s (limit %s)", volume.source or "image", estimate.total / 2**30,
+                  estimate.parts, limit)
+        check_memory(estimate, limit, volume.source, view.spacing_zyx, given=self.max_memory is not None)
 
     def _predict_retrying(self, volume: Volume, check_intensities: bool,
                           roi_box_zyx: tuple[tuple[int, int], ...] | None) -> Prediction:
@@ -369,7 +387,7 @@ class CascadePredictor:
             self._cpu = CascadePredictor(self.package_dir, device="cpu", backend="auto", overlap=s.overlap,
                                          gaussian=s.gaussian, mirroring=s.mirroring,
                                          back_resampling=s.back_resampling, batch_size=1, threads=self.threads,
-                                         progress=self.progress)
+                                         progress=self.progress, max_memory=self.max_memory)
         return self._cpu
 
     def _sync_time(self, start: float) -> float:

@@ -10,8 +10,17 @@ Input forms (as nnU-Net and TotalSegmentator take them):
   ``resume`` skips finished cases; a bad case is reported and the rest continue, and the
   run ends with the list of failures and a non-zero exit.
 
-Every file is written atomically (temporary file, then rename) and an existing output is
-replaced only with ``overwrite``: an interrupted run leaves no partial file.
+A case's files (label map, statistics, preview) are staged under temporary names beside
+their targets and renamed into place together once all are written, the label map last
+(:func:`pocketseg.atomic.staged_files`): an interrupted run or a full disk leaves none of
+them, and an existing output is replaced only with ``overwrite``.
+
+Several processes may work on one output folder: in folder mode each case is claimed
+with a lock file ``CASE.lock`` beside its outputs (:func:`pocketseg.atomic.try_lock`),
+taken atomically and removed when the case is written or has failed. A case that another
+process has locked or written since this one started is left to it and counted as done
+by another run; at the end a run waits for the cases others still hold, so that every
+run ends with the folder complete (or with the failures).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
@@ -30,13 +40,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes, check_writable_target, ensure_dir, write_json
-from pocketseg.errors import InputError, PocketsegError, require
+from pocketseg.atomic import FileLock, LockHolder, ensure_dir, json_text, read_lock, staged_files, try_lock
+from pocketseg.errors import InputError, OutputError, PocketsegError, require
 from pocketseg.imageio import load_volume
 from pocketseg.layout import CHANNEL_SUFFIX, case_name, is_nifti_path, label_name, nifti_files, strip_nifti
-from pocketseg.nifti import nifti_image, write_labels
+from pocketseg.nifti import label_bytes, nifti_image
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
+from pocketseg.runtime.memory_limit import parse_size
 from pocketseg.volume import Volume
 
 __all__ = ["CaseJob", "PredictFailures", "case_name", "case_statistics", "plan_cases", "predict", "segment"]
@@ -47,10 +58,11 @@ log = logging.getLogger(__name__)
 class PredictFailures(PocketsegError):
     """Some cases of a folder could not be segmented; the others were written."""
 
-    def __init__(self, failures: list[tuple[str, str]], done: int):
+    def __init__(self, failures: list[tuple[str, str]], done: int, by_others: int = 0):
         self.failures = failures
         lines = "; ".join(f"{case}: {why}" for case, why in failures)
-        super().__init__(f"{len(failures)} case(s) failed ({done} written): {lines}")
+        others = f", {by_others} done by another run" if by_others else ""
+        super().__init__(f"{len(failures)} case(s) failed ({done} written{others}): {lines}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,15 @@ class CaseJob:
     @property
     def preview_path(self) -> Path:
         return self.output.with_name(self.output_stem + ".png")
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file of the case while a process works on it (folder mode)."""
+        return self.output.with_name(self.output_stem + ".lock")
+
+    def outputs(self, statistics: bool, preview: bool) -> list[Path]:
+        """The files of the case, the label map last (its presence marks the case finished)."""
+        return ([self.statistics_path] if statistics else []) + ([self.preview_path] if preview else []) + [self.output]
 
 
 #: nnU-Net's channel suffix of an image file name: ``CASE_0000``, ``CASE_0001`` ...
@@ -148,24 +169,25 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[flo
 
 def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, statistics: bool, preview: bool,
                    overwrite: bool, label_names: Mapping[str, int] | None = None) -> Path:
-    if statistics:
-        report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
-                  "device": prediction.device, "backend": prediction.backend,
-                  "timings_s": {k: round(v, 4) for k, v in prediction.timings_s.items()},
-                  "warnings": prediction.warnings,
-                  "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm, label_names)}
-        write_json(job.statistics_path, report, overwrite=overwrite)
-    if preview:
-        png = render_preview(volume.data, volume.affine, prediction.labels, title=f"{job.case} - pocketseg",
-                             label_names=label_names)
-        atomic_write_bytes(job.preview_path, png, overwrite=overwrite)
-    # The label map last: its presence marks the case finished for ``resume``.
-    return write_labels(prediction.labels, job.output, reference=volume, overwrite=overwrite)
+    """Write the case's files all or nothing: staged beside their targets, renamed into place together once
+    every one is written, the label map last (its presence marks the case finished for ``resume``)."""
+    with staged_files(overwrite=overwrite) as staged:
+        if statistics:
+            report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
+                      "device": prediction.device, "backend": prediction.backend,
+                      "timings_s": {k: round(v, 4) for k, v in prediction.timings_s.items()},
+                      "warnings": prediction.warnings,
+                      "classes": case_statistics(prediction.labels, volume.data, volume.spacing_mm, label_names)}
+            staged.write_text(job.statistics_path, json_text(report))
+        if preview:
+            staged.write(job.preview_path, render_preview(volume.data, volume.affine, prediction.labels,
+                                                          title=f"{job.case} - pocketseg", label_names=label_names))
+        staged.write(job.output, label_bytes(prediction.labels, job.output, reference=volume))
+    return job.output
 
 
 def _finished(job: CaseJob, statistics: bool, preview: bool) -> bool:
-    wanted = [job.output] + ([job.statistics_path] if statistics else []) + ([job.preview_path] if preview else [])
-    return all(p.is_file() for p in wanted)
+    return all(p.is_file() for p in job.outputs(statistics, preview))
 
 
 def _may_replace(job: CaseJob, overwrite: bool, resume: bool) -> bool:
@@ -175,11 +197,31 @@ def _may_replace(job: CaseJob, overwrite: bool, resume: bool) -> bool:
 
 
 def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool) -> None:
-    check_writable_target(job.output, overwrite=overwrite)
-    if statistics:
-        check_writable_target(job.statistics_path, overwrite=overwrite)
-    if preview:
-        check_writable_target(job.preview_path, overwrite=overwrite)
+    """Refuse, before any work, outputs that exist (unless they may be replaced), saying which files of the
+    case exist and how to go on."""
+    for path in job.outputs(statistics, preview):
+        if path.is_dir():
+            raise OutputError(path, "is a folder, expected a file path")
+    if not job.output.parent.is_dir():
+        raise OutputError(job.output, f"parent folder {job.output.parent} does not exist")
+    if not os.access(job.output.parent, os.W_OK):
+        raise OutputError(job.output, f"parent folder {job.output.parent} is not writable")
+    if overwrite:
+        return
+    existing = [p for p in job.outputs(statistics, preview) if p.exists()]
+    if not existing:
+        return
+    names = ", ".join(p.name for p in existing)
+    if not job.output.exists():
+        state = (f"without the label map {job.output.name}, left by an interrupted run or an older version "
+                 f"({names}): --continue finishes the case and replaces it, --overwrite too")
+    elif len(existing) == len(job.outputs(statistics, preview)):
+        state = f"(the case is finished: {names}): --continue skips finished cases, --overwrite replaces them"
+    else:
+        missing = ", ".join(p.name for p in job.outputs(statistics, preview) if not p.exists())
+        state = (f"(the label map is there, {missing} not: written without those options): --overwrite writes "
+                 f"the case again with every asked file")
+    raise OutputError(existing[0], f"already exists {state} (resume=True, overwrite=True from Python)")
 
 
 def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os.PathLike, *,
@@ -187,7 +229,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             preview: bool = False, overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
-            check_intensities: bool = True, threads: int | None = None, progress: bool = True) -> list[Path]:
+            check_intensities: bool = True, threads: int | None = None, max_memory: str | int | None = None,
+            progress: bool = True) -> list[Path]:
     """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
 
     Args:
@@ -213,17 +256,28 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
         threads: CPU threads of ONNX Runtime (default: all cores).
+        max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
+            (``8GiB``, ``--max-memory``); a scan estimated above it is refused before anything is allocated.
+            None: 75 % of the machine's physical memory (:mod:`pocketseg.runtime.memory_limit`).
         progress: show progress bars.
 
+    In folder mode several processes may share one output folder: each case is claimed with a lock file
+    (``CASE.lock``), and a case another run has locked or written since this one started is left to it.
+
     Returns:
-        The label files written, in case order.
+        The label files this run wrote, in case order.
 
     Raises:
         InputError: bad input, named with its path (nothing is written for it).
-        OutputError: an output exists (without ``overwrite``) or cannot be written.
+        InputError: also a scan whose resampled grids would need more memory than ``max_memory``.
+        OutputError: an output exists (without ``overwrite``) or cannot be written (a full disk: nothing of
+            the case is left behind).
         PredictFailures: in folder mode, the cases that failed (the others were written).
     """
     jobs, folder_mode = plan_cases(input, output)
+    # What each output was when this run started: an output that changes later was written by another run.
+    seen = {job.case: _identity(job.output) for job in jobs}
+    max_bytes = parse_size(max_memory)
     if preview:
         require("matplotlib", "Preview images (--preview)", "viz")
     todo = []
@@ -240,7 +294,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
                                  gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
-                                 progress=progress and not folder_mode)
+                                 progress=progress and not folder_mode, max_memory=max_bytes)
     if not folder_mode:
         job = todo[0]
         volume = load_volume(job.source, series_uid=series_uid)
@@ -248,8 +302,9 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         _log_case(job, prediction)
         return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
                                overwrite=_may_replace(job, overwrite, resume), label_names=predictor.manifest.labels)]
-    return _predict_folder(predictor, todo, statistics=statistics, preview=preview, overwrite=overwrite,
-                           resume=resume, check_intensities=check_intensities, progress=progress)
+    run = _FolderRun(predictor, seen, statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
+                     check_intensities=check_intensities)
+    return run.run(todo, progress=progress)
 
 
 def _log_case(job: CaseJob, prediction: Prediction) -> None:
@@ -263,55 +318,167 @@ def _read(job: CaseJob) -> Volume:
     return load_volume(job.source)
 
 
-def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statistics: bool, preview: bool,
-                    overwrite: bool, resume: bool, check_intensities: bool, progress: bool) -> list[Path]:
-    """Read ahead one case and write behind while the current case computes."""
-    written: list[Path] = []
-    failures: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        pending_write: tuple[CaseJob, Future] | None = None
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """Which file is at ``path`` (device, inode, modification time, size); None if none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
-        def settle(pending: tuple[CaseJob, Future] | None) -> None:
-            if pending is None:
-                return
-            job, future = pending
-            try:
-                written.append(future.result())
-            except Exception as exc:  # reported at the end with the other failures
-                why = str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
-                failures.append((job.case, why))
-                log.error("%s: %s", job.case, why)
 
-        next_read = reader.submit(_read, jobs[0])
-        with tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress) as bar:
+def _reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
+
+
+#: Seconds between looks at the cases other runs hold, and between reminders that this run waits for them.
+_POLL_S = 0.5
+_REMIND_S = 60.0
+
+
+class _FolderRun:
+    """One run over a folder of cases: read ahead one case and write behind while the current case computes;
+    each case claimed with its lock file first."""
+
+    def __init__(self, predictor: CascadePredictor, seen: dict[str, tuple | None], *, statistics: bool,
+                 preview: bool, overwrite: bool, resume: bool, check_intensities: bool):
+        self.predictor = predictor
+        self.seen = seen
+        self.statistics, self.preview = statistics, preview
+        self.overwrite, self.resume = overwrite, resume
+        self.check_intensities = check_intensities
+        self.written: list[Path] = []
+        self.failures: list[tuple[str, str]] = []
+        self.by_others: list[str] = []
+        self._locks: list[FileLock] = []  # every lock taken, released at the end whatever happens
+
+    # ------------------------------------------------------------------------------------------------ claims
+
+    def _written_by_another(self, job: CaseJob) -> bool:
+        now = _identity(job.output)
+        return now is not None and now != self.seen[job.case]
+
+    def _claim(self, job: CaseJob) -> FileLock | LockHolder | None:
+        """This run's lock on the case, the holder of the lock, or None: another run has written the case."""
+        if self._written_by_another(job):
+            return None
+        got = try_lock(job.lock_path)
+        if isinstance(got, FileLock):
+            self._locks.append(got)
+            if self._written_by_another(job):  # written and released between the look and the lock
+                got.release()
+                return None
+            if got.took_over is not None:
+                log.warning("%s: took over the lock of %s, a process that is gone", job.case, got.took_over.describe())
+        return got
+
+    def _fail(self, job: CaseJob, exc: BaseException) -> None:
+        why = _reason(exc)
+        self.failures.append((job.case, why))
+        log.error("%s: %s", job.case, why)
+        log.debug("%s failed", job.case, exc_info=True)
+
+    # ------------------------------------------------------------------------------------------------ cases
+
+    def _compute(self, job: CaseJob, volume: Future | Volume) -> tuple[Volume, Prediction]:
+        _check_targets(job, self.statistics, self.preview, _may_replace(job, self.overwrite, self.resume))
+        scan = volume.result() if isinstance(volume, Future) else volume
+        prediction = self.predictor.predict(scan, check_intensities=self.check_intensities)
+        _log_case(job, prediction)
+        return scan, prediction
+
+    def _write(self, job: CaseJob, lock: FileLock, volume: Volume, prediction: Prediction) -> Path:
+        try:
+            return _write_outputs(job, volume, prediction, statistics=self.statistics, preview=self.preview,
+                                  overwrite=_may_replace(job, self.overwrite, self.resume),
+                                  label_names=self.predictor.manifest.labels)
+        finally:
+            lock.release()
+
+    def _settle(self, pending: tuple[CaseJob, Future] | None) -> None:
+        if pending is None:
+            return
+        job, future = pending
+        try:
+            self.written.append(future.result())
+        except Exception as exc:  # reported at the end with the other failures
+            self._fail(job, exc)
+
+    def run(self, jobs: list[CaseJob], *, progress: bool) -> list[Path]:
+        try:
+            self._run(jobs, progress=progress)
+        finally:  # also on an interruption: no lock of this run outlives it
+            for lock in self._locks:
+                lock.release()
+        log.info("%d case(s) written by this run, %d done by another run, %d failed", len(self.written),
+                 len(self.by_others), len(self.failures))
+        if self.failures:
+            raise PredictFailures(self.failures, len(self.written), len(self.by_others))
+        return self.written
+
+    def _run(self, jobs: list[CaseJob], *, progress: bool) -> None:
+        held_by_others: list[CaseJob] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
+                tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress) as bar:
+            pending: tuple[CaseJob, Future] | None = None
+            next_read = reader.submit(_read, jobs[0])
             for i, job in enumerate(jobs):
                 current = next_read
                 if i + 1 < len(jobs):
                     next_read = reader.submit(_read, jobs[i + 1])
-                replace = _may_replace(job, overwrite, resume)
-                try:
-                    _check_targets(job, statistics, preview, replace)
-                    volume = current.result()
-                    prediction = predictor.predict(volume, check_intensities=check_intensities)
-                    _log_case(job, prediction)
-                except Exception as exc:  # a bad case must not stop the others; reported at the end
-                    why = str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
-                    failures.append((job.case, why))
-                    log.error("%s: %s", job.case, why)
-                    log.debug("%s failed", job.case, exc_info=True)
+                claim = self._claim(job)
+                if claim is None:
+                    log.info("%s: written by another run, skipped", job.case)
+                    self.by_others.append(job.case)
                     bar.update(1)
                     continue
-                settle(pending_write)
-                pending_write = (job, writer.submit(_write_outputs, job, volume, prediction, statistics=statistics,
-                                                    preview=preview, overwrite=replace,
-                                                    label_names=predictor.manifest.labels))
+                if isinstance(claim, LockHolder):
+                    log.info("%s: being segmented by another run (%s), left to it", job.case, claim.describe())
+                    held_by_others.append(job)
+                    continue
+                try:
+                    volume, prediction = self._compute(job, current)
+                except Exception as exc:  # a bad case must not stop the others; reported at the end
+                    claim.release()
+                    self._fail(job, exc)
+                    bar.update(1)
+                    continue
+                self._settle(pending)
+                pending = (job, writer.submit(self._write, job, claim, volume, prediction))
                 bar.set_postfix_str(f"{job.case} {prediction.timings_s['total']:.1f}s")
                 bar.update(1)
-            settle(pending_write)
-    if failures:
-        raise PredictFailures(failures, len(written))
-    return written
+            self._settle(pending)
+            self._wait_for_others(held_by_others, bar)
+
+    def _wait_for_others(self, waiting: list[CaseJob], bar: tqdm) -> None:
+        """Wait until the cases other runs hold are written; one a run let go of unwritten (it failed, or was
+        killed on this host) is segmented here."""
+        remind = time.monotonic() + _REMIND_S
+        while waiting:
+            for job in list(waiting):
+                claim = self._claim(job)
+                if isinstance(claim, LockHolder):
+                    continue
+                waiting.remove(job)
+                bar.update(1)
+                if claim is None:
+                    log.info("%s: written by another run", job.case)
+                    self.by_others.append(job.case)
+                    continue
+                try:
+                    volume, prediction = self._compute(job, _read(job))
+                    self.written.append(self._write(job, claim, volume, prediction))
+                except Exception as exc:
+                    claim.release()
+                    self._fail(job, exc)
+            if waiting:
+                if time.monotonic() >= remind:
+                    log.warning("waiting for %d case(s) that other runs hold: %s (a lock file whose run is gone "
+                                "on another host must be removed by hand)", len(waiting),
+                                "; ".join(f"{j.case}: {read_lock(j.lock_path).describe()}" for j in waiting))
+                    remind = time.monotonic() + _REMIND_S
+                time.sleep(_POLL_S)
 
 
 # --------------------------------------------------------------------------------------------------- Python API
@@ -334,7 +501,7 @@ def _as_volume(image: Any, series_uid: str | None) -> Volume:
 def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backend: str = "auto",
             precision: str = "auto", overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
-            series_uid: str | None = None, check_intensities: bool = True):
+            series_uid: str | None = None, check_intensities: bool = True, max_memory: str | int | None = None):
     """Segment one CT scan and return its label map as a nibabel image (``pocketseg.segment``).
 
     The loaded model stays cached for the next call with the same model and settings.
@@ -352,21 +519,26 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
         batch_size: tiles per network call.
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
+        max_memory: the most memory the scan's resampled grids may need (bytes or ``8GiB``; None: 75 % of the
+            machine's physical memory).
 
     Returns:
         A uint8 ``nibabel.Nifti1Image`` (label ids of the package) with the input's geometry:
         affine, qform and sform exactly as the input's.
 
     Raises:
-        InputError: an unreadable image or package, or an image that is not CT.
+        InputError: an unreadable image or package, an image that is not CT, or one whose resampled grids
+            would need more memory than ``max_memory``.
     """
     volume = _as_volume(image, series_uid)
-    key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size))
+    max_bytes = parse_size(max_memory)
+    key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size),
+           max_bytes)
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         predictor = _PREDICTORS[key] = CascadePredictor(model, device=device, backend=backend, precision=precision,
                                                         overlap=overlap, gaussian=gaussian, fast=fast,
-                                                        batch_size=batch_size)
+                                                        batch_size=batch_size, max_memory=max_bytes)
     prediction = predictor.predict(volume, check_intensities=check_intensities)
     image = nifti_image(prediction.labels, reference=volume, dtype=np.uint8)
     # Through bytes once: the returned image then has .affine set from its header, exactly as a
