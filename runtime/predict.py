@@ -16,12 +16,16 @@ replaced only with ``overwrite``: an interrupted run leaves no partial file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,8 @@ from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
 from pocketseg.volume import Volume
 
-__all__ = ["CaseJob", "PredictFailures", "case_name", "case_statistics", "plan_cases", "predict", "segment"]
+__all__ = ["CaseJob", "CaseOptions", "CaseResult", "PredictFailures", "case_name", "case_statistics", "plan_cases",
+           "predict", "predict_case", "segment"]
 
 log = logging.getLogger(__name__)
 
@@ -259,56 +264,131 @@ def _log_case(job: CaseJob, prediction: Prediction) -> None:
     # prediction.warnings were logged where they arose (runtime.cascade); they go on into the statistics.
 
 
+# ------------------------------------------------------------------------------------------------- one case
+
+#: Cases in flight at once in folder mode and on each Ray worker: one read ahead, one computing, one written behind.
+CASES_IN_FLIGHT = 3
+
+
+@dataclass(frozen=True)
+class CaseOptions:
+    """What every case of a run does besides the label map, and what it may replace (folder mode and Ray alike)."""
+
+    statistics: bool = False
+    preview: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    check_intensities: bool = True
+
+    def targets(self, job: CaseJob) -> list[Path]:
+        """The files the case writes, the label map (written last) first."""
+        return ([job.output] + ([job.statistics_path] if self.statistics else [])
+                + ([job.preview_path] if self.preview else []))
+
+    def finished(self, job: CaseJob) -> bool:
+        return _finished(job, self.statistics, self.preview)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """How one case ended: ``written`` (``output`` set) or ``failed`` (``error`` set), with per-stage seconds
+    (``read``, ``wait`` for the network, the cascade's stages, ``write``)."""
+
+    case: str
+    status: str
+    output: str | None = None
+    error: str | None = None
+    device: str | None = None
+    backend: str | None = None
+    times_s: dict[str, float] = field(default_factory=dict)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
+
+
+def predict_case(predictor: CascadePredictor, job: CaseJob, options: CaseOptions, *,
+                 compute_lock: contextlib.AbstractContextManager | None = None,
+                 on_stage: Callable[[str, CaseJob], None] | None = None) -> CaseResult:
+    """Read, segment and write one case of a run; a failure of the case is returned, not raised.
+
+    Folder mode and the Ray workers call it for every case. ``compute_lock`` serialises the network
+    between the cases in flight, so that one case is read and another written while one computes.
+    ``on_stage(stage, job)`` is called before ``read``, ``predict`` and ``write``. Interruptions
+    (KeyboardInterrupt, SystemExit) pass through; the writes are atomic, so none leaves a partial file.
+    """
+    times: dict[str, float] = {}
+    prediction: Prediction | None = None
+    try:
+        _check_targets(job, options.statistics, options.preview, _may_replace(job, options.overwrite, options.resume))
+        if on_stage:
+            on_stage("read", job)
+        t = time.perf_counter()
+        volume = _read(job)
+        times["read"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with compute_lock or contextlib.nullcontext():
+            times["wait"] = time.perf_counter() - t
+            if on_stage:
+                on_stage("predict", job)
+            prediction = predictor.predict(volume, check_intensities=options.check_intensities)
+        times.update(prediction.timings_s)
+        _log_case(job, prediction)
+        if on_stage:
+            on_stage("write", job)
+        t = time.perf_counter()
+        written = _write_outputs(job, volume, prediction, statistics=options.statistics, preview=options.preview,
+                                 overwrite=_may_replace(job, options.overwrite, options.resume),
+                                 label_names=predictor.manifest.labels)
+        times["write"] = time.perf_counter() - t
+    except Exception as exc:  # a bad case must not stop the others; the caller reports it
+        log.error("%s: %s", job.case, _why(exc))
+        log.debug("%s failed", job.case, exc_info=True)
+        return CaseResult(job.case, "failed", error=_why(exc), device=prediction and prediction.device,
+                          backend=prediction and prediction.backend, times_s=_rounded(times))
+    return CaseResult(job.case, "written", output=str(written), device=prediction.device, backend=prediction.backend,
+                      times_s=_rounded(times))
+
+
+def _rounded(times: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in times.items()}
+
+
 def _read(job: CaseJob) -> Volume:
     return load_volume(job.source)
 
 
 def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statistics: bool, preview: bool,
                     overwrite: bool, resume: bool, check_intensities: bool, progress: bool) -> list[Path]:
-    """Read ahead one case and write behind while the current case computes."""
+    """Every case through :func:`predict_case`, :data:`CASES_IN_FLIGHT` at a time around one network."""
+    options = CaseOptions(statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
+                          check_intensities=check_intensities)
     written: list[Path] = []
     failures: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        pending_write: tuple[CaseJob, Future] | None = None
+    network = threading.Lock()
+    with ThreadPoolExecutor(CASES_IN_FLIGHT, thread_name_prefix="case") as pool, \
+            tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress) as bar:
+        in_flight: deque = deque()
 
-        def settle(pending: tuple[CaseJob, Future] | None) -> None:
-            if pending is None:
-                return
-            job, future = pending
-            try:
-                written.append(future.result())
-            except Exception as exc:  # reported at the end with the other failures
-                why = str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
-                failures.append((job.case, why))
-                log.error("%s: %s", job.case, why)
+        def settle() -> None:
+            result: CaseResult = in_flight.popleft().result()
+            if result.status == "written":
+                written.append(Path(result.output))
+                bar.set_postfix_str(f"{result.case} {result.times_s.get('total', 0):.1f}s")
+            else:
+                failures.append((result.case, result.error))
+            bar.update(1)
 
-        next_read = reader.submit(_read, jobs[0])
-        with tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress) as bar:
-            for i, job in enumerate(jobs):
-                current = next_read
-                if i + 1 < len(jobs):
-                    next_read = reader.submit(_read, jobs[i + 1])
-                replace = _may_replace(job, overwrite, resume)
-                try:
-                    _check_targets(job, statistics, preview, replace)
-                    volume = current.result()
-                    prediction = predictor.predict(volume, check_intensities=check_intensities)
-                    _log_case(job, prediction)
-                except Exception as exc:  # a bad case must not stop the others; reported at the end
-                    why = str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
-                    failures.append((job.case, why))
-                    log.error("%s: %s", job.case, why)
-                    log.debug("%s failed", job.case, exc_info=True)
-                    bar.update(1)
-                    continue
-                settle(pending_write)
-                pending_write = (job, writer.submit(_write_outputs, job, volume, prediction, statistics=statistics,
-                                                    preview=preview, overwrite=replace,
-                                                    label_names=predictor.manifest.labels))
-                bar.set_postfix_str(f"{job.case} {prediction.timings_s['total']:.1f}s")
-                bar.update(1)
-            settle(pending_write)
+        try:
+            for job in jobs:
+                if len(in_flight) == CASES_IN_FLIGHT:
+                    settle()
+                in_flight.append(pool.submit(predict_case, predictor, job, options, compute_lock=network))
+            while in_flight:
+                settle()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the cases not started yet; those in flight finish their writes
+            raise
     if failures:
         raise PredictFailures(failures, len(written))
     return written
