@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="pseudo-label only every N-th case starting at I; 0/N also runs the schedule and waits for "
                         "the other shards [0/1]")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="pseudo-label each round on a Ray cluster instead of shards (needs pocketseg[ray]): no value "
+                        "starts one on this machine, 'auto' joins this node's cluster, else a cluster address")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=_positive_int, default=None,
+                   help="with --ray: CPU cores of each pseudo-labelling worker where there is no GPU [1]")
     # -v/-q also after the command (`pocketseg predict ... -q`); SUPPRESS keeps the global value unless given.
     for command in sub.choices.values():
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
