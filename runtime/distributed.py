@@ -234,7 +234,8 @@ def _connected(address: str) -> Iterator[Any]:
         yield ray
         return
     try:
-        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=True)
+        # "local" starts a new cluster even where RAY_ADDRESS names another one.
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise PocketsegError(f"--ray {address}: cannot connect to a Ray cluster ({exc})") from None
     try:
