@@ -291,8 +291,8 @@ class CaseOptions:
 
 @dataclass(frozen=True)
 class CaseResult:
-    """How one case ended: ``written`` (``output`` set) or ``failed`` (``error`` set), with per-stage seconds
-    (``read``, ``wait`` for the network, the cascade's stages, ``write``)."""
+    """How one case ended: ``written`` (``output`` set), ``failed`` (``error`` set) or ``stopped`` (by Ctrl-C,
+    nothing written), with per-stage seconds (``read``, ``wait`` for the network, the cascade's stages, ``write``)."""
 
     case: str
     status: str
@@ -309,13 +309,16 @@ def _why(exc: BaseException) -> str:
 
 def predict_case(predictor: CascadePredictor, job: CaseJob, options: CaseOptions, *,
                  compute_lock: contextlib.AbstractContextManager | None = None,
-                 on_stage: Callable[[str, CaseJob], None] | None = None) -> CaseResult:
+                 on_stage: Callable[[str, CaseJob], None] | None = None,
+                 stop: threading.Event | None = None) -> CaseResult:
     """Read, segment and write one case of a run; a failure of the case is returned, not raised.
 
     Folder mode and the Ray workers call it for every case. ``compute_lock`` serialises the network
     between the cases in flight, so that one case is read and another written while one computes.
-    ``on_stage(stage, job)`` is called before ``read``, ``predict`` and ``write``. Interruptions
-    (KeyboardInterrupt, SystemExit) pass through; the writes are atomic, so none leaves a partial file.
+    ``on_stage(stage, job)`` is called before ``read``, ``predict`` and ``write``. Once ``stop`` is set
+    (Ctrl-C), a case not yet at its network gives up (status ``stopped``, nothing written); one past it
+    is written. Interruptions (KeyboardInterrupt, SystemExit) pass through; the writes are atomic, so
+    none leaves a partial file.
     """
     times: dict[str, float] = {}
     prediction: Prediction | None = None
@@ -329,6 +332,8 @@ def predict_case(predictor: CascadePredictor, job: CaseJob, options: CaseOptions
         t = time.perf_counter()
         with compute_lock or contextlib.nullcontext():
             times["wait"] = time.perf_counter() - t
+            if stop is not None and stop.is_set():
+                return CaseResult(job.case, "stopped", times_s=_rounded(times))
             if on_stage:
                 on_stage("predict", job)
             prediction = predictor.predict(volume, check_intensities=options.check_intensities)
@@ -365,7 +370,7 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
                           check_intensities=check_intensities)
     written: list[Path] = []
     failures: list[tuple[str, str]] = []
-    network = threading.Lock()
+    network, stop = threading.Lock(), threading.Event()
     with ThreadPoolExecutor(CASES_IN_FLIGHT, thread_name_prefix="case") as pool, \
             tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress) as bar:
         in_flight: deque = deque()
@@ -383,11 +388,13 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
             for job in jobs:
                 if len(in_flight) == CASES_IN_FLIGHT:
                     settle()
-                in_flight.append(pool.submit(predict_case, predictor, job, options, compute_lock=network))
+                in_flight.append(pool.submit(predict_case, predictor, job, options, compute_lock=network, stop=stop))
             while in_flight:
                 settle()
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # the cases not started yet; those in flight finish their writes
+            # Ctrl-C: the case at the network finishes and is written, the others give up before theirs.
+            stop.set()
+            pool.shutdown(cancel_futures=True)
             raise
     if failures:
         raise PredictFailures(failures, len(written))
