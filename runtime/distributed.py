@@ -292,7 +292,11 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
             return _Slot(actor, {})
 
         slots = [start() for _ in range(count)]
-        infos = rt.get([slot.actor.info.remote() for slot in slots])
+        try:
+            infos = rt.get([slot.actor.info.remote() for slot in slots])
+        except rt.exceptions.RayError as exc:  # e.g. a node without pocketseg, or the same Ray version
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PocketsegError(f"the Ray workers did not start: {first}") from None
         for slot, info in zip(slots, infos):
             if info.get("error"):
                 raise PocketsegError(info["error"])
