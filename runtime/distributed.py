@@ -12,7 +12,8 @@ Faults:
 
 * a case that fails on its own (a bad scan) is reported in the results table and the run goes on;
 * a worker that dies (killed, out of memory, its node lost) is replaced by a new one, and the cases
-  it held are retried on any worker, each at most ``retries`` more times. A retried case may replace
+  it held are retried on any worker, each alone on its worker (so that a case that kills its worker
+  again takes no other case with it), each at most ``retries`` more times. A retried case may replace
   the side files its lost attempt left without a label map (the label map is written last), and the
   temporary ``.part`` files of the lost attempt are removed, so every case ends written once or failed;
 * Ctrl-C stops the workers and removes the temporary files of the cases they held: no output file
@@ -340,8 +341,14 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
             while pending or any(slot.in_flight for slot in slots):
                 # One case at a time to the least busy worker, those known to be up first: a retried case goes to a
                 # running worker rather than wait for the replacement of the one that died to load the package.
+                # A retried case runs alone on its worker: which of the cases a dead worker held killed it is
+                # unknown, and alone, a second death is charged to that case only, not to others beside it.
                 while pending:
-                    free = [s for s in slots if len(s.in_flight) < CASES_IN_FLIGHT]
+                    if pending[0][1] > 1:
+                        free = [s for s in slots if not s.in_flight]
+                    else:
+                        free = [s for s in slots if len(s.in_flight) < CASES_IN_FLIGHT
+                                and all(attempt == 1 for _, attempt in s.in_flight.values())]
                     if not free:
                         break
                     slot = min(free, key=lambda s: (not s.info, len(s.in_flight)))
