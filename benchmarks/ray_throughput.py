@@ -56,7 +56,8 @@ def throughput_per_hour(gpus: int, compute_s: float, io_s: float, mb_per_case: f
     workers_bound = gpus * 3600.0 / per_worker_s
     fs_bound = 3600.0 * fs_mb_s / mb_per_case
     return {"gpus": gpus, "per_worker_s": per_worker_s, "workers_bound": workers_bound, "fs_bound": fs_bound,
-            "cases_per_hour": min(workers_bound, fs_bound), "limit": "workers" if workers_bound <= fs_bound else "file system"}
+            "cases_per_hour": min(workers_bound, fs_bound),
+            "limit": "workers" if workers_bound <= fs_bound else "file system"}
 
 
 def model_table(compute_s: list[float], gpus: list[int], io_s: float, mb_per_case: float,

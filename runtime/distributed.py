@@ -392,8 +392,8 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
                     rt.wait(refs, num_returns=len(refs), timeout=30)
             for job in held:
                 _remove_parts(job, options)
-            log.warning("ray: stopped; %d case(s) written, %d unfinished (--continue finishes them)",
-                        len(written), len(held) + len(pending))
+            log.warning("ray: stopped; %d case(s) of this run recorded as written, the rest is left for --continue",
+                        len(written))
             raise
         finally:
             bar.close()

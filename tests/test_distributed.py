@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +139,7 @@ def test_a_bad_case_fails_alone(cluster, tiny_package, cases, reference, tmp_pat
     assert len(bad) == 1 and bad[0]["status"] == "failed" and "E_0000.nii.gz" in bad[0]["error"]
 
 
-def test_continue_after_an_interrupted_run_redoes_only_what_was_missing(cluster, tiny_package, cases, reference,
+def test_an_interrupted_driver_on_a_running_cluster_leaves_no_partial_file(cluster, tiny_package, cases, reference,
                                                                         tmp_path, monkeypatch):
     out = tmp_path / "out"
     append = D._RunTable.append
@@ -165,6 +169,46 @@ def test_continue_after_an_interrupted_run_redoes_only_what_was_missing(cluster,
     for name, stamp in stamps.items():
         if name.split(".")[0] in done:
             assert (out / name).stat().st_mtime_ns == stamp, name  # finished cases untouched
+
+
+def test_ctrl_c_stops_cleanly_and_continue_redoes_only_what_was_missing(tiny_package, cases, reference, tmp_path):
+    """A real Ctrl-C: SIGINT to the process group of `pocketseg predict --ray` (its own local cluster included)."""
+    pytest.importorskip("ray", reason="ray (extra 'ray') is not installed")
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(cases, src)
+    for extra, copy_of in (("E", "A"), ("F", "B")):
+        shutil.copy(src / f"{copy_of}_0000.nii.gz", src / f"{extra}_0000.nii.gz")
+    command = [sys.executable, "-m", "pocketseg", "-q", "predict", "-i", str(src), "-o", str(out), "-m",
+               str(tiny_package), "--statistics", "--device", "cpu", "--ray"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ((out / D.RUN_TABLE).is_file() and (out / D.RUN_TABLE).read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no case finished"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not _leftovers(out)
+    done = {p.name[: -len(".nii.gz")] for p in out.glob("*.nii.gz")}
+    assert 1 <= len(done) < 6
+    assert all((out / f"{case}.statistics.json").is_file() for case in done)  # what is there is complete
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != D.RUN_TABLE}
+    first_run = len(_rows(out))
+
+    assert main(["-q", "predict", "-i", str(src), "-o", str(out), "-m", str(tiny_package), "--statistics",
+                 "--device", "cpu", "--ray", "--continue"]) == 0
+    missing = sorted(set("ABCDEF") - done)
+    assert sorted(r["case"] for r in _rows(out)[first_run:]) == missing  # only the missing cases were run
+    _assert_equal_to(reference, out)
+    for copy, original in (("E", "A"), ("F", "B")):
+        np.testing.assert_array_equal(np.asarray(read_nifti(out / f"{copy}.nii.gz").data),
+                                      np.asarray(read_nifti(reference / f"{original}.nii.gz").data))
+    for name, stamp in stamps.items():
+        assert (out / name).stat().st_mtime_ns == stamp, name  # finished cases untouched
 
 
 def test_a_bad_package_is_one_clear_error(cluster, tiny_package, cases, tmp_path, capsys):
@@ -238,5 +282,6 @@ def test_the_temporary_files_of_a_lost_write_are_removed(tmp_path):
 
 
 def test_ray_options_need_ray(tiny_package, cases, tmp_path, capsys):
-    assert main(["predict", "-i", str(cases), "-o", str(tmp_path / "o"), "-m", str(tiny_package), "--workers", "2"]) == 2
+    args = ["predict", "-i", str(cases), "-o", str(tmp_path / "o"), "-m", str(tiny_package), "--workers", "2"]
+    assert main(args) == 2
     assert "--workers: only with --ray" in capsys.readouterr().err
