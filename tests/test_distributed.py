@@ -84,6 +84,7 @@ def _leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.slow  # a local Ray cluster: several seconds on 2 cores
 def test_two_workers_equal_folder_mode_voxel_for_voxel(cluster, tiny_package, cases, reference, tmp_path):
     out = tmp_path / "out"
     assert _ray("-i", cases, "-o", out, "-m", tiny_package, "--statistics") == 0
@@ -96,6 +97,7 @@ def test_two_workers_equal_folder_mode_voxel_for_voxel(cluster, tiny_package, ca
     assert not _leftovers(out)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_case_is_replaced_and_every_case_written_once(cluster, tiny_package, cases, reference,
                                                                           tmp_path, monkeypatch):
     out, marker = tmp_path / "out", tmp_path / "fault-fired"
@@ -115,6 +117,7 @@ def test_a_worker_killed_mid_case_is_replaced_and_every_case_written_once(cluste
     assert retried_b["attempt"] == 2 and retried_b["pid"] != lost[0]["pid"]  # retried on another worker
 
 
+@pytest.mark.slow
 def test_a_case_that_always_kills_its_worker_fails_after_the_retries(cluster, tiny_package, cases, tmp_path,
                                                                      monkeypatch):
     out = tmp_path / "out"
@@ -126,6 +129,7 @@ def test_a_case_that_always_kills_its_worker_fails_after_the_retries(cluster, ti
     assert not _leftovers(out)
 
 
+@pytest.mark.slow
 def test_a_bad_case_fails_alone(cluster, tiny_package, cases, reference, tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     shutil.copytree(cases, src)
@@ -139,6 +143,7 @@ def test_a_bad_case_fails_alone(cluster, tiny_package, cases, reference, tmp_pat
     assert len(bad) == 1 and bad[0]["status"] == "failed" and "E_0000.nii.gz" in bad[0]["error"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_driver_on_a_running_cluster_leaves_no_partial_file(cluster, tiny_package, cases, reference,
                                                                         tmp_path, monkeypatch):
     out = tmp_path / "out"
@@ -171,6 +176,7 @@ def test_an_interrupted_driver_on_a_running_cluster_leaves_no_partial_file(clust
             assert (out / name).stat().st_mtime_ns == stamp, name  # finished cases untouched
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_continue_redoes_only_what_was_missing(tiny_package, cases, reference, tmp_path):
     """A real Ctrl-C: SIGINT to the process group of `pocketseg predict --ray` (its own local cluster included)."""
     pytest.importorskip("ray", reason="ray (extra 'ray') is not installed")
@@ -211,6 +217,7 @@ def test_ctrl_c_stops_cleanly_and_continue_redoes_only_what_was_missing(tiny_pac
         assert (out / name).stat().st_mtime_ns == stamp, name  # finished cases untouched
 
 
+@pytest.mark.slow
 def test_a_bad_package_is_one_clear_error(cluster, tiny_package, cases, tmp_path, capsys):
     broken = tmp_path / "model"
     shutil.copytree(tiny_package, broken)
