@@ -269,7 +269,8 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
               batch_size: int = 1, threads: int | None = None, progress: bool = True) -> RunSummary:
     """Segment ``jobs`` on Ray workers (see the module docstring); the results table is appended to ``table``.
 
-    The jobs' output folders must exist and be on a file system every worker shares with this process.
+    The jobs' output folders must be on a file system every worker shares with this process, and exist by the
+    time the workers start; the folder of ``table`` is created then (``predict_ray`` writes both into OUTPUT).
     """
     if int(retries) != retries or retries < 0:
         raise InputError(None, f"retries must be a whole number >= 0, got {retries!r}")
@@ -305,6 +306,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
         log.info("ray: %d worker(s) (%s) for %d case(s)", count,
                  ", ".join(f"{k}={v}" for k, v in shape.items()), len(jobs))
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        ensure_dir(Path(table).parent, "output folder")
         results = _RunTable(Path(table), run_id)
         pending: deque[tuple[CaseJob, int]] = deque((job, 1) for job in jobs)
         written: dict[str, Path] = {}
@@ -444,8 +446,7 @@ def predict_ray(input: str | os.PathLike, output: str | os.PathLike, model: str 
         log.info("%d case(s) finished earlier, skipped (--continue)", len(jobs) - len(todo))
     if not todo:
         return []
-    out = ensure_dir(output, "output folder")
-    summary = run_cases(model, todo, out / RUN_TABLE, ray=ray, workers=workers, cpus_per_worker=cpus_per_worker,
+    summary = run_cases(model, todo, Path(output) / RUN_TABLE, ray=ray, workers=workers, cpus_per_worker=cpus_per_worker,
                         retries=retries, options=options, device=device, backend=backend, precision=precision,
                         overlap=overlap, gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
                         progress=progress)
