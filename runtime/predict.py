@@ -25,13 +25,16 @@ run ends with the folder complete (or with the failures).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import threading
 import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +53,8 @@ from pocketseg.runtime.cascade import CascadePredictor, Prediction
 from pocketseg.runtime.memory_limit import parse_size
 from pocketseg.volume import Volume
 
-__all__ = ["CaseJob", "PredictFailures", "case_name", "case_statistics", "plan_cases", "predict", "segment"]
+__all__ = ["CaseJob", "CaseOptions", "CaseResult", "PredictFailures", "case_name", "case_statistics", "plan_cases",
+           "predict", "predict_case", "segment"]
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +306,9 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         _log_case(job, prediction)
         return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
                                overwrite=_may_replace(job, overwrite, resume), label_names=predictor.manifest.labels)]
-    run = _FolderRun(predictor, seen, statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
-                     check_intensities=check_intensities)
-    return run.run(todo, progress=progress)
+    options = CaseOptions(statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
+                          check_intensities=check_intensities)
+    return _FolderRun(predictor, seen, options).run(todo, progress=progress)
 
 
 def _log_case(job: CaseJob, prediction: Prediction) -> None:
@@ -312,6 +316,101 @@ def _log_case(job: CaseJob, prediction: Prediction) -> None:
     log.info("%s: %.2f s (roi %.2f, detail %.2f, post %.2f) on %s/%s", job.case, t["total"], t["roi"], t["detail"],
              t["postprocess"], prediction.device, prediction.backend)
     # prediction.warnings were logged where they arose (runtime.cascade); they go on into the statistics.
+
+
+# ------------------------------------------------------------------------------------------------- one case
+
+#: Cases in flight at once in folder mode and on each Ray worker: one read ahead, one computing, one written behind.
+CASES_IN_FLIGHT = 3
+
+
+@dataclass(frozen=True)
+class CaseOptions:
+    """What every case of a run does besides the label map, and what it may replace (folder mode and Ray alike)."""
+
+    statistics: bool = False
+    preview: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    check_intensities: bool = True
+
+    def targets(self, job: CaseJob) -> list[Path]:
+        """The files the case writes, the label map (written last) first."""
+        return ([job.output] + ([job.statistics_path] if self.statistics else [])
+                + ([job.preview_path] if self.preview else []))
+
+    def finished(self, job: CaseJob) -> bool:
+        return _finished(job, self.statistics, self.preview)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """How one case ended: ``written`` (``output`` set), ``failed`` (``error`` set) or ``stopped`` (by Ctrl-C,
+    nothing written), with per-stage seconds (``read``, ``wait`` for the network, the cascade's stages, ``write``)."""
+
+    case: str
+    status: str
+    output: str | None = None
+    error: str | None = None
+    device: str | None = None
+    backend: str | None = None
+    times_s: dict[str, float] = field(default_factory=dict)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
+
+
+def predict_case(predictor: CascadePredictor, job: CaseJob, options: CaseOptions, *,
+                 compute_lock: contextlib.AbstractContextManager | None = None,
+                 on_stage: Callable[[str, CaseJob], None] | None = None,
+                 stop: threading.Event | None = None) -> CaseResult:
+    """Read, segment and write one case of a run; a failure of the case is returned, not raised.
+
+    Folder mode and the Ray workers call it for every case. ``compute_lock`` serialises the network
+    between the cases in flight, so that one case is read and another written while one computes.
+    ``on_stage(stage, job)`` is called before ``read``, ``predict`` and ``write``. Once ``stop`` is set
+    (Ctrl-C), a case not yet at its network gives up (status ``stopped``, nothing written); one past it
+    is written. Interruptions (KeyboardInterrupt, SystemExit) pass through; the writes are atomic, so
+    none leaves a partial file.
+    """
+    times: dict[str, float] = {}
+    prediction: Prediction | None = None
+    try:
+        _check_targets(job, options.statistics, options.preview, _may_replace(job, options.overwrite, options.resume))
+        if on_stage:
+            on_stage("read", job)
+        t = time.perf_counter()
+        volume = _read(job)
+        times["read"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with compute_lock or contextlib.nullcontext():
+            times["wait"] = time.perf_counter() - t
+            if stop is not None and stop.is_set():
+                return CaseResult(job.case, "stopped", times_s=_rounded(times))
+            if on_stage:
+                on_stage("predict", job)
+            prediction = predictor.predict(volume, check_intensities=options.check_intensities)
+        times.update(prediction.timings_s)
+        _log_case(job, prediction)
+        if on_stage:
+            on_stage("write", job)
+        t = time.perf_counter()
+        written = _write_outputs(job, volume, prediction, statistics=options.statistics, preview=options.preview,
+                                 overwrite=_may_replace(job, options.overwrite, options.resume),
+                                 label_names=predictor.manifest.labels)
+        times["write"] = time.perf_counter() - t
+    except Exception as exc:  # a bad case must not stop the others; the caller reports it
+        log.error("%s: %s", job.case, _why(exc))
+        log.debug("%s failed", job.case, exc_info=True)
+        return CaseResult(job.case, "failed", error=_why(exc), device=prediction and prediction.device,
+                          backend=prediction and prediction.backend, times_s=_rounded(times))
+    return CaseResult(job.case, "written", output=str(written), device=prediction.device, backend=prediction.backend,
+                      times_s=_rounded(times))
+
+
+def _rounded(times: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in times.items()}
 
 
 def _read(job: CaseJob) -> Volume:
@@ -327,32 +426,24 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _reason(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
-
-
 #: Seconds between looks at the cases other runs hold, and between reminders that this run waits for them.
 _POLL_S = 0.5
 _REMIND_S = 60.0
 
 
 class _FolderRun:
-    """One run over a folder of cases: read ahead one case and write behind while the current case computes;
-    each case claimed with its lock file first."""
+    """One run over a folder: every case through :func:`predict_case`, :data:`CASES_IN_FLIGHT` at a time around
+    one network (one read ahead, one computing, one written behind); each case claimed with its lock file first,
+    so that several runs on one folder share the work."""
 
-    def __init__(self, predictor: CascadePredictor, seen: dict[str, tuple | None], *, statistics: bool,
-                 preview: bool, overwrite: bool, resume: bool, check_intensities: bool):
+    def __init__(self, predictor: CascadePredictor, seen: dict[str, tuple | None], options: CaseOptions):
         self.predictor = predictor
         self.seen = seen
-        self.statistics, self.preview = statistics, preview
-        self.overwrite, self.resume = overwrite, resume
-        self.check_intensities = check_intensities
+        self.options = options
         self.written: list[Path] = []
         self.failures: list[tuple[str, str]] = []
         self.by_others: list[str] = []
         self._locks: list[FileLock] = []  # every lock taken, released at the end whatever happens
-
-    # ------------------------------------------------------------------------------------------------ claims
 
     def _written_by_another(self, job: CaseJob) -> bool:
         now = _identity(job.output)
@@ -372,37 +463,13 @@ class _FolderRun:
                 log.warning("%s: took over the lock of %s, a process that is gone", job.case, got.took_over.describe())
         return got
 
-    def _fail(self, job: CaseJob, exc: BaseException) -> None:
-        why = _reason(exc)
-        self.failures.append((job.case, why))
-        log.error("%s: %s", job.case, why)
-        log.debug("%s failed", job.case, exc_info=True)
-
-    # ------------------------------------------------------------------------------------------------ cases
-
-    def _compute(self, job: CaseJob, volume: Future | Volume) -> tuple[Volume, Prediction]:
-        _check_targets(job, self.statistics, self.preview, _may_replace(job, self.overwrite, self.resume))
-        scan = volume.result() if isinstance(volume, Future) else volume
-        prediction = self.predictor.predict(scan, check_intensities=self.check_intensities)
-        _log_case(job, prediction)
-        return scan, prediction
-
-    def _write(self, job: CaseJob, lock: FileLock, volume: Volume, prediction: Prediction) -> Path:
-        try:
-            return _write_outputs(job, volume, prediction, statistics=self.statistics, preview=self.preview,
-                                  overwrite=_may_replace(job, self.overwrite, self.resume),
-                                  label_names=self.predictor.manifest.labels)
-        finally:
-            lock.release()
-
-    def _settle(self, pending: tuple[CaseJob, Future] | None) -> None:
-        if pending is None:
-            return
-        job, future = pending
-        try:
-            self.written.append(future.result())
-        except Exception as exc:  # reported at the end with the other failures
-            self._fail(job, exc)
+    def _record(self, result: CaseResult, bar: tqdm) -> None:
+        if result.status == "written":
+            self.written.append(Path(result.output))
+            bar.set_postfix_str(f"{result.case} {result.times_s.get('total', 0):.1f}s")
+        elif result.status == "failed":
+            self.failures.append((result.case, result.error))
+        bar.update(1)
 
     def run(self, jobs: list[CaseJob], *, progress: bool) -> list[Path]:
         try:
@@ -418,37 +485,41 @@ class _FolderRun:
 
     def _run(self, jobs: list[CaseJob], *, progress: bool) -> None:
         held_by_others: list[CaseJob] = []
-        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-                ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
+        network, stop = threading.Lock(), threading.Event()
+        with ThreadPoolExecutor(CASES_IN_FLIGHT, thread_name_prefix="case") as pool, \
                 tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress) as bar:
-            pending: tuple[CaseJob, Future] | None = None
-            next_read = reader.submit(_read, jobs[0])
-            for i, job in enumerate(jobs):
-                current = next_read
-                if i + 1 < len(jobs):
-                    next_read = reader.submit(_read, jobs[i + 1])
-                claim = self._claim(job)
-                if claim is None:
-                    log.info("%s: written by another run, skipped", job.case)
-                    self.by_others.append(job.case)
-                    bar.update(1)
-                    continue
-                if isinstance(claim, LockHolder):
-                    log.info("%s: being segmented by another run (%s), left to it", job.case, claim.describe())
-                    held_by_others.append(job)
-                    continue
+            in_flight: deque[tuple[FileLock, Future]] = deque()
+
+            def settle() -> None:
+                lock, future = in_flight.popleft()
                 try:
-                    volume, prediction = self._compute(job, current)
-                except Exception as exc:  # a bad case must not stop the others; reported at the end
-                    claim.release()
-                    self._fail(job, exc)
-                    bar.update(1)
-                    continue
-                self._settle(pending)
-                pending = (job, writer.submit(self._write, job, claim, volume, prediction))
-                bar.set_postfix_str(f"{job.case} {prediction.timings_s['total']:.1f}s")
-                bar.update(1)
-            self._settle(pending)
+                    self._record(future.result(), bar)
+                finally:
+                    lock.release()
+
+            try:
+                for job in jobs:
+                    claim = self._claim(job)
+                    if claim is None:
+                        log.info("%s: written by another run, skipped", job.case)
+                        self.by_others.append(job.case)
+                        bar.update(1)
+                        continue
+                    if isinstance(claim, LockHolder):
+                        log.info("%s: being segmented by another run (%s), left to it", job.case, claim.describe())
+                        held_by_others.append(job)
+                        continue
+                    if len(in_flight) == CASES_IN_FLIGHT:
+                        settle()
+                    in_flight.append((claim, pool.submit(predict_case, self.predictor, job, self.options,
+                                                         compute_lock=network, stop=stop)))
+                while in_flight:
+                    settle()
+            except BaseException:
+                # Ctrl-C: the case at the network finishes and is written, the others give up before theirs.
+                stop.set()
+                pool.shutdown(cancel_futures=True)
+                raise
             self._wait_for_others(held_by_others, bar)
 
     def _wait_for_others(self, waiting: list[CaseJob], bar: tqdm) -> None:
@@ -461,17 +532,15 @@ class _FolderRun:
                 if isinstance(claim, LockHolder):
                     continue
                 waiting.remove(job)
-                bar.update(1)
                 if claim is None:
                     log.info("%s: written by another run", job.case)
                     self.by_others.append(job.case)
+                    bar.update(1)
                     continue
                 try:
-                    volume, prediction = self._compute(job, _read(job))
-                    self.written.append(self._write(job, claim, volume, prediction))
-                except Exception as exc:
+                    self._record(predict_case(self.predictor, job, self.options), bar)
+                finally:
                     claim.release()
-                    self._fail(job, exc)
             if waiting:
                 if time.monotonic() >= remind:
                     log.warning("waiting for %d case(s) that other runs hold: %s (a lock file whose run is gone "

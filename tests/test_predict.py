@@ -418,3 +418,30 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tiny_package, cases, tmp_pat
         assert main(["predict", "-i", str(cases), "-o", str(out), "-m", str(tiny_package)]) == 0
     assert any(f"took over the lock of pid {killed.pid}" in r.getMessage() for r in caplog.records)
     assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz"]
+
+
+def test_folder_mode_stops_on_ctrl_c_without_partial_files_and_continue_finishes(tiny_package, cases, tmp_path,
+                                                                                 monkeypatch):
+    import pocketseg.runtime.predict as P
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(cases, src)
+    for seed, case in ((2, "C"), (3, "D"), (4, "E")):
+        _write_case(src / f"{case}_0000.nii.gz", seed)
+
+    class CtrlCAfterTheFirstCase(P.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "tqdm", CtrlCAfterTheFirstCase)
+    with pytest.raises(KeyboardInterrupt):
+        P.predict(src, out, tiny_package, statistics=True, progress=False)
+    monkeypatch.undo()
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")]  # no temporary file left
+    done = [n[: -len(".nii.gz")] for n in names if n.endswith(".nii.gz")]
+    assert 1 <= len(done) < 5  # the run stopped: the cases not yet at the network gave up
+    assert all(f"{case}.statistics.json" in names for case in done)
+    assert _run("-i", src, "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in "ABCDE"]
