@@ -37,6 +37,7 @@ from pocketseg.layout import CHANNEL_SUFFIX, case_name, is_nifti_path, label_nam
 from pocketseg.nifti import nifti_image, write_labels
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
+from pocketseg.signing import trusted_keys_folder
 from pocketseg.volume import Volume
 
 __all__ = ["CaseJob", "PredictFailures", "case_name", "case_statistics", "plan_cases", "predict", "segment"]
@@ -187,7 +188,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             preview: bool = False, overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
-            check_intensities: bool = True, threads: int | None = None, progress: bool = True) -> list[Path]:
+            check_intensities: bool = True, threads: int | None = None, progress: bool = True,
+            trusted_keys: str | os.PathLike | None = None) -> list[Path]:
     """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
 
     Args:
@@ -214,6 +216,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         check_intensities: refuse images that are not CT in Hounsfield units.
         threads: CPU threads of ONNX Runtime (default: all cores).
         progress: show progress bars.
+        trusted_keys: a folder of trusted Ed25519 public keys (None: ``$POCKETSEG_TRUSTED_KEYS`` when set); the
+            package must then be signed by one of them, else nothing runs (docs/model-package.md, "Signatures").
 
     Returns:
         The label files written, in case order.
@@ -240,7 +244,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
                                  gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
-                                 progress=progress and not folder_mode)
+                                 progress=progress and not folder_mode, trusted_keys=trusted_keys)
     if not folder_mode:
         job = todo[0]
         volume = load_volume(job.source, series_uid=series_uid)
@@ -334,7 +338,8 @@ def _as_volume(image: Any, series_uid: str | None) -> Volume:
 def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backend: str = "auto",
             precision: str = "auto", overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
-            series_uid: str | None = None, check_intensities: bool = True):
+            series_uid: str | None = None, check_intensities: bool = True,
+            trusted_keys: str | os.PathLike | None = None):
     """Segment one CT scan and return its label map as a nibabel image (``pocketseg.segment``).
 
     The loaded model stays cached for the next call with the same model and settings.
@@ -352,6 +357,8 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
         batch_size: tiles per network call.
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
+        trusted_keys: a folder of trusted public keys (None: ``$POCKETSEG_TRUSTED_KEYS`` when set); the package
+            must then be signed by one of them.
 
     Returns:
         A uint8 ``nibabel.Nifti1Image`` (label ids of the package) with the input's geometry:
@@ -361,12 +368,14 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
         InputError: an unreadable image or package, or an image that is not CT.
     """
     volume = _as_volume(image, series_uid)
-    key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size))
+    keys = trusted_keys_folder(trusted_keys)  # part of the cache key: a cached model passed the same check
+    key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size),
+           None if keys is None else str(keys.resolve()))
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         predictor = _PREDICTORS[key] = CascadePredictor(model, device=device, backend=backend, precision=precision,
                                                         overlap=overlap, gaussian=gaussian, fast=fast,
-                                                        batch_size=batch_size)
+                                                        batch_size=batch_size, trusted_keys=keys)
     prediction = predictor.predict(volume, check_intensities=check_intensities)
     image = nifti_image(prediction.labels, reference=volume, dtype=np.uint8)
     # Through bytes once: the returned image then has .affine set from its header, exactly as a
