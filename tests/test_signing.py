@@ -240,3 +240,21 @@ def test_doctor_reports_the_signature_and_never_raises(package, keys, tmp_path, 
     assert any("trusted keys folder does not exist" in p for p in report["problems"])
     monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys["trusted"]))
     assert main(["doctor", "-m", str(package), "--json"]) == 0
+
+
+def test_the_signature_flags_are_keywords_of_the_functions_they_call():
+    import inspect
+
+    pytest.importorskip("torch", reason="torch (extra 'train') is needed by the exporters")
+    from pocketseg.commands import build_parser
+    from pocketseg.engine_build.nnunet_import import import_nnunet
+    from pocketseg.runtime.predict import predict
+    from pocketseg.trainer.package import export_package
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for command, func, flag in (("export", export_package, "sign_key"), ("import-nnunet", import_nnunet, "sign_key"),
+                                ("predict", predict, "trusted_keys"), ("doctor", diagnose, "trusted_keys"),
+                                ("keygen", generate_keys, "name"), ("sign", sign_package, "key")):
+        dests = {a.dest for a in sub.choices[command]._actions} - {"help", "json", "verbose", "quiet"}
+        params = set(inspect.signature(func).parameters)
+        assert flag in dests and dests - {"folds"} <= params, (command, dests - params)
