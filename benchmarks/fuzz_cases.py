@@ -376,9 +376,9 @@ def _write_dicom_slice(path: Path, stored: np.ndarray, *, position, case: DicomC
         ds.save_as(str(path), write_like_original=False)
 
 
-def write_dicom_case(case: DicomCase, folder: Path) -> tuple[Path, list[int]]:
-    """Write the series into ``folder/series``; returns the folder and the indices of the slices written, in
-    the order of their files."""
+def write_dicom_case(case: DicomCase, folder: Path) -> tuple[Path, list[int], list[Any]]:
+    """Write the series into ``folder/series``; returns the folder, the indices of the slices written in the
+    order of their files, and the position each was written with."""
     series = folder / "series"
     series.mkdir()
     uid = f"2.25.{uuid.uuid4().int}"  # a UUID-derived UID (DICOM PS3.5, B.2)
@@ -392,6 +392,7 @@ def write_dicom_case(case: DicomCase, folder: Path) -> tuple[Path, list[int]]:
         names.append("dup.dcm")
     normal = _normal(case.iop())
     in_plane = np.asarray(case.iop()[:3], dtype=np.float64) if len(case.iop()) >= 3 else np.zeros(3)
+    used = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the invalid values written on purpose
         for number, (k, name) in enumerate(zip(written, names)):
@@ -408,11 +409,12 @@ def write_dicom_case(case: DicomCase, folder: Path) -> tuple[Path, list[int]]:
                     position = np.array([float("nan"), 0.0, 0.0])
                 elif case.defect == "other-size" and len(written) > 1:
                     rows, stored = rows + 1, np.concatenate([stored, stored[:1]])
-                elif case.defect == "other-spacing" and len(spacing) == 2:
+                elif case.defect == "other-spacing" and len(spacing) == 2 and len(written) > 1:
                     spacing = (spacing[0] * 2, spacing[1])
             _write_dicom_slice(series / name, stored, position=position, case=case, uid=uid, instance=number + 1,
                                pixel_spacing=spacing, rows=rows, cols=cols)
-    return series, written
+            used.append(position)
+    return series, written, used
 
 
 def _must_refuse_dicom(case: DicomCase, written: list[int]) -> str | None:
@@ -441,7 +443,7 @@ def _must_refuse_dicom(case: DicomCase, written: list[int]) -> str | None:
 def check_dicom_case(case: DicomCase, folder: Path, package: Path | None = None) -> None:
     """Read the series with :func:`pocketseg.imageio.load_volume`: a volume with the tags' geometry and
     values, or a :class:`PocketsegError`."""
-    series, written = write_dicom_case(case, folder)
+    series, written, positions = write_dicom_case(case, folder)
     try:
         volume = load_volume(series)
     except PocketsegError:
@@ -453,28 +455,27 @@ def check_dicom_case(case: DicomCase, folder: Path, package: Path | None = None)
     values = np.asarray(volume.data)
     if values.dtype.kind == "f":
         assert np.isfinite(values).all()
-    if case.defect not in ("irregular", "other-size"):  # (one such slice: a grid of its own, checked above)
-        iop = np.asarray(case.iop(), dtype=np.float64)
-        normal = _normal(case.iop())
-        positions = [_positions(case)[k] for k in written]
-        along = np.array([float(p @ normal) for p in positions])
-        order = np.argsort(along)
-        lowest = positions[int(order[0])]
-        step = (float(np.median(np.diff(along[order]))) if len(written) > 1
-                else float(case.thickness))  # type: ignore[arg-type]
-        lps = np.eye(4)
-        lps[:3, 0] = iop[:3] * case.pixel_spacing[1]
-        lps[:3, 1] = iop[3:] * case.pixel_spacing[0]
-        lps[:3, 2] = normal * step
-        lps[:3, 3] = lowest
-        expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-        np.testing.assert_allclose(volume.affine, expected, atol=AFFINE_ATOL * max(1.0, np.abs(expected).max()))
-        slope = 1.0 if case.slope is None else case.slope
-        intercept = 0.0 if case.intercept is None else case.intercept
-        for k, index in enumerate(order):
-            stored = case.stored[written[int(index)]].astype(np.float64)
-            np.testing.assert_allclose(values[:, :, k].astype(np.float64), stored.T * slope + intercept,
-                                       rtol=1e-6, atol=1e-3)
+    # the affine of the positions as written (lowest slice, normal x step), and the values slice by slice
+    iop = np.asarray(case.iop(), dtype=np.float64)
+    normal = _normal(case.iop())
+    along = np.array([float(np.asarray(p) @ normal) for p in positions])
+    order = np.argsort(along)
+    lowest = positions[int(order[0])]
+    step = (float(np.median(np.diff(along[order]))) if len(written) > 1
+            else float(case.thickness))  # type: ignore[arg-type]
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * case.pixel_spacing[1]
+    lps[:3, 1] = iop[3:] * case.pixel_spacing[0]
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = lowest
+    expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    np.testing.assert_allclose(volume.affine, expected, atol=AFFINE_ATOL * max(1.0, np.abs(expected).max()))
+    slope = 1.0 if case.slope is None else case.slope
+    intercept = 0.0 if case.intercept is None else case.intercept
+    for k, index in enumerate(order):
+        stored = case.stored[written[int(index)]].astype(np.float64)
+        np.testing.assert_allclose(values[:, :, k].astype(np.float64), stored.T * slope + intercept,
+                                   rtol=1e-6, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------ manifests

@@ -442,8 +442,11 @@ def _is_integral(value: float) -> bool:
 def _stack(folder: Path, ordered: Sequence[_Header]) -> np.ndarray:
     """Rescaled slices as one (column, row, slice) array: int16 when exact, else float32."""
     slices = [_read_pixels(folder, header) for header in ordered]
+    # A whole slope of 1e30 would overflow NumPy's int64 arithmetic (OverflowError) even where every rescaled
+    # value fits (all pixels 0): such factors take the float path, which gives the same finite values.
     integral = all(
         pixels.dtype.kind in "iu" and _is_integral(slope) and _is_integral(intercept)
+        and abs(slope) <= _INT16.max and abs(intercept) <= 2 ** 31
         for pixels, slope, intercept in slices
     )
     if integral:  # exact in int16 only if every slice's rescaled range fits

@@ -722,3 +722,17 @@ def test_non_finite_geometry_tags_are_refused(tmp_path, pydicom, n_slices, keywo
     with pytest.raises(InputError, match=f"{target.name} {problem}") as excinfo:
         read_dicom_series(tmp_path / "s")
     assert "\n" not in str(excinfo.value)
+
+
+def test_a_huge_whole_rescale_slope_is_rescaled_in_floats(tmp_path, pydicom):
+    # Found by the property-based fuzzing: RescaleSlope 1e30 on an all-zero slice took the exact integer path
+    # (every rescaled value fits int16) and overflowed NumPy's int64 arithmetic (OverflowError).
+    from pocketseg.dicom import read_dicom_series
+
+    _write_series(tmp_path / "s", n_slices=2, slope=1e30, intercept=0.0)
+    for path in sorted((tmp_path / "s").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns), "<i2").tobytes()
+        _save(ds, path)
+    volume = read_dicom_series(tmp_path / "s")
+    assert volume.data.dtype == np.float32 and not volume.data.any()
