@@ -569,27 +569,27 @@ def check_manifest_case(case: ManifestCase, folder: Path, package: Path | None =
 
 # ----------------------------------------------------------------------------------------------------- prediction
 
-def prediction_cases() -> st.SearchStrategy:
-    """Mostly small readable scans in any orientation and spacing, some damaged files (which must leave no
-    output behind), for a prediction with a tiny package."""
-    return st.one_of(_readable_scans(), _readable_scans(), _readable_scans(), nifti_cases(max_side=4))
-
-
 @st.composite
-def _readable_scans(draw) -> NiftiCase:
+def prediction_cases(draw) -> NiftiCase:
+    """Small scans in any orientation and spacing, one in four damaged (a NaN voxel, a truncated file, a zero
+    spacing: refused, with no output left behind), for a prediction with a tiny package."""
+    damage = draw(st.sampled_from((None, None, None, "nan-voxel", "truncated", "zero-spacing")))
     dims = tuple(draw(st.sampled_from((1, 2, 7, 12, 20))) for _ in range(3))
     if draw(st.booleans()):
         dims = dims + (1,)
     count = int(np.prod(dims))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    data = rng.integers(-1000, 1500, count).astype(np.int16)
+    data = rng.integers(-1000, 1500, count).astype(np.float32 if damage == "nan-voxel" else np.int16)
+    if damage == "nan-voxel":
+        data[count // 2] = np.nan
     spacing = tuple(draw(st.sampled_from((0.7, 1.0, 2.5, 5.0))) for _ in range(3))
     rotation = draw(st.sampled_from(ROTATIONS))
-    return NiftiCase(dims=dims, dtype="int16", data=data, spacing=spacing, qform_rotation=rotation,  # type: ignore[arg-type]
-                     qform_code=1, sform_rotation=rotation, sform_code=draw(st.sampled_from((0, 1))),
-                     sform_kind="regular", offset=(-100.5, 20.0, 250.0), bad_spacing=None, bad_quatern=None,
-                     slope=draw(st.sampled_from((1.0, 0.5))), inter=0.0, big_endian=False, gz=True, truncate=0,
-                     dim0=None)
+    return NiftiCase(dims=dims, dtype=str(data.dtype), data=data, spacing=spacing,  # type: ignore[arg-type]
+                     qform_rotation=rotation, qform_code=1, sform_rotation=rotation,
+                     sform_code=draw(st.sampled_from((0, 1))), sform_kind="regular", offset=(-100.5, 20.0, 250.0),
+                     bad_spacing=(1, 0.0) if damage == "zero-spacing" else None, bad_quatern=None,
+                     slope=draw(st.sampled_from((1.0, 0.5))), inter=0.0, big_endian=False, gz=True,
+                     truncate=100 if damage == "truncated" else 0, dim0=None)
 
 
 def check_prediction_case(case: NiftiCase, folder: Path, package: Path | None) -> None:
@@ -604,6 +604,7 @@ def check_prediction_case(case: NiftiCase, folder: Path, package: Path | None) -
     except PocketsegError:
         assert not out.exists() or not _files_under(out), f"output left behind: {sorted(_files_under(out))}"
         return
+    assert _must_refuse_nifti(case) is None and not np.isnan(case.data).any(), "predicted a damaged scan"
     source = read_nifti(path)
     labels = read_nifti(out / "labels.nii.gz")
     assert labels.shape == source.shape, (labels.shape, source.shape)
