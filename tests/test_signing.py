@@ -258,3 +258,21 @@ def test_the_signature_flags_are_keywords_of_the_functions_they_call():
         dests = {a.dest for a in sub.choices[command]._actions} - {"help", "json", "verbose", "quiet"}
         params = set(inspect.signature(func).parameters)
         assert flag in dests and dests - {"folds"} <= params, (command, dests - params)
+
+
+def test_without_cryptography_only_signature_work_needs_it(package, keys, monkeypatch):
+    from pocketseg import signing
+    from pocketseg.errors import MissingDependencyError
+
+    sign_package(package, keys["ours"])
+
+    def missing():
+        raise MissingDependencyError("cryptography", "Package signatures", "sign")
+
+    monkeypatch.setattr(signing, "_crypto", missing)
+    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+    assert check_trusted(package) is None  # no trusted keys: predict never touches the library
+    with pytest.raises(MissingDependencyError, match=r"pocketseg\[sign\]"):
+        check_trusted(package, keys["trusted"])
+    signature = diagnose(package, trusted_keys=keys["trusted"])["package"]["signature"]
+    assert signature["state"] == "unknown" and "pocketseg[sign]" in signature["detail"]
