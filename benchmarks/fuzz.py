@@ -70,14 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown properties {unknown}" if unknown else "--examples must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The inputs are broken on purpose: the readers' warnings about them (nibabel fixing a code) are noise here.
-    logging.getLogger("nibabel").setLevel(logging.ERROR)
-    logging.getLogger("pocketseg").setLevel(logging.ERROR)
+    quiet = {name: logging.getLogger(name) for name in ("nibabel", "pocketseg")}
+    levels = {name: logger.level for name, logger in quiet.items()} | {log.name: log.level}
+    for logger in quiet.values():
+        logger.setLevel(logging.ERROR)
     log.setLevel(logging.INFO)
     try:
         rows = run(names, args.examples, model=args.model, derandomize=not args.random)
     except MissingDependencyError as exc:
         print(f"pocketseg.benchmarks.fuzz: error: {exc}", file=sys.stderr)
         return 2
+    finally:  # as they were, for callers in the same process
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     print("| property | examples | seconds | result |\n|:--|--:|--:|:--|")
     for row in rows:
         print(f"| {row['property']} | {row['examples']} | {row['seconds']} | {row['result']} |")

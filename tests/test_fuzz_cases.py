@@ -92,3 +92,9 @@ def test_the_long_run_prints_its_table(capsys):
     assert fuzz.main(["--examples", "5", "--properties", "manifest,predict"]) == 0
     out = capsys.readouterr().out
     assert "| manifest | 5 |" in out and "passed" in out and "| predict | 0 | 0.0 | skipped: needs --model |" in out
+
+
+def test_the_long_run_leaves_the_logging_levels_as_they_were():
+    before = logging.getLogger("pocketseg").level, logging.getLogger("nibabel").level
+    fuzz.main(["--examples", "2", "--properties", "manifest"])
+    assert (logging.getLogger("pocketseg").level, logging.getLogger("nibabel").level) == before
