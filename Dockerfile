@@ -4,7 +4,7 @@
 #   docker run --rm --gpus all -v "$PWD/model:/model:ro" -v pocketseg-engines:/engines -v "$PWD/data:/data" \
 #       pocketseg:cuda predict -i /data/ct.nii.gz -o /data/seg.nii.gz
 #
-# TensorRT, CuPy and cuCIM come from PyPI (pocketseg[tensorrt,gpu,runtime]); the first predict builds
+# TensorRT, CuPy and cuCIM come from PyPI (pocketseg[tensorrt,gpu,runtime,sign]); the first predict builds
 # TensorRT engines for the GPU it runs on (see deploy/entrypoint.py and docs/deployment.md).
 #
 # Two stages: the first creates the virtual environment, the second copies only that onto a clean
@@ -47,7 +47,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
         "nvidia-ml-py==${NVIDIA_ML_PY_VERSION}" \
         "onnxruntime==${ONNXRUNTIME_VERSION}" \
         "connected-components-3d==${CC3D_VERSION}" \
-        "/src[tensorrt,gpu,runtime]" \
+        "/src[tensorrt,gpu,runtime,sign]" \
     && /opt/venv/bin/python -m pip check
 
 

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Extras the demo and the tests need (see docs/development.md, "Dependencies").
-EXTRAS := dicom,viz,runtime,train,export,test,openvino,ray
+EXTRAS := dicom,viz,runtime,train,export,test,openvino,ray,sign
 # torch is pinned explicitly first: a loose requirement would pull a multi-GB CUDA build onto
 # machines without a GPU. Override on a CUDA machine, e.g. `make test TORCH_SPEC="torch>=2.1,<3"`.
 TORCH_SPEC ?= torch==2.13.0
@@ -16,7 +16,7 @@ NNUNET_DEPS := acvl-utils==0.2.6 batchgenerators==0.25.5 blosc2 einops graphviz 
 	scikit-image scikit-learn seaborn SimpleITK tifffile yacs
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint-imports docs bench gpu-wheels gpu-check clean
+.PHONY: venv demo test lint-imports docs bench fuzz gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -78,6 +78,11 @@ docs: venv
 bench: venv
 	$(BIN)/python -m pocketseg.benchmarks.nifti_read --out bench-output
 	$(BIN)/python -m pocketseg.benchmarks.synth_speed --out bench-output
+
+# The long fuzz run (docs/development.md, "Fuzzing the input edges"); `make test` runs the same properties briefly.
+FUZZ_EXAMPLES ?= 2000
+fuzz: venv
+	$(BIN)/python -m pocketseg.benchmarks.fuzz --examples $(FUZZ_EXAMPLES) $(if $(FUZZ_MODEL),--model $(FUZZ_MODEL))
 
 # The GPU check (docs/development.md, "Checks on a GPU"). A lent GPU machine starts bare and offline and takes at
 # most 64 MiB along with the tree: `make gpu-wheels` (here, with network) packs what it lacks into $(GPU_KIT)/carry,

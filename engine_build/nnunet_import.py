@@ -47,6 +47,7 @@ from pocketseg.errors import InputError
 from pocketseg.geometry import ROI_MARGIN_MM
 from pocketseg.manifest import Inference, Intensity, Network, Normalization, PostProcess, sha256_file
 from pocketseg.runtime.network import PocketUNet, UNetConfig
+from pocketseg.signing import check_signing_key
 
 __all__ = ["ResultsFolder", "convert_state_dict", "import_nnunet", "load_nnunet_checkpoint", "map_labels", "open_results",
            "resolve_configuration", "unet_config"]
@@ -505,7 +506,8 @@ def import_nnunet(results: str | os.PathLike, out: str | os.PathLike, *, folds: 
                   checkpoint: str = "checkpoint_final.pth", orientation: str | None = None, tta: bool = True,
                   overlap: float = 0.5, roi: str | os.PathLike | None = None, roi_folds: Any = None,
                   fp16: bool = True, check: bool = True, strict: bool = False, overwrite: bool = False,
-                  opset: int = OPSET, labels: str | os.PathLike | dict[str, Any] | None = None) -> Path:
+                  opset: int = OPSET, labels: str | os.PathLike | dict[str, Any] | None = None,
+                  sign_key: str | os.PathLike | None = None) -> Path:
     """Turn a trained nnU-Net v2 model into a model package (``pocketseg import-nnunet``); returns its folder.
 
     Args:
@@ -531,8 +533,12 @@ def import_nnunet(results: str | os.PathLike, out: str | os.PathLike, *, folds: 
         opset: ONNX opset, 17..20.
         labels: a label mapping (``MAP.json`` or its dictionary, see :func:`map_labels`): the package then
             writes FLARE 2023 label ids and names, so that statistics, previews and evaluation speak FLARE.
+        sign_key: an Ed25519 private key file (``pocketseg keygen``): the package gets its signature,
+            ``signature.json`` (docs/model-package.md, "Signatures").
     """
     check_opset(opset)
+    if sign_key is not None:
+        check_signing_key(sign_key)  # before the conversion's minutes, not after
     main = open_results(results, folds=folds, checkpoint=checkpoint)
     reader = _reader(main)
     if orientation is None:
@@ -576,4 +582,4 @@ def import_nnunet(results: str | os.PathLike, out: str | os.PathLike, *, folds: 
                          postprocess=PostProcess(largest_component_labels=(), tumor_min_volume_mm3=0.0,
                                                  tumor_label=None),
                          overwrite=overwrite, fp16=fp16, check=check, strict=strict, opset=opset,
-                         manifest_fields=manifest_fields, extra_report=report)
+                         manifest_fields=manifest_fields, extra_report=report, sign_key=sign_key)

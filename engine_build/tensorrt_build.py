@@ -52,6 +52,7 @@ from pocketseg.errors import InputError
 from pocketseg.manifest import INPUT_NAME, MANIFEST_NAME, EngineRecord, Manifest, Stage, load_package
 from pocketseg.runtime.tensorrt_probe import (MIN_VERSION, GpuIdentity, TensorRTError, engine_matches, gpu_identity,
                                               import_tensorrt, parse_version, tensorrt_logger)
+from pocketseg.signing import SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -379,4 +380,8 @@ def build_package_engines(package_dir: str | os.PathLike, *, workspace_gb: float
     atomic_write_bytes(folder / MANIFEST_NAME, new.to_json().encode("utf-8"), overwrite=True)
     log.log(level, "recorded %d engine(s) for %s (compute capability %s, TensorRT %s) in %s",
             len(built), gpu.name, gpu.compute_capability, version, folder / MANIFEST_NAME)
+    if (folder / SIGNATURE_NAME).exists():
+        # The signature covers the manifest, which now lists the engines: it no longer fits, by design.
+        log.warning("%s: the package's signature no longer matches its manifest (engines were added); sign it "
+                    "again: pocketseg sign %s --key PRIVATE_KEY --overwrite", folder, folder)
     return new

@@ -31,6 +31,7 @@ from pocketseg.evaluation.evaluate import evaluate_folders, format_table, label_
 from pocketseg.imageio import volume_info
 from pocketseg.runtime.distributed import predict_ray
 from pocketseg.runtime.predict import predict
+from pocketseg.signing import generate_keys, sign_package
 from pocketseg.synth.dataset import synthesize_dataset
 
 __all__ = ["build_parser", "main"]
@@ -100,6 +101,18 @@ def _cmd_import_nnunet(args: argparse.Namespace) -> int:
     kwargs = _kwargs(args)
     folds = kwargs.pop("folds")
     print(import_nnunet(**kwargs, folds=None if folds is None else (folds[0] if folds == ["all"] else folds)))
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    private, public = generate_keys(**_kwargs(args))
+    print(private)
+    print(public)
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    print(sign_package(**_kwargs(args)))
     return 0
 
 
@@ -192,7 +205,8 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
 #: Subcommand -> the function that runs it.
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "synth": _cmd_synth, "info": _cmd_info, "model-info": _cmd_model_info, "train": _cmd_train,
-    "export": _cmd_export, "import-nnunet": _cmd_import_nnunet, "build-engine": _cmd_build_engine, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
+    "export": _cmd_export, "import-nnunet": _cmd_import_nnunet, "keygen": _cmd_keygen, "sign": _cmd_sign,
+    "build-engine": _cmd_build_engine, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
     "doctor": _cmd_doctor, "bench": _cmd_bench, "demo-report": _cmd_demo_report, "selftrain": _cmd_selftrain,
 }
 

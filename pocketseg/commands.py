@@ -43,6 +43,17 @@ def _engine_options(p: argparse.ArgumentParser, backend_help: str) -> None:
                         "on cpu bf16 where openvino runs it natively and the package verified it, else fp32]")
 
 
+def _sign_key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sign-key", dest="sign_key", default=None, metavar="PRIVATE_KEY",
+                   help="sign the package with this Ed25519 private key (pocketseg keygen): writes signature.json")
+
+
+def _trusted_keys_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trusted-keys", dest="trusted_keys", default=None, metavar="DIR",
+                   help="folder of trusted public keys (*.pub): refuse a package not signed by one of them "
+                        "[$POCKETSEG_TRUSTED_KEYS; unset: signatures are not required]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pocketseg",
@@ -119,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if the fp16 ONNX, or bf16 inference (measured where OpenVINO runs bf16 natively), "
                         "agrees with fp32 on < 99.9 %% of voxels")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17) [17]")
+    _sign_key_option(p)
 
     p = sub.add_parser("import-nnunet", help="import a trained nnU-Net v2 model (results folder) as a model package",
                        description="Turn an nnU-Net v2 results folder (DatasetXXX/Trainer__Plans__Configuration with "
@@ -153,6 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if the fp16 ONNX, or bf16 inference (measured where OpenVINO runs bf16 natively), "
                         "agrees with fp32 on < 99.9 %% of voxels")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    _sign_key_option(p)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing model packages",
+                       description="Write NAME.key (the private key, readable by its owner only) and NAME.pub (the "
+                                   "public key) into DIR. Sign packages with the private key (export/import-nnunet "
+                                   "--sign-key, pocketseg sign); put the public key into the folder that predict and "
+                                   "doctor get as --trusted-keys. Existing key files are never replaced.")
+    p.add_argument("out_dir", metavar="DIR", help="folder for the two key files (created if missing)")
+    p.add_argument("--name", default="pocketseg", help="file name of the keys, NAME.key and NAME.pub [pocketseg]")
+
+    p = sub.add_parser("sign", help="sign an existing model package with an Ed25519 private key",
+                       description="Verify a model package (manifest and every file's checksum) and write its "
+                                   "signature, signature.json: the key's id and an Ed25519 signature of the "
+                                   "manifest's content digest, which covers every file through its checksum.")
+    p.add_argument("package_dir", metavar="PKG_DIR", help="model package folder")
+    p.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="private key file (pocketseg keygen)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing signature")
 
     p = sub.add_parser("build-engine", help="build TensorRT FP16 engines for this GPU into a model package",
                        description="Build TensorRT engines from a package's ONNX files (needs TensorRT and a GPU); "
@@ -209,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray: CPU cores of each worker (ONNX Runtime threads of a CPU worker) [1]")
     p.add_argument("--retries", type=int, default=None,
                    help="with --ray: times a case is retried after its worker died [2]")
+    _trusted_keys_option(p)
 
     p = sub.add_parser("evaluate", help="FLARE 2023 DSC and NSD of a folder of predictions against ground truth",
                        description="Score predictions (CASE.nii.gz) against same-named ground-truth label maps as the "
@@ -231,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "device 'auto' picks; with -m, whether the package's checksums verify and which "
                                    "of its TensorRT engines match this GPU and TensorRT version.")
     p.add_argument("-m", "--model", metavar="PKG_DIR", default=None,
-                   help="model package folder to check (checksums, TensorRT engines, backend choice)")
+                   help="model package folder to check (checksums, signature, TensorRT engines, backend choice)")
+    _trusted_keys_option(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("bench", help="time and memory per case, cold and warm (FLARE Table 6), optionally vs nnU-Net v2",

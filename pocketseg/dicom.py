@@ -264,8 +264,9 @@ def _choose_series(folder: Path, headers: Sequence[_Header], series_uid: str | N
 
 
 def _unit_orientation(folder: Path, header: _Header) -> tuple[np.ndarray, np.ndarray]:
-    if header.orientation is None or len(header.orientation) != 6:
-        raise InputError(folder, f"{header.path.name} has no valid ImageOrientationPatient (6 direction cosines)")
+    if header.orientation is None or len(header.orientation) != 6 or not np.all(np.isfinite(header.orientation)):
+        raise InputError(folder, f"{header.path.name} has no valid ImageOrientationPatient (6 finite direction "
+                                 f"cosines): {None if header.orientation is None else list(header.orientation)}")
     row_dir = np.asarray(header.orientation[:3], dtype=np.float64)
     col_dir = np.asarray(header.orientation[3:], dtype=np.float64)
     norms = (np.linalg.norm(row_dir), np.linalg.norm(col_dir))
@@ -300,10 +301,15 @@ def _check_consistent(folder: Path, members: Sequence[_Header]) -> None:
                 f"{name} has {header.samples_per_pixel} samples per pixel (colour image); "
                 "a greyscale CT series is expected",
             )
-        if header.position is None or len(header.position) != 3:
-            raise InputError(folder, f"{name} has no valid ImagePositionPatient")
-        if header.pixel_spacing is None or len(header.pixel_spacing) != 2 or min(header.pixel_spacing) <= 0:
-            raise InputError(folder, f"{name} has no valid PixelSpacing")
+        # NaN passes every comparison, so finiteness is checked first: a NaN or infinite tag would give a
+        # non-finite affine.
+        if header.position is None or len(header.position) != 3 or not np.all(np.isfinite(header.position)):
+            raise InputError(folder, f"{name} has no valid ImagePositionPatient (3 finite coordinates): "
+                                     f"{None if header.position is None else list(header.position)}")
+        if (header.pixel_spacing is None or len(header.pixel_spacing) != 2
+                or not np.all(np.isfinite(header.pixel_spacing)) or min(header.pixel_spacing) <= 0):
+            raise InputError(folder, f"{name} has no valid PixelSpacing (2 positive finite spacings): "
+                                     f"{None if header.pixel_spacing is None else list(header.pixel_spacing)}")
         _unit_orientation(folder, header)
         if (header.rows, header.columns) != (first.rows, first.columns):
             raise InputError(
@@ -436,8 +442,11 @@ def _is_integral(value: float) -> bool:
 def _stack(folder: Path, ordered: Sequence[_Header]) -> np.ndarray:
     """Rescaled slices as one (column, row, slice) array: int16 when exact, else float32."""
     slices = [_read_pixels(folder, header) for header in ordered]
+    # A whole slope of 1e30 would overflow NumPy's int64 arithmetic (OverflowError) even where every rescaled
+    # value fits (all pixels 0): such factors take the float path, which gives the same finite values.
     integral = all(
         pixels.dtype.kind in "iu" and _is_integral(slope) and _is_integral(intercept)
+        and abs(slope) <= _INT16.max and abs(intercept) <= 2 ** 31
         for pixels, slope, intercept in slices
     )
     if integral:  # exact in int16 only if every slice's rescaled range fits

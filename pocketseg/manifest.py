@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,8 @@ class Manifest:
 
     @staticmethod
     def from_dict(data: dict[str, Any], source: Path | None = None) -> Manifest:
+        if not isinstance(data, dict):
+            raise InputError(source, f"manifest is malformed: a JSON object is expected, got {type(data).__name__}")
         recorded = data.get(CONTENT_DIGEST) if isinstance(data, dict) else None
         if recorded is not None and recorded != content_digest(data):
             raise InputError(source, "manifest refused: its content does not match its content_sha256 (edited "
@@ -237,18 +239,21 @@ class Manifest:
                                          f"({FORMAT_VERSION}); upgrade pocketseg")
             if version not in KNOWN_FORMATS:
                 raise InputError(source, f"manifest format {version} is not one of {KNOWN_FORMATS}")
-            stages = {name: _stage(s) for name, s in data["stages"].items()}
-            post = data["postprocess"]
+            stages = {name: _stage(s) for name, s in _object(data["stages"], "stages").items()}
+            post = _object(data["postprocess"], "postprocess")
             manifest = Manifest(
-                stages=stages, labels={str(k): _int(v) for k, v in data["labels"].items()},
-                roi_margin_mm=float(data["roi_margin_mm"]),
-                postprocess=PostProcess(tuple(_int(v) for v in post["largest_component_labels"]),
-                                        float(post["tumor_min_volume_mm3"]),
+                stages=stages, labels={str(k): _int(v) for k, v in _object(data["labels"], "labels").items()},
+                roi_margin_mm=_float(data["roi_margin_mm"], "roi_margin_mm"),
+                postprocess=PostProcess(_ints(_list(post["largest_component_labels"], "largest_component_labels")),
+                                        _float(post["tumor_min_volume_mm3"], "tumor_min_volume_mm3"),
                                         _int_or_none(post.get("tumor_label", L.TUMOR))),
-                axis_order=data["axis_order"], format_version=version, pocketseg_version=data["pocketseg_version"],
-                checksums=dict(data.get("checksums", {})), inference=Inference(**data.get("inference", {})),
-                modality=str(data.get("modality", "CT")), source=data.get("source"),
-                output_labels=tuple(_int(v) for v in data.get("output_labels", ())))
+                axis_order=_str(data["axis_order"], "axis_order"), format_version=version,
+                pocketseg_version=_str(data["pocketseg_version"], "pocketseg_version"),
+                checksums=_names(data.get("checksums", {}), "checksums"),
+                inference=_record(Inference, data.get("inference", {}), "inference"),
+                modality=_str(data.get("modality", "CT"), "modality"),
+                source=None if data.get("source") is None else _object(data["source"], "source"),
+                output_labels=_ints(_list(data.get("output_labels", ()), "output_labels")))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
@@ -295,8 +300,61 @@ class Manifest:
         return out
 
 
+# Readers of the manifest's JSON values: each refuses (ValueError, reported as a malformed manifest) a value of
+# another type instead of converting it (float("1.5"), bool("no"), str(None) would all succeed silently).
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, got {value!r}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{what} must be a JSON list, got {value!r}")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def _float(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _names(value: Any, what: str) -> dict[str, str]:
+    """A JSON object of strings (a stage's files, the checksums)."""
+    return {str(k): _str(v, f"{what}[{k!r}]") for k, v in _object(value, what).items()}
+
+
+#: Readers of the fields of the flat records, by their annotation.
+_FIELD_READERS = {"float": _float, "bool": _bool, "str": _str, "int": lambda v, what: _int(v),
+                  "float | None": lambda v, what: None if v is None else _float(v, what)}
+
+
+def _record(cls: type, value: Any, what: str) -> Any:
+    """A flat dataclass (:class:`Intensity`, :class:`Inference`, ...) from a JSON object, every field read by
+    its annotation; unknown or missing fields are refused by the constructor (TypeError)."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    values = _object(value, what)
+    return cls(**{k: _FIELD_READERS[kinds[k]](v, f"{what}.{k}") if k in kinds else v for k, v in values.items()})
+
+
 def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    # is_integer() before int(): int() of an infinite float raises OverflowError, not ValueError
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                          and not value.is_integer()):
         raise ValueError(f"expected an integer, got {value!r}")
     return int(value)
 
@@ -330,6 +388,15 @@ def _stage_problems(stage: Stage) -> list[str]:
         out.append(f"mirror_axes must be network axes 0-2, got {stage.mirror_axes}")
     if not stage.files:
         out.append("no files")
+    net = stage.network
+    if net.width < 1 or not net.kernels or len(net.kernels) != len(net.strides) or not all(
+            len(t) == 3 and min(t) >= 1 for t in net.kernels + net.strides):
+        out.append(f"network must have a positive width and one kernel and stride triple of positive sizes per "
+                   f"level, got width {net.width}, kernels {net.kernels}, strides {net.strides}")
+    names = [name for member in stage.members for name in member.values()] + [e.file for e in stage.engines]
+    outside = [name for name in names if not name or Path(name).is_absolute() or ".." in Path(name).parts]
+    if outside:
+        out.append(f"file names must be paths inside the package, got {outside}")
     if stage.bf16_agreement is not None and not (math.isfinite(stage.bf16_agreement)
                                                  and 0.0 <= stage.bf16_agreement <= 1.0):
         out.append(f"bf16_agreement must be a fraction in 0..1, got {stage.bf16_agreement!r}")
@@ -337,32 +404,39 @@ def _stage_problems(stage: Stage) -> list[str]:
 
 
 def _triples(values) -> tuple[tuple[int, int, int], ...]:
-    return tuple(tuple(_int(v) for v in t) for t in values)  # type: ignore[misc]
+    return tuple(tuple(_int(v) for v in _list(t, "a triple")) for t in values)  # type: ignore[misc]
 
 
 def _ints(values) -> tuple[int, ...]:
-    return tuple(_int(v) for v in values)
+    return tuple(_int(v) for v in _list(values, "a list of integers"))
 
 
-def _network(n: dict[str, Any]) -> Network:
-    return Network(_int(n["width"]), _triples(n["kernels"]), _triples(n["strides"]), _int(n.get("channels_growth", 1)),
-                   features=_ints(n.get("features", ())), encoder=str(n.get("encoder", "plain")),
+def _network(n: Any) -> Network:
+    n = _object(n, "network")
+    return Network(_int(n["width"]), _triples(_list(n["kernels"], "kernels")),
+                   _triples(_list(n["strides"], "strides")), _int(n.get("channels_growth", 1)),
+                   features=_ints(n.get("features", ())), encoder=_str(n.get("encoder", "plain"), "encoder"),
                    convs_per_stage=_ints(n.get("convs_per_stage", ())),
                    convs_per_stage_decoder=_ints(n.get("convs_per_stage_decoder", ())),
-                   conv_bias=bool(n.get("conv_bias", True)))
+                   conv_bias=_bool(n.get("conv_bias", True), "conv_bias"))
 
 
-def _stage(s: dict[str, Any]) -> Stage:
+def _stage(s: Any) -> Stage:
+    s = _object(s, "a stage")
     return Stage(
-        name=s["name"], preset=s["preset"], network=_network(s["network"]), num_classes=_int(s["num_classes"]),
-        spacing_mm_zyx=tuple(float(v) for v in s["spacing_mm_zyx"]),  # type: ignore[arg-type]
+        name=_str(s["name"], "stage name"), preset=_str(s["preset"], "preset"), network=_network(s["network"]),
+        num_classes=_int(s["num_classes"]),
+        spacing_mm_zyx=tuple(_float(v, "spacing_mm_zyx") for v in _list(s["spacing_mm_zyx"], "spacing_mm_zyx")),  # type: ignore[arg-type]
         patch_zyx=_ints(s["patch_zyx"]),  # type: ignore[arg-type]
-        intensity=None if s.get("intensity") is None else Intensity(**s["intensity"]),
-        files=dict(s["files"]), engines=tuple(EngineRecord(**e) for e in s.get("engines", ())),
-        normalization=Normalization(**s.get("normalization", {})), voxel_order=str(s.get("voxel_order", "RAS")),
+        intensity=None if s.get("intensity") is None else _record(Intensity, s["intensity"], "intensity"),
+        files=_names(s["files"], "files"),
+        engines=tuple(_record(EngineRecord, e, "engines") for e in _list(s.get("engines", ()), "engines")),
+        normalization=_record(Normalization, s.get("normalization", {}), "normalization"),
+        voxel_order=_str(s.get("voxel_order", "RAS"), "voxel_order"),
         transpose_forward=_ints(s.get("transpose_forward", (0, 1, 2))),  # type: ignore[arg-type]
-        crop_to_nonzero=bool(s.get("crop_to_nonzero", False)), mirror_axes=_ints(s.get("mirror_axes", ())),
-        ensemble=tuple(dict(m) for m in s.get("ensemble", ())),
+        crop_to_nonzero=_bool(s.get("crop_to_nonzero", False), "crop_to_nonzero"),
+        mirror_axes=_ints(s.get("mirror_axes", ())),
+        ensemble=tuple(_names(m, "ensemble") for m in _list(s.get("ensemble", ()), "ensemble")),
         bf16_agreement=_fraction_or_none(s.get("bf16_agreement")),
     )
 

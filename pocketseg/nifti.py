@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import HeaderDataError
 
 from pocketseg.atomic import atomic_write_bytes, check_writable_target
 from pocketseg.errors import InputError, OutputError
@@ -133,10 +134,15 @@ def _header_class(path: Path, raw: np.ndarray) -> type[nib.Nifti1Image]:
     first4 = raw[:4].tobytes()
     for order in "<>":
         size = struct.unpack(order + "i", first4)[0]
-        if size == 348:
-            return nib.Nifti1Image
-        if size == 540:
-            return nib.Nifti2Image
+        if size in (348, 540):
+            # dim[0], the number of dimensions: nibabel guesses the byte order from it being 1..7, and with
+            # another value reads a valid header with the wrong byte order (a 7D shape of 512s, a data type
+            # code of 8192); the header size field tells the byte order without guessing.
+            dim0 = struct.unpack_from(order + ("h" if size == 348 else "q"), raw, 40 if size == 348 else 16)[0]
+            if not 1 <= dim0 <= 7:
+                raise InputError(path, f"has an invalid NIfTI header: dim[0] (the number of dimensions) is {dim0}, "
+                                       "not 1..7")
+            return nib.Nifti1Image if size == 348 else nib.Nifti2Image
     raise InputError(path, "is not a NIfTI file (bad header size field)")
 
 
@@ -181,7 +187,10 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         header.check_fix()  # what check=True would have done, now that pixdim is known to be sane
     except Exception as exc:
         raise InputError(p, f"has an invalid NIfTI header ({exc})") from None
-    affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    try:
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    except ValueError as exc:  # nibabel: quaternion parameters b, c, d whose squares add up to more than 1
+        raise InputError(p, f"has an invalid qform ({exc})") from None
     if not np.all(np.isfinite(affine)):
         raise InputError(p, "has a non-finite affine (qform/sform)")
     column_norms = np.linalg.norm(affine[:3, :3], axis=0)
@@ -198,9 +207,13 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise InputError(p, f"has voxel data that cannot be interpreted as {dtype} ({exc})") from None
     if not dtype.isnative:  # the buffer is ours and writable: swap in place, no second copy
         data = data.byteswap(inplace=True).view(dtype.newbyteorder("="))
-    slope, inter = header.get_slope_inter()
+    try:
+        slope, inter = header.get_slope_inter()
+    except HeaderDataError as exc:  # nibabel: a usable scl_slope with a NaN or infinite scl_inter
+        raise InputError(p, f"has an invalid intensity scaling ({exc})") from None
     if slope is not None and (slope != 1 or (inter or 0) != 0):
-        data = data * np.float32(slope) + np.float32(inter or 0)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to infinity is refused just below
+            data = data * np.float32(slope) + np.float32(inter or 0)
     elif not data.flags.writeable:
         data = data.copy(order="F")
     if data.dtype.kind == "f" and not np.isfinite(data).all():

@@ -61,6 +61,7 @@ from pocketseg.runtime.postprocess import clean_components, keep_largest_compone
 from pocketseg.runtime.resample import (resample_image, resample_labels, resample_logits_to_labels, separate_z_axis,
                                         target_shape)
 from pocketseg.runtime.sliding_window import check_overlap, sliding_window_labels, sliding_window_predict
+from pocketseg.signing import check_trusted
 from pocketseg.volume import Volume
 
 __all__ = ["AIR_HU", "CascadePredictor", "FAST", "Prediction", "StageNetworks", "VoxelView", "check_ct_intensities"]
@@ -245,6 +246,8 @@ class CascadePredictor:
         max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
             (``8GiB``); a scan estimated above it is refused before anything is allocated
             (:mod:`pocketseg.runtime.memory_limit`). None: 75 % of the machine's physical memory.
+        trusted_keys: a folder of trusted Ed25519 public keys (None: ``$POCKETSEG_TRUSTED_KEYS`` when set); the
+            package must then be signed by one of them (:func:`pocketseg.signing.check_trusted`).
 
     Raises:
         InputError: a bad argument or a package that does not load.
@@ -255,12 +258,15 @@ class CascadePredictor:
                  overlap: float | None = None, gaussian: bool | None = None, mirroring: bool | None = None,
                  back_resampling: str | None = None, fast: bool = False, batch_size: int = 1,
                  threads: int | None = None, progress: bool = False, fallback_to_cpu: bool = True,
-                 max_memory: str | int | None = None):
+                 max_memory: str | int | None = None, trusted_keys: str | Path | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
         self.max_memory = parse_size(max_memory)
         self.package_dir = Path(model)
         self.manifest: Manifest = load_package(self.package_dir)
+        # With trusted keys (the argument or $POCKETSEG_TRUSTED_KEYS) only a package signed by one of them runs.
+        self.trusted_keys = trusted_keys
+        self.signature = check_trusted(self.package_dir, trusted_keys)
         self.settings = _settings(self.manifest.inference, fast=fast, overlap=overlap, gaussian=gaussian,
                                   mirroring=mirroring, back_resampling=back_resampling)
         self.selection: Selection = resolve(backend, device, self.manifest, precision,
@@ -387,7 +393,8 @@ class CascadePredictor:
             self._cpu = CascadePredictor(self.package_dir, device="cpu", backend="auto", overlap=s.overlap,
                                          gaussian=s.gaussian, mirroring=s.mirroring,
                                          back_resampling=s.back_resampling, batch_size=1, threads=self.threads,
-                                         progress=self.progress, max_memory=self.max_memory)
+                                         progress=self.progress, max_memory=self.max_memory,
+                                         trusted_keys=self.trusted_keys)
         return self._cpu
 
     def _sync_time(self, start: float) -> float:

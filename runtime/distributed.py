@@ -47,6 +47,7 @@ from pocketseg.errors import InputError, PocketsegError, require
 from pocketseg.layout import case_name, is_nifti_path, label_name, nifti_files
 from pocketseg.runtime.cascade import CascadePredictor
 from pocketseg.runtime.memory_limit import parse_size
+from pocketseg.signing import trusted_keys_folder
 from pocketseg.runtime.predict import (CASES_IN_FLIGHT, CaseJob, CaseOptions, CaseResult, PredictFailures, plan_cases,
                                        predict_case)
 
@@ -268,7 +269,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
               options: CaseOptions = CaseOptions(), device: str = "auto", backend: str = "auto",
               precision: str = "auto", overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
               batch_size: int = 1, threads: int | None = None, max_memory: int | None = None,
-              progress: bool = True) -> RunSummary:
+              trusted_keys: str | None = None, progress: bool = True) -> RunSummary:
     """Segment ``jobs`` on Ray workers (see the module docstring); the results table is appended to ``table``.
 
     The jobs' output folders must be on a file system every worker shares with this process, and exist by the
@@ -287,7 +288,8 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
         on_gpu = shape["num_gpus"] > 0
         predictor_kwargs = {"device": "cuda" if on_gpu else "cpu", "backend": backend, "precision": precision,
                             "overlap": overlap, "gaussian": gaussian, "fast": fast, "batch_size": batch_size,
-                            "threads": threads or (None if on_gpu else shape["num_cpus"]), "max_memory": max_memory}
+                            "threads": threads or (None if on_gpu else shape["num_cpus"]), "max_memory": max_memory,
+                            "trusted_keys": trusted_keys}
         # max_restarts=0: a dead worker is replaced here, so that its cases go to whichever worker is free.
         remote = rt.remote(CaseWorker).options(max_concurrency=CASES_IN_FLIGHT, max_restarts=0, **shape)
 
@@ -414,7 +416,8 @@ def predict_ray(input: str | os.PathLike, output: str | os.PathLike, model: str 
                 device: str = "auto", backend: str = "auto", precision: str = "auto", statistics: bool = False,
                 preview: bool = False, overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
                 batch_size: int = 1, resume: bool = False, overwrite: bool = False, check_intensities: bool = True,
-                threads: int | None = None, max_memory: str | int | None = None, progress: bool = True) -> list[Path]:
+                threads: int | None = None, max_memory: str | int | None = None, progress: bool = True,
+                trusted_keys: str | os.PathLike | None = None) -> list[Path]:
     """Segment many scans on a Ray cluster (``pocketseg predict --ray``); outputs as folder mode writes them.
 
     Args:
@@ -436,6 +439,7 @@ def predict_ray(input: str | os.PathLike, output: str | os.PathLike, model: str 
         PredictFailures: the cases that failed (the others were written).
     """
     jobs = plan_inputs(input, output)
+    keys = trusted_keys_folder(trusted_keys)  # the driver's folder (or its env variable); each worker checks it
     options = CaseOptions(statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
                           check_intensities=check_intensities)
     if preview:
@@ -451,7 +455,8 @@ def predict_ray(input: str | os.PathLike, output: str | os.PathLike, model: str 
     summary = run_cases(model, todo, Path(output) / RUN_TABLE, ray=ray, workers=workers, cpus_per_worker=cpus_per_worker,
                         retries=retries, options=options, device=device, backend=backend, precision=precision,
                         overlap=overlap, gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
-                        max_memory=parse_size(max_memory), progress=progress)
+                        max_memory=parse_size(max_memory), progress=progress,
+                        trusted_keys=None if keys is None else str(keys))
     if summary.lost:
         log.warning("%d attempt(s) lost with their workers were retried (%d worker(s) replaced)", summary.lost,
                     summary.replaced_workers)

@@ -51,6 +51,7 @@ from pocketseg.nifti import label_bytes, nifti_image
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
 from pocketseg.runtime.memory_limit import parse_size
+from pocketseg.signing import trusted_keys_folder
 from pocketseg.volume import Volume
 
 __all__ = ["CaseJob", "CaseOptions", "CaseResult", "PredictFailures", "case_name", "case_statistics", "plan_cases",
@@ -234,7 +235,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
             check_intensities: bool = True, threads: int | None = None, max_memory: str | int | None = None,
-            progress: bool = True) -> list[Path]:
+            progress: bool = True, trusted_keys: str | os.PathLike | None = None) -> list[Path]:
     """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
 
     Args:
@@ -264,6 +265,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             (``8GiB``, ``--max-memory``); a scan estimated above it is refused before anything is allocated.
             None: 75 % of the machine's physical memory (:mod:`pocketseg.runtime.memory_limit`).
         progress: show progress bars.
+        trusted_keys: a folder of trusted Ed25519 public keys (None: ``$POCKETSEG_TRUSTED_KEYS`` when set); the
+            package must then be signed by one of them, else nothing runs (docs/model-package.md, "Signatures").
 
     In folder mode several processes may share one output folder: each case is claimed with a lock file
     (``CASE.lock``), and a case another run has locked or written since this one started is left to it.
@@ -298,7 +301,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
                                  gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
-                                 progress=progress and not folder_mode, max_memory=max_bytes)
+                                 progress=progress and not folder_mode, max_memory=max_bytes,
+                                 trusted_keys=trusted_keys)
     if not folder_mode:
         job = todo[0]
         volume = load_volume(job.source, series_uid=series_uid)
@@ -570,7 +574,8 @@ def _as_volume(image: Any, series_uid: str | None) -> Volume:
 def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backend: str = "auto",
             precision: str = "auto", overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
-            series_uid: str | None = None, check_intensities: bool = True, max_memory: str | int | None = None):
+            series_uid: str | None = None, check_intensities: bool = True, max_memory: str | int | None = None,
+            trusted_keys: str | os.PathLike | None = None):
     """Segment one CT scan and return its label map as a nibabel image (``pocketseg.segment``).
 
     The loaded model stays cached for the next call with the same model and settings.
@@ -590,6 +595,8 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
         check_intensities: refuse images that are not CT in Hounsfield units.
         max_memory: the most memory the scan's resampled grids may need (bytes or ``8GiB``; None: 75 % of the
             machine's physical memory).
+        trusted_keys: a folder of trusted public keys (None: ``$POCKETSEG_TRUSTED_KEYS`` when set); the package
+            must then be signed by one of them.
 
     Returns:
         A uint8 ``nibabel.Nifti1Image`` (label ids of the package) with the input's geometry:
@@ -601,13 +608,15 @@ def segment(image: Any, model: str | os.PathLike, *, device: str = "auto", backe
     """
     volume = _as_volume(image, series_uid)
     max_bytes = parse_size(max_memory)
+    keys = trusted_keys_folder(trusted_keys)  # part of the cache key: a cached model passed the same check
     key = (str(Path(model).resolve()), device, backend, precision, overlap, gaussian, bool(fast), int(batch_size),
-           max_bytes)
+           max_bytes, None if keys is None else str(keys.resolve()))
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         predictor = _PREDICTORS[key] = CascadePredictor(model, device=device, backend=backend, precision=precision,
                                                         overlap=overlap, gaussian=gaussian, fast=fast,
-                                                        batch_size=batch_size, max_memory=max_bytes)
+                                                        batch_size=batch_size, max_memory=max_bytes,
+                                                        trusted_keys=keys)
     prediction = predictor.predict(volume, check_intensities=check_intensities)
     image = nifti_image(prediction.labels, reference=volume, dtype=np.uint8)
     # Through bytes once: the returned image then has .affine set from its header, exactly as a

@@ -696,3 +696,43 @@ def test_missing_decoder_plugin_raises_missing_dependency(tmp_path, pydicom, mon
     with pytest.raises(MissingDependencyError) as excinfo:
         read_dicom_series(tmp_path / "s")
     assert "pocketseg[dicom]" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("n_slices", [1, 4])
+@pytest.mark.parametrize("keyword, value, problem", [
+    ("PixelSpacing", ["inf", "1.0"], "has no valid PixelSpacing"),
+    ("PixelSpacing", ["nan", "1.0"], "has no valid PixelSpacing"),
+    ("ImagePositionPatient", ["nan", "0", "0"], "has no valid ImagePositionPatient"),
+    ("ImageOrientationPatient", ["nan", "0", "0", "0", "1", "0"], "has no valid ImageOrientationPatient"),
+])
+def test_non_finite_geometry_tags_are_refused(tmp_path, pydicom, n_slices, keyword, value, problem):
+    # Found by the property-based fuzzing (tests/test_fuzz_cases.py): NaN passes every comparison, so such
+    # series were read with a NaN or infinite affine.
+    import warnings
+
+    from pocketseg.dicom import read_dicom_series
+
+    _write_series(tmp_path / "s", n_slices=n_slices)
+    target = sorted((tmp_path / "s").iterdir())[0]
+    ds = pydicom.dcmread(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid DS value written on purpose
+        setattr(ds, keyword, value)
+        _save(ds, target)
+    with pytest.raises(InputError, match=f"{target.name} {problem}") as excinfo:
+        read_dicom_series(tmp_path / "s")
+    assert "\n" not in str(excinfo.value)
+
+
+def test_a_huge_whole_rescale_slope_is_rescaled_in_floats(tmp_path, pydicom):
+    # Found by the property-based fuzzing: RescaleSlope 1e30 on an all-zero slice took the exact integer path
+    # (every rescaled value fits int16) and overflowed NumPy's int64 arithmetic (OverflowError).
+    from pocketseg.dicom import read_dicom_series
+
+    _write_series(tmp_path / "s", n_slices=2, slope=1e30, intercept=0.0)
+    for path in sorted((tmp_path / "s").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns), "<i2").tobytes()
+        _save(ds, path)
+    volume = read_dicom_series(tmp_path / "s")
+    assert volume.data.dtype == np.float32 and not volume.data.any()

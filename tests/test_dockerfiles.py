@@ -161,7 +161,7 @@ def test_jetson_image_uses_jetpack_tensorrt_and_no_cucim_or_torch():
     assert "venv --system-site-packages" in text  # JetPack's tensorrt module lives in the system site-packages
     installs = [a for args_ in pip_installs(path) for a in args_]
     assert "cupy-cuda12x==${CUPY_VERSION}" in installs and args["CUPY_VERSION"].startswith("13.")
-    assert "/src[gpu,runtime]" in installs
+    assert "/src[gpu,runtime,sign]" in installs
     everything = "\n".join(rest for _, rest in instructions(path)).lower()  # comments excluded
     assert "cucim" not in everything and not re.search(r"\btorch\b", everything)
     assert not any(a.startswith(("tensorrt", "/src[tensorrt")) for a in installs), "TensorRT comes from JetPack"
@@ -173,7 +173,7 @@ def test_jetson_image_uses_jetpack_tensorrt_and_no_cucim_or_torch():
 def test_x86_image_installs_the_tensorrt_gpu_and_runtime_extras():
     path = DOCKERFILES["x86_64"]
     installs = [a for args_ in pip_installs(path) for a in args_]
-    assert "/src[tensorrt,gpu,runtime]" in installs
+    assert "/src[tensorrt,gpu,runtime,sign]" in installs
     assert "cupy-cuda12x==${CUPY_VERSION}" in installs and "tensorrt==${TENSORRT_VERSION}" in installs
     args = dict(re.findall(r"ARG (\w+)=(\S+)", path.read_text()))
     # The `tensorrt` meta-package installs tensorrt-cu13 from 10.13.2 on; the base image is CUDA 12.

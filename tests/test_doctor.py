@@ -388,7 +388,7 @@ def test_doctor_flags_map_to_diagnose_keywords():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     dests = {a.dest for a in sub.choices["doctor"]._actions} - {"help", "json", "verbose", "quiet"}  # global flags
-    assert dests == set(inspect.signature(diagnose).parameters) == {"model"}
+    assert dests == set(inspect.signature(diagnose).parameters) == {"model", "trusted_keys"}
 
 
 def test_cli_json_parses(capsys):

@@ -9,7 +9,7 @@ import pytest
 
 from pocketseg.errors import InputError
 from pocketseg.manifest import (FORMAT_VERSION, MANIFEST_NAME, EngineRecord, Intensity, Manifest, Network, Stage,
-                                load_package, read_manifest)
+                                content_digest, load_package, read_manifest)
 
 
 def _stage(name: str, classes: int) -> Stage:
@@ -162,3 +162,35 @@ def test_out_of_range_values_are_refused_without_a_digest_too(package, edit, pro
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(InputError, match=problem):
         load_package(folder)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    # Found by the property-based fuzzing (tests/test_fuzz_cases.py); the exception each escaped as before:
+    (lambda d: d.update(stages=None), "stages must be a JSON object"),  # AttributeError
+    (lambda d: d["stages"]["detail"]["intensity"].update(mean=None), "intensity.mean must be a number"),  # TypeError
+    (lambda d: d.update(inference={**d["inference"], "overlap": "0.5"}), "inference.overlap must be a number"),
+    (lambda d: d["stages"]["detail"]["files"].update(torch=None), "must be a string"),  # TypeError in load_package
+    (lambda d: d["stages"]["roi"]["network"].update(width=float("inf")), "expected an integer"),  # OverflowError
+    # and values of another type that were converted silently
+    (lambda d: d["stages"]["detail"].update(spacing_mm_zyx=["5", 4, 4]), "spacing_mm_zyx must be a number"),
+    (lambda d: d["stages"]["detail"].update(crop_to_nonzero="no"), "crop_to_nonzero must be true or false"),
+    (lambda d: d.update(modality=None), "modality must be a string"),
+    (lambda d: d["stages"]["detail"]["normalization"].update(use_mask=1), "use_mask must be true or false"),
+    (lambda d: d["stages"]["detail"]["files"].update(torch="../elsewhere.safetensors"), "paths inside the package"),
+])
+def test_values_of_the_wrong_type_are_one_clear_refusal(package, edit, problem):
+    folder, _ = package
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    edit(data)
+    data["content_sha256"] = content_digest(data)  # as a careful editor would: only the values can tell
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(InputError, match=problem) as excinfo:
+        load_package(folder)
+    assert "\n" not in str(excinfo.value) and str(folder) in str(excinfo.value)
+
+
+def test_a_manifest_that_is_not_an_object_is_refused(package):
+    folder, _ = package
+    (folder / MANIFEST_NAME).write_text("[1, 2]")
+    with pytest.raises(InputError, match="a JSON object is expected, got list"):
+        read_manifest(folder)

@@ -703,3 +703,53 @@ def test_benchmark_script_runs_and_verifies(tmp_path, capsys):
     assert "speed ratio" in capsys.readouterr().out
     image, _, _ = nifti_read.make_volume((24, 20, 6))
     assert len(np.unique(image)) > 20  # CT-like range of values, not a constant block
+
+
+# Found by the property-based fuzzing (tests/test_fuzz_cases.py): each escaped as another exception or
+# read with a misleading message before.
+
+def _header_file(path: Path, edit, *, endian: str = "<") -> Path:
+    """A 2x2x2 int16 NIfTI-1 whose header ``edit`` changes after nibabel set it up (fields written as is)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((2, 2, 2))
+    header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    header["vox_offset"] = 352
+    edit(header)
+    data = np.arange(8, dtype=np.int16)
+    if endian == ">":
+        header, data = header.as_byteswapped(">"), data.astype(">i2")
+    path.write_bytes(header.binaryblock + b"\0" * 4 + data.tobytes())
+    return path
+
+
+def test_error_qform_quaternion_outside_the_unit_sphere(tmp_path):
+    # nibabel raised ValueError("w2 should be positive") from get_best_affine
+    def edit(header):
+        header["quatern_b"], header["quatern_c"] = 1.0, 1.0  # b² + c² + d² = 2 > 1: no rotation
+    path = _header_file(tmp_path / "q.nii", edit)
+    with pytest.raises(InputError) as excinfo:
+        read_nifti(path)
+    assert_single_input_error(excinfo, path, "has an invalid qform")
+
+
+@pytest.mark.parametrize("inter", [np.inf, np.nan])
+def test_error_usable_slope_with_a_non_finite_intercept(tmp_path, inter):
+    # nibabel raised HeaderDataError("Valid slope but invalid intercept") from get_slope_inter
+    def edit(header):
+        header["scl_slope"], header["scl_inter"] = 2.0, inter
+    path = _header_file(tmp_path / "s.nii", edit)
+    with pytest.raises(InputError) as excinfo:
+        read_nifti(path)
+    assert_single_input_error(excinfo, path, "has an invalid intensity scaling")
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+@pytest.mark.parametrize("dim0", [0, 8, -1])
+def test_error_dim0_outside_1_to_7_is_named_not_misread(tmp_path, dim0, endian):
+    # nibabel guesses the byte order from dim[0]; a little-endian file with dim[0] = 8 was read big-endian and
+    # refused as "7D with shape (512, 512, 512, 256, ...)", a dim[0] of 0 as "1D with shape (0,)"
+    path = _header_file(tmp_path / "d.nii", lambda h: h["dim"].__setitem__(0, dim0), endian=endian)
+    with pytest.raises(InputError) as excinfo:
+        read_nifti(path)
+    assert_single_input_error(excinfo, path, f"dim[0] (the number of dimensions) is {dim0}, not 1..7")
