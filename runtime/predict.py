@@ -5,10 +5,19 @@ Input forms (as nnU-Net and TotalSegmentator take them):
 * one NIfTI file or one DICOM series folder -> one label file (OUTPUT ends in
   ``.nii.gz``/``.nii``; otherwise OUTPUT is a folder and the file is named after the case);
 * a folder of NIfTI files -> a folder of label files, ``CASE_0000.nii.gz`` -> ``CASE.nii.gz``
-  (nnU-Net's channel suffix is dropped). The model is loaded once; the next scan is read
+  (nnU-Net's channel suffix is dropped);
+* a DICOM study tree (a folder of patients/studies/series folders at any depth, as a PACS exports it) ->
+  one case per CT series, named from patient ID, study date and series number; localizers and
+  non-CT series are skipped with a log line.
+
+  For folders and trees the model is loaded once; the next scan is read
   and the previous result written in background threads while the current one computes;
   ``resume`` skips finished cases; a bad case is reported and the rest continue, and the
   run ends with the list of failures and a non-zero exit.
+
+Outputs (``output_type``): the NIfTI label map ``NAME.nii.gz``, a DICOM SEG ``NAME.seg.dcm`` and an RT
+Structure Set ``NAME.rtstruct.dcm``; the DICOM ones for DICOM input, or for NIfTI input together with the
+series it was converted from (``dicom_reference``).
 
 Every file is written atomically (temporary file, then rename) and an existing output is
 replaced only with ``overwrite``: an interrupted run leaves no partial file.
@@ -31,12 +40,15 @@ from tqdm.auto import tqdm
 
 from pocketseg import labels as L
 from pocketseg.atomic import atomic_write_bytes, check_writable_target, ensure_dir, write_json
+from pocketseg.dicom import TreeSeries, is_study_tree, read_series_grid, read_tree_series, scan_study_tree
 from pocketseg.errors import InputError, PocketsegError, require
 from pocketseg.imageio import load_volume
 from pocketseg.layout import CHANNEL_SUFFIX, case_name, is_nifti_path, label_name, nifti_files, strip_nifti
 from pocketseg.nifti import nifti_image, write_labels
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
+from pocketseg.runtime.dicom_output import (DICOM_OUTPUT_TYPES, OUTPUT_TYPES, Algorithm, algorithm_of, output_types,
+                                            to_series_grid)
 from pocketseg.volume import Volume
 
 __all__ = ["CaseJob", "PredictFailures", "case_name", "case_statistics", "plan_cases", "predict", "segment"]
@@ -60,6 +72,7 @@ class CaseJob:
     case: str
     source: Path
     output: Path
+    series: TreeSeries | None = None  # a series of a DICOM study tree (source is its folder)
 
     @property
     def output_stem(self) -> str:
@@ -74,6 +87,15 @@ class CaseJob:
     @property
     def preview_path(self) -> Path:
         return self.output.with_name(self.output_stem + ".png")
+
+    def output_paths(self, types: Sequence[str] = ("nifti",)) -> dict[str, Path]:
+        """The file of each output type: ``NAME.nii.gz``, ``NAME.seg.dcm``, ``NAME.rtstruct.dcm``."""
+        return {t: self.output if t == "nifti" else self.output.with_name(self.output_stem + OUTPUT_TYPES[t])
+                for t in types}
+
+    def marker(self, types: Sequence[str] = ("nifti",)) -> Path:
+        """The output written last, whose presence marks the case finished for ``resume``."""
+        return self.output_paths(types)[types[-1] if "nifti" not in types else "nifti"]
 
 
 #: nnU-Net's channel suffix of an image file name: ``CASE_0000``, ``CASE_0001`` ...
@@ -92,13 +114,38 @@ def _refuse_extra_channels(folder: Path, files: Sequence[Path]) -> None:
                                 f"one CT image per case")
 
 
+def _plan_tree(src: Path, dst: Path) -> list[CaseJob]:
+    """One job per CT series of a DICOM study tree; the others are logged as skipped."""
+    if is_nifti_path(dst):
+        raise InputError(dst, "INPUT is a DICOM study tree, so OUTPUT must be a folder, not a file name")
+    found = scan_study_tree(src)
+    jobs = []
+    for series in found:
+        where = series.folder.relative_to(src) if series.folder.is_relative_to(src) else series.folder
+        if series.skipped:
+            log.info("skipped series %s in %s (%s, %d file(s)): %s", series.series_number, where,
+                     series.description or "no description", series.n_files, series.skipped)
+            continue
+        log.info("case %s: series %s in %s (%s, %d file(s))", series.case, series.series_number, where,
+                 series.description or "no description", series.n_files)
+        jobs.append(CaseJob(series.case, series.folder, dst / label_name(series.case), series))
+    log.info("study tree %s: %d CT series to segment, %d series skipped", src, len(jobs), len(found) - len(jobs))
+    if not jobs:
+        skipped = "; ".join(f"{s.folder.name}: {s.skipped}" for s in found[:5])
+        raise InputError(src, f"holds no CT series in its sub-folders ({len(found)} image series found"
+                              f"{': ' + skipped if skipped else ''})")
+    return jobs
+
+
 def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[list[CaseJob], bool]:
-    """The cases of INPUT and their output files; True when INPUT is a folder of NIfTI files."""
+    """The cases of INPUT and their output files; True when INPUT is a folder of NIfTI files or a study tree."""
     src, dst = Path(input), Path(output)
     if not src.exists():
         raise InputError(src, "does not exist")
     if src.is_dir():
         files = nifti_files(src)
+        if not files and is_study_tree(src):
+            return _plan_tree(src, dst), True
         if files:
             if is_nifti_path(dst):
                 raise InputError(dst, "INPUT is a folder of NIfTI files, so OUTPUT must be a folder, not a file name")
@@ -147,7 +194,8 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[flo
 
 
 def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, statistics: bool, preview: bool,
-                   overwrite: bool, label_names: Mapping[str, int] | None = None) -> Path:
+                   overwrite: bool, label_names: Mapping[str, int] | None = None, types: Sequence[str] = ("nifti",),
+                   algorithm: Algorithm | None = None, reference: tuple[Any, ...] | None = None) -> list[Path]:
     if statistics:
         report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
                   "device": prediction.device, "backend": prediction.backend,
@@ -159,23 +207,56 @@ def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, stat
         png = render_preview(volume.data, volume.affine, prediction.labels, title=f"{job.case} - pocketseg",
                              label_names=label_names)
         atomic_write_bytes(job.preview_path, png, overwrite=overwrite)
+    paths = job.output_paths(types)
+    written = []
+    if any(t in DICOM_OUTPUT_TYPES for t in types):
+        written += _write_dicom(job, volume, prediction, paths, overwrite=overwrite, label_names=label_names,
+                                algorithm=algorithm, reference=reference)
     # The label map last: its presence marks the case finished for ``resume``.
-    return write_labels(prediction.labels, job.output, reference=volume, overwrite=overwrite)
+    if "nifti" in types:
+        written.append(write_labels(prediction.labels, job.output, reference=volume, overwrite=overwrite))
+    return written
 
 
-def _finished(job: CaseJob, statistics: bool, preview: bool) -> bool:
-    wanted = [job.output] + ([job.statistics_path] if statistics else []) + ([job.preview_path] if preview else [])
+def _write_dicom(job: CaseJob, volume: Volume, prediction: Prediction, paths: Mapping[str, Path], *, overwrite: bool,
+                 label_names: Mapping[str, int] | None, algorithm: Algorithm | None,
+                 reference: tuple[Any, ...] | None) -> list[Path]:
+    """The DICOM SEG and RT Structure Set of a case, on the grid of its DICOM series."""
+    # optional (dicom extra): highdicom, pydicom and scikit-image are loaded only when a DICOM output is asked for
+    from pocketseg.runtime.dicom_seg import write_dicom_seg
+    from pocketseg.runtime.rtstruct import write_rtstruct
+
+    if reference is not None:  # NIfTI input: its labels moved onto the series the image came from
+        grid = reference[0]
+        labels, files = to_series_grid(prediction.labels, volume.affine, grid, job.source), grid.files
+    else:
+        labels, files = prediction.labels, volume.meta["files"]
+    assert algorithm is not None
+    written = []
+    if "dicom-seg" in paths:
+        written.append(write_dicom_seg(labels, files, paths["dicom-seg"], algorithm=algorithm,
+                                       label_names=label_names, overwrite=overwrite))
+    if "dicom-rtstruct" in paths:
+        written.append(write_rtstruct(labels, files, paths["dicom-rtstruct"], algorithm=algorithm,
+                                      label_names=label_names, overwrite=overwrite))
+    return written
+
+
+def _finished(job: CaseJob, statistics: bool, preview: bool, types: Sequence[str] = ("nifti",)) -> bool:
+    wanted = list(job.output_paths(types).values()) + ([job.statistics_path] if statistics else []) + ([job.preview_path] if preview else [])
     return all(p.is_file() for p in wanted)
 
 
-def _may_replace(job: CaseJob, overwrite: bool, resume: bool) -> bool:
+def _may_replace(job: CaseJob, overwrite: bool, resume: bool, types: Sequence[str] = ("nifti",)) -> bool:
     """Whether this job may replace its existing outputs: with ``overwrite``, or under ``resume`` the
-    side files of a case whose label map (written last) is missing, i.e. an interrupted case."""
-    return overwrite or (resume and not job.output.exists())
+    side files of a case whose main output (written last) is missing, i.e. an interrupted case."""
+    return overwrite or (resume and not job.marker(types).exists())
 
 
-def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool) -> None:
-    check_writable_target(job.output, overwrite=overwrite)
+def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool,
+                   types: Sequence[str] = ("nifti",)) -> None:
+    for path in job.output_paths(types).values():
+        check_writable_target(path, overwrite=overwrite)
     if statistics:
         check_writable_target(job.statistics_path, overwrite=overwrite)
     if preview:
@@ -187,13 +268,18 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             preview: bool = False, overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
             batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
-            check_intensities: bool = True, threads: int | None = None, progress: bool = True) -> list[Path]:
-    """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
+            check_intensities: bool = True, threads: int | None = None,
+            output_type: str | Sequence[str] | None = None, dicom_reference: str | os.PathLike | None = None,
+            progress: bool = True) -> list[Path]:
+    """Segment a NIfTI file, a DICOM series folder, a folder of NIfTI files or a DICOM study tree
+    (``pocketseg predict``).
 
     Args:
-        input: a ``.nii``/``.nii.gz`` file, a DICOM series folder, or a folder of NIfTI files.
+        input: a ``.nii``/``.nii.gz`` file, a DICOM series folder, a folder of NIfTI files, or a folder of
+            patients/studies/series folders (a DICOM study tree: one case per CT series).
         output: for one scan a label file (``.nii.gz``) or a folder; for a folder of NIfTI files a
-            folder that receives one ``CASE.nii.gz`` per ``CASE_0000.nii.gz``.
+            folder that receives one ``CASE.nii.gz`` per ``CASE_0000.nii.gz``; for a study tree a folder
+            that receives one ``PATIENT_DATE_sSERIES.nii.gz`` per CT series.
         model: a model package folder (``pocketseg export``).
         device: ``auto`` (a CUDA GPU when one is usable), ``cpu`` or ``cuda``.
         backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch`` (see :func:`pocketseg.runtime.engines.resolve`).
@@ -213,43 +299,75 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
         threads: CPU threads of ONNX Runtime (default: all cores).
+        output_type: what to write per case, one or several of ``nifti`` (``NAME.nii.gz``, the default),
+            ``dicom-seg`` (``NAME.seg.dcm``) and ``dicom-rtstruct`` (``NAME.rtstruct.dcm``); the DICOM
+            ones need DICOM input or ``dicom_reference`` (and the ``dicom`` extra).
+        dicom_reference: for one NIfTI input, the DICOM series folder it was converted from; the DICOM
+            outputs reference it and are written on its grid, which must be the NIfTI's.
         progress: show progress bars.
 
     Returns:
-        The label files written, in case order.
+        The output files written (per case in the order nifti... as requested: SEG, RT Structure Set, NIfTI).
 
     Raises:
         InputError: bad input, named with its path (nothing is written for it).
         OutputError: an output exists (without ``overwrite``) or cannot be written.
         PredictFailures: in folder mode, the cases that failed (the others were written).
     """
+    types = output_types(output_type)
     jobs, folder_mode = plan_cases(input, output)
+    dicom_out = [t for t in types if t in DICOM_OUTPUT_TYPES]
+    if dicom_out:
+        require("highdicom", f"--output-type {dicom_out[0]}", "dicom")
+        require("skimage", f"--output-type {dicom_out[0]}", "dicom")
+    reference = None
+    if dicom_reference is not None:
+        if folder_mode or not is_nifti_path(jobs[0].source):
+            raise InputError(Path(dicom_reference), "--dicom-reference is for one NIfTI input (a DICOM input is "
+                                                    "its own reference); dicom_reference= from Python")
+        if not dicom_out:
+            raise InputError(Path(dicom_reference), "--dicom-reference is used only by the DICOM output types "
+                                                    "(--output-type dicom-seg / dicom-rtstruct)")
+        reference = (read_series_grid(dicom_reference),)
+    elif dicom_out and not folder_mode and is_nifti_path(jobs[0].source):
+        raise InputError(jobs[0].source, f"--output-type {dicom_out[0]} needs DICOM input, or --dicom-reference DIR "
+                                         "naming the DICOM series this NIfTI was converted from")
+    elif dicom_out and folder_mode and jobs[0].series is None:
+        raise InputError(Path(input), f"--output-type {dicom_out[0]} needs DICOM input; this is a folder of NIfTI "
+                                      "files")
     if preview:
         require("matplotlib", "Preview images (--preview)", "viz")
     todo = []
     for job in jobs:
-        if resume and _finished(job, statistics, preview):
+        if resume and _finished(job, statistics, preview, types):
             log.info("%s: finished earlier, skipped (resume)", job.case)
             continue
         todo.append(job)
     if not todo:
         return []
     ensure_dir(Path(output) if folder_mode else jobs[0].output.parent, "output folder")
+    volume = None
     if not folder_mode:
-        _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume))
+        _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume, types), types)
+        volume = load_volume(todo[0].source, series_uid=series_uid)
+        if reference is not None:  # refuse a mismatched reference before the model runs
+            to_series_grid(np.zeros(volume.shape, dtype=np.uint8), volume.affine, reference[0], todo[0].source)
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
                                  gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
                                  progress=progress and not folder_mode)
-    if not folder_mode:
+    algorithm = algorithm_of(model, predictor.manifest) if dicom_out else None
+    if volume is not None:
         job = todo[0]
-        volume = load_volume(job.source, series_uid=series_uid)
         prediction = predictor.predict(volume, check_intensities=check_intensities)
         _log_case(job, prediction)
-        return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
-                               overwrite=_may_replace(job, overwrite, resume), label_names=predictor.manifest.labels)]
+        return _write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
+                              overwrite=_may_replace(job, overwrite, resume, types),
+                              label_names=predictor.manifest.labels, types=types, algorithm=algorithm,
+                              reference=reference)
     return _predict_folder(predictor, todo, statistics=statistics, preview=preview, overwrite=overwrite,
-                           resume=resume, check_intensities=check_intensities, progress=progress)
+                           resume=resume, check_intensities=check_intensities, progress=progress, types=types,
+                           algorithm=algorithm)
 
 
 def _log_case(job: CaseJob, prediction: Prediction) -> None:
@@ -260,13 +378,15 @@ def _log_case(job: CaseJob, prediction: Prediction) -> None:
 
 
 def _read(job: CaseJob) -> Volume:
-    return load_volume(job.source)
+    return read_tree_series(job.series) if job.series is not None else load_volume(job.source)
 
 
 def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statistics: bool, preview: bool,
-                    overwrite: bool, resume: bool, check_intensities: bool, progress: bool) -> list[Path]:
+                    overwrite: bool, resume: bool, check_intensities: bool, progress: bool,
+                    types: Sequence[str] = ("nifti",), algorithm: Algorithm | None = None) -> list[Path]:
     """Read ahead one case and write behind while the current case computes."""
     written: list[Path] = []
+    done: list[str] = []
     failures: list[tuple[str, str]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
@@ -277,7 +397,8 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
                 return
             job, future = pending
             try:
-                written.append(future.result())
+                written.extend(future.result())
+                done.append(job.case)
             except Exception as exc:  # reported at the end with the other failures
                 why = str(exc) if isinstance(exc, PocketsegError) else f"{type(exc).__name__}: {exc}"
                 failures.append((job.case, why))
@@ -289,9 +410,9 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
                 current = next_read
                 if i + 1 < len(jobs):
                     next_read = reader.submit(_read, jobs[i + 1])
-                replace = _may_replace(job, overwrite, resume)
+                replace = _may_replace(job, overwrite, resume, types)
                 try:
-                    _check_targets(job, statistics, preview, replace)
+                    _check_targets(job, statistics, preview, replace, types)
                     volume = current.result()
                     prediction = predictor.predict(volume, check_intensities=check_intensities)
                     _log_case(job, prediction)
@@ -305,12 +426,15 @@ def _predict_folder(predictor: CascadePredictor, jobs: list[CaseJob], *, statist
                 settle(pending_write)
                 pending_write = (job, writer.submit(_write_outputs, job, volume, prediction, statistics=statistics,
                                                     preview=preview, overwrite=replace,
-                                                    label_names=predictor.manifest.labels))
+                                                    label_names=predictor.manifest.labels, types=types,
+                                                    algorithm=algorithm))
                 bar.set_postfix_str(f"{job.case} {prediction.timings_s['total']:.1f}s")
                 bar.update(1)
             settle(pending_write)
+    log.info("summary: %d case(s) written%s, %d failed%s", len(done), f" ({', '.join(done)})" if done else "",
+             len(failures), f" ({', '.join(case for case, _ in failures)})" if failures else "")
     if failures:
-        raise PredictFailures(failures, len(written))
+        raise PredictFailures(failures, len(done))
     return written
 
 
