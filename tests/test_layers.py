@@ -132,6 +132,14 @@ def test_the_engine_choices_of_the_cli_are_the_runtimes():
     assert commands.PRECISION_CHOICES == ("auto",) + engines.PRECISIONS
 
 
+
+def test_the_output_types_of_the_cli_are_the_runtimes():
+    from pocketseg import commands
+    from pocketseg.runtime import dicom_output
+
+    assert commands.OUTPUT_TYPE_CHOICES == tuple(dicom_output.OUTPUT_TYPES)
+
+
 def test_the_cli_reference_is_up_to_date():
     page = ROOT / "docs" / "cli.md"
     assert page.is_file(), "docs/cli.md is missing: run make docs"

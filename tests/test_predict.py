@@ -264,3 +264,103 @@ def test_a_scan_without_abdomen_is_warned_about_once(tiny_package, cases, tmp_pa
     said = [r for r in caplog.records if "found no abdomen" in r.getMessage()]
     assert len(said) == 1
     assert any("found no abdomen" in w for w in json.loads((tmp_path / "A.statistics.json").read_text())["warnings"])
+
+
+# --------------------------------------------------------------------------------------- DICOM outputs and trees
+
+def _dicom_phantom(folder: Path, **kwargs):
+    pytest.importorskip("highdicom", reason="highdicom (extra 'dicom') is not installed")
+    from dicom_phantom import write_phantom_series
+
+    return write_phantom_series(folder, **{"columns": 64, "rows": 56, "slices": 20, **kwargs})
+
+
+@pytest.mark.parametrize("geometry", ["reversed", "oblique"])
+def test_dicom_outputs_agree_with_the_nifti_output(tiny_package, tmp_path, geometry):
+    from dicom_phantom import dcmqi_labels, oblique_orientation, rasterise_rtstruct, seg_to_labels, source_slices
+
+    kwargs = {"reversed": dict(reverse=True), "oblique": dict(orientation=oblique_orientation())}[geometry]
+    ph = _dicom_phantom(tmp_path / "series", **kwargs)
+    out = tmp_path / "out"
+    assert _run("-i", ph.folder, "-o", out, "-m", tiny_package, "--no-intensity-check", "--output-type", "nifti",
+                "--output-type", "dicom-seg", "--output-type", "dicom-rtstruct") == 0
+    nifti = nib.load(out / "series.nii.gz")
+    labels = np.asarray(nifti.dataobj).astype(np.uint8)
+    assert labels.any(), "the test model segmented nothing; the comparison would be empty"
+    from pocketseg.dicom import read_dicom_series
+
+    volume = read_dicom_series(ph.folder)
+    np.testing.assert_allclose(nifti.affine, volume.affine, atol=1e-4)
+    files = volume.meta["files"]
+    uids, positions, orientation, spacing = source_slices(files)
+    names = {lab.name: lab.id for lab in pocketseg.labels.LABELS}
+    assert np.array_equal(seg_to_labels(out / "series.seg.dcm", uids, names, labels.shape), labels)
+    assert np.array_equal(dcmqi_labels(out / "series.seg.dcm", tmp_path / "dcmqi", names, volume.affine,
+                                       labels.shape), labels)
+    back = rasterise_rtstruct(out / "series.rtstruct.dcm", uids, positions, orientation, spacing, labels.shape)
+    displays = {lab.display: lab.id for lab in pocketseg.labels.LABELS}
+    assert {displays[n] for n in back} == {int(v) for v in np.unique(labels) if v}
+    for name, mask in back.items():  # contours on the right slices (random-weight labels are too ragged for Dice)
+        assert np.array_equal(mask.any(axis=(0, 1)), (labels == displays[name]).any(axis=(0, 1))), name
+
+
+def test_nifti_input_with_a_dicom_reference(tiny_package, tmp_path, capsys):
+    ph = _dicom_phantom(tmp_path / "series", reverse=True)
+    from pocketseg.dicom import read_dicom_series
+
+    volume = read_dicom_series(ph.folder)
+    # As dcm2niix would store it: another voxel order (rows flipped).
+    flipped = tmp_path / "ct.nii.gz"
+    affine = volume.affine.copy()
+    affine[:3, 3] += affine[:3, 1] * (volume.shape[1] - 1)
+    affine[:3, 1] *= -1
+    nib.save(nib.Nifti1Image(volume.data[:, ::-1, :].copy(), affine), flipped)
+    out = tmp_path / "out"
+    # Without the reference, DICOM outputs are refused before anything is written.
+    assert _run("-i", flipped, "-o", out, "-m", tiny_package, "--output-type", "dicom-seg") == 2
+    assert "--dicom-reference" in capsys.readouterr().err and not out.exists()
+    assert _run("-i", flipped, "-o", out, "-m", tiny_package, "--no-intensity-check", "--output-type", "nifti",
+                "--output-type", "dicom-seg", "--dicom-reference", ph.folder) == 0
+    labels = np.asarray(nib.load(out / "ct.nii.gz").dataobj).astype(np.uint8)
+    from dicom_phantom import seg_to_labels, source_slices
+
+    uids = source_slices(volume.meta["files"])[0]
+    names = {lab.name: lab.id for lab in pocketseg.labels.LABELS}
+    back = seg_to_labels(out / "ct.seg.dcm", uids, names, volume.shape)
+    assert np.array_equal(back[:, ::-1, :], labels)  # the SEG is on the series grid, the NIfTI on its own
+    # A reference whose grid differs is refused, naming both grids; nothing is written.
+    other = _dicom_phantom(tmp_path / "other", pixel_spacing=(0.7, 0.7))
+    assert _run("-i", flipped, "-o", tmp_path / "out2", "-m", tiny_package, "--no-intensity-check",
+                "--output-type", "dicom-rtstruct", "--dicom-reference", other.folder) == 2
+    err = capsys.readouterr().err
+    assert "does not match the DICOM reference" in err and str(flipped) in err
+    assert not (tmp_path / "out2" / "ct.rtstruct.dcm").exists()
+
+
+def test_study_tree_with_three_patients(tiny_package, tmp_path, caplog):
+    import logging
+
+    tree = tmp_path / "export"
+    _dicom_phantom(tree / "P001" / "study1" / "CT_3", patient_id="P001", series_number=3)
+    _dicom_phantom(tree / "P002" / "20240202" / "series" / "2", patient_id="P002", study_date="20240202",
+                   series_number=2)
+    _dicom_phantom(tree / "P003" / "st" / "ct", patient_id="P/003 x", study_date="20230101", series_number=5)
+    _dicom_phantom(tree / "P003" / "st" / "scout", patient_id="P/003 x", study_date="20230101", series_number=1,
+                   slices=3, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    _dicom_phantom(tree / "P003" / "st" / "mr", patient_id="P/003 x", study_date="20230101", series_number=7,
+                   slices=4, modality="MR")
+    (tree / "P003" / "README.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="pocketseg"):
+        assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["P001_20240131_s3.nii.gz", "P002_20240202_s2.nii.gz",
+                                                     "P_003_x_20230101_s5.nii.gz"]
+    assert "localizer" in caplog.text and "modality MR, not CT" in caplog.text
+    assert "summary: 3 case(s) written" in caplog.text
+    # `pocketseg info` lists the same series.
+    from pocketseg.imageio import volume_info
+
+    info = volume_info(tree)
+    assert sorted((s["case"], s["skipped"] is None) for s in info["series"]) == [
+        ("P001_20240131_s3", True), ("P002_20240202_s2", True), ("P_003_x_20230101_s1", False),
+        ("P_003_x_20230101_s5", True), ("P_003_x_20230101_s7", False)]
