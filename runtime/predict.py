@@ -307,7 +307,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         progress: show progress bars.
 
     Returns:
-        The output files written (per case in the order nifti... as requested: SEG, RT Structure Set, NIfTI).
+        The files written, in case order; per case the DICOM SEG, the RT Structure Set, then the label map
+        (those requested).
 
     Raises:
         InputError: bad input, named with its path (nothing is written for it).

@@ -159,13 +159,27 @@ def test_dicom_series_input(tiny_package, ct_examples, tmp_path):
     if not series.is_dir():
         pytest.skip(f"no DICOM series folder at {series}")
     out = tmp_path / "dicom_seg.nii.gz"
-    assert _run("-i", series, "-o", out, "-m", tiny_package) == 0
+    try:  # with the dicom extra complete, the SEG is checked too
+        import highdicom  # noqa: F401
+        dicom_out = True
+    except ImportError:
+        dicom_out = False
+    types = ["--output-type", "nifti"] + (["--output-type", "dicom-seg"] if dicom_out else [])
+    assert _run("-i", series, "-o", out, "-m", tiny_package, *types) == 0
     from pocketseg.imageio import load_volume
 
     vol = load_volume(series)
     seg = nib.load(out)
     assert seg.shape == vol.shape
     np.testing.assert_allclose(seg.affine, vol.affine, atol=1e-4)
+    if dicom_out:  # the SEG of the anonymised real series, read back, equals the NIfTI labels voxel for voxel
+        from dicom_phantom import seg_to_labels, source_slices
+
+        labels = np.asarray(seg.dataobj).astype(np.uint8)
+        assert labels.any()
+        names = {lab.name: lab.id for lab in pocketseg.labels.LABELS}
+        uids = source_slices(vol.meta["files"])[0]
+        assert np.array_equal(seg_to_labels(tmp_path / "dicom_seg.seg.dcm", uids, names, labels.shape), labels)
 
 
 def test_segment_api(tiny_package, cases):
