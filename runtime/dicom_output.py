@@ -65,7 +65,10 @@ def output_types(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
 def present_labels(labels: np.ndarray, label_names: Mapping[str, int] | None) -> list[L.Label]:
     """The foreground labels of the label set that occur in ``labels``, by id; a value outside the set is refused."""
     rows = {lab.id: lab for lab in L.label_set(label_names) if lab.id != 0}
-    found = [int(v) for v in np.unique(labels) if v != 0]
+    if labels.dtype == np.uint8:  # a histogram is several times faster than np.unique on a whole CT's labels
+        found = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=256)) if v != 0]
+    else:
+        found = [int(v) for v in np.unique(labels) if v != 0]
     unknown = [v for v in found if v not in rows]
     if unknown:
         raise InputError(None, f"label value(s) {unknown} are not in the model's label set ({sorted(rows)})")
