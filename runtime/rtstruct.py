@@ -2,13 +2,11 @@
 
 Contours come from scikit-image's marching squares (``find_contours`` at level 0.5 on each label's mask
 of a slice), so they run through the midpoints between inside and outside pixel centres: filling a
-contour back (pixel centres inside the polygon) gives the mask again, holes included, since holes are
-written as further contours of the same slice and readers combine the contours of a plane even-odd, as
-the RT Structure Set convention (and 3D Slicer, dcmqi's peers and planning systems) does. rt-utils was
-considered and not used: it traces contours with OpenCV through the centres of boundary pixels, so a
-structure filled back loses about half a pixel along its border (small organs then fall below a Dice of
-0.98), and it would add OpenCV to the dependencies. Points on straight runs are dropped (exactly
-collinear points add nothing).
+contour back (pixel centres inside the polygon) gives the mask again, holes included: holes are
+written as further contours of the same slice, which readers combine even-odd. rt-utils was considered
+and not used: it traces contours with OpenCV's findContours through the centres of boundary pixels, so
+a structure filled back loses up to half a pixel along its border, and it would add OpenCV to the
+dependencies. Points on straight runs are dropped (exactly collinear points add nothing).
 
 A contour point (i, j) of slice k is placed at ``IPP_k + i * dc * IOP[:3] + j * dr * IOP[3:]`` (LPS mm;
 dc, dr: spacing between columns and between rows), with the slice's own ImagePositionPatient, and each
