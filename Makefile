@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Extras the demo and the tests need (see docs/development.md, "Dependencies").
-EXTRAS := dicom,viz,runtime,train,export,test,openvino
+EXTRAS := dicom,viz,runtime,train,export,test,openvino,ray
 # torch is pinned explicitly first: a loose requirement would pull a multi-GB CUDA build onto
 # machines without a GPU. Override on a CUDA machine, e.g. `make test TORCH_SPEC="torch>=2.1,<3"`.
 TORCH_SPEC ?= torch==2.13.0

@@ -68,6 +68,9 @@ EXTRAS = {
     # OpenVINO: the CPU backend auto prefers, and bf16 on CPUs that compute it natively. Pinned because its CPU
     # plugin decides the numerics (the default inference precision, the compiled-model cache's behaviour).
     "openvino": ["openvino==2026.4.1"],
+    # Ray: many scans over the GPUs and machines of a cluster (predict --ray, selftrain --ray). Pinned because the
+    # driver and every node of a cluster must run the same Ray version.
+    "ray": ["ray==2.60.0"],
 }
 EXTRAS["all-cpu"] = sorted({dep for name in ("dicom", "viz", "runtime", "train", "export") for dep in EXTRAS[name]})
 

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from pocketseg import labels as L
 from pocketseg.atomic import check_targets, ensure_dir, write_text
 from pocketseg.benchmarks.memory import (INTERVAL_S, MemorySampler, memory_reader_details, open_gpu_reader,
-                                         open_reader, open_rss_reader)
+                                         open_reader, open_rss_reader, own_peak_rss_mb)
 from pocketseg.benchmarks.report import BENCH_FILES, write_bench_report, write_json
 from pocketseg.errors import InputError, MissingDependencyError, OutputError, PocketsegError
 from pocketseg.geometry import grow_box
@@ -438,6 +438,7 @@ def _worker(spec: dict[str, Any]) -> int:
     pipeline.close()
     if reader is not None:
         reader.close()
+    _emit({"event": "done", "peak_rss_mb": own_peak_rss_mb()})
     return 0
 
 
@@ -489,7 +490,11 @@ def _launch(ctx: _Context, spec: dict[str, Any], tag: str) -> tuple[subprocess.P
 
 
 def _finish(ctx: _Context, proc: subprocess.Popen, log_path: Path) -> tuple[int, float]:
-    """Reap the child and keep its log: (exit status, its peak RSS in MB from the kernel)."""
+    """Reap the child and keep its log: (exit status, its peak RSS in MB from the kernel).
+
+    The kernel's figure (``ru_maxrss``) includes the parent's peak (:func:`own_peak_rss_mb` says why); it is
+    used only where the worker ended before reporting its own.
+    """
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     # Streamed into scratch while the child ran; written here in one atomic step like every other output.
@@ -531,6 +536,7 @@ def _run_cold(ctx: _Context, pipeline: str, case: BenchCase, box) -> dict[str, A
     finally:
         trace = sampler.stop()
     code, peak_rss = _finish(ctx, proc, log_path)
+    peak_rss = next((e["peak_rss_mb"] for e in events if e.get("event") == "done"), peak_rss)
     loaded = next((e for e in events if e.get("event") == "loaded"), {})
     result = next((e for e in events if e.get("event") == "case"), None)
     if code != 0 or result is None:
@@ -553,6 +559,7 @@ def _run_warm(ctx: _Context, pipeline: str, cases: list[BenchCase], boxes: dict[
     proc, log_path = _launch(ctx, spec, f"{pipeline}-warm")
     runs: dict[str, dict[str, Any]] = {}
     loaded: dict[str, Any] = {}
+    own_peak = None
     with tqdm(total=len(cases), desc=f"warm {pipeline}", unit="case", disable=not progress) as bar:
         for event in _events(proc.stdout):
             if event.get("event") == "loaded":
@@ -564,7 +571,10 @@ def _run_warm(ctx: _Context, pipeline: str, cases: list[BenchCase], boxes: dict[
                                        "precision": loaded.get("precision"), "log": str(log_path),
                                        "labels": next(s["labels_out"] for s in specs if s["case"] == event["case"])}
                 bar.update(1)
+            elif event.get("event") == "done":
+                own_peak = event["peak_rss_mb"]
     code, peak_rss = _finish(ctx, proc, log_path)
+    peak_rss = own_peak if own_peak is not None else peak_rss
     out = []
     for case in cases:
         if case.name in runs:

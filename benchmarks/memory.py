@@ -42,6 +42,8 @@ import importlib
 import logging
 import math
 import os
+import resource
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -280,6 +282,25 @@ def open_gpu_reader(index: int = 0, *, sources: Sequence[str] = GPU_SOURCES) -> 
 
 
 # ------------------------------------------------------------------------------------------------------ CPU sources
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB since it started its program: ``VmHWM`` (Linux).
+
+    Not ``ru_maxrss``: at ``exec`` the kernel folds the high-water mark of the address space being
+    replaced into it, and a freshly spawned child's is its parent's (forked or shared by vfork), so a
+    child of a big parent would report the parent's peak. ``ru_maxrss`` only where ``/proc`` is missing
+    (macOS, where it is in bytes).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
 
 def _proc_rss_kb(pid: int) -> int | None:
     """VmRSS of one process in kB, or None when it is gone or a zombie (no VmRSS line)."""

@@ -1,11 +1,22 @@
-"""Files, in one place: folders, atomic writes, JSON and text (and reading JSON back).
+"""Files, in one place: folders, atomic writes, JSON and text (and reading JSON back), lock files.
 
 Every file is written to a temporary file beside the target and renamed over
 it, so a crash or an exception mid-write never leaves a partial file at the
 target path, and an existing file is only replaced when the caller asked for
 it. Every folder the package creates goes through :func:`ensure_dir`, every
 JSON file through :func:`write_json`, so they fail the same way: one
-:class:`~pocketseg.errors.OutputError` naming the path.
+:class:`~pocketseg.errors.OutputError` naming the path (a full disk included:
+"No space left on device").
+
+Files that belong together (a label map and its statistics and preview) are
+staged with :func:`staged_files`: each is written to a temporary file beside its
+target, and only when all of them are written are they renamed into place, the
+last one given last, so a failure leaves none of them (and no temporary file).
+
+:func:`try_lock` takes a lock file atomically (``O_CREAT | O_EXCL``) that records
+its owner (pid, host, start time); a lock whose owner was a process on this host
+that is gone is taken over, one on another host never is (its processes cannot be
+seen from here).
 """
 
 from __future__ import annotations
@@ -14,12 +25,21 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pocketseg.errors import InputError, OutputError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: stale locks are then never taken over automatically
+    fcntl = None  # type: ignore[assignment]
 
 
 def _umask() -> int:
@@ -102,9 +122,18 @@ def atomic_open(path: str | os.PathLike) -> Iterator:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, overwrite: bool = False) -> Path:
-    """Write ``payload`` to ``path`` atomically (temporary file + fsync + rename)."""
-    target = check_writable_target(path, overwrite=overwrite)
+def _write_failed(target: Path, exc: OSError) -> OutputError:
+    """What the operating system refused while writing ``target`` (a full disk, a quota, an I/O error), as
+    one error naming the file; errors of the package itself pass unchanged."""
+    if isinstance(exc, OutputError):
+        return exc
+    return OutputError(target, f"cannot be written: {exc.strerror or exc}")
+
+
+def _write_temporary(target: Path, payload: bytes | memoryview) -> str:
+    """``payload`` in a new temporary file beside ``target`` (flushed and fsynced); its name.
+
+    Nothing is left behind when this fails."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; outputs get the usual 0666 & ~umask
@@ -113,14 +142,121 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, 
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        if not overwrite and target.exists():  # appeared while we were writing
-            raise OutputError(target, "appeared while writing; not replacing it")
-        os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    return tmp_name
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview, *, overwrite: bool = False) -> Path:
+    """Write ``payload`` to ``path`` atomically (temporary file + fsync + rename).
+
+    Raises:
+        OutputError: the target exists (without ``overwrite``) or cannot be written (naming the file and the
+            operating system's reason, e.g. "No space left on device"); no temporary file is left.
+    """
+    target = check_writable_target(path, overwrite=overwrite)
+    try:
+        tmp_name = _write_temporary(target, payload)
+    except OSError as exc:
+        raise _write_failed(target, exc) from None
+    try:
+        if not overwrite and target.exists():  # appeared while we were writing
+            raise OutputError(target, "appeared while writing; not replacing it")
+        os.replace(tmp_name, target)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise _write_failed(target, exc) from None
+        raise
     return target
+
+
+class StagedFiles:
+    """Files written to temporary names beside their targets, renamed into place together (see
+    :func:`staged_files`)."""
+
+    def __init__(self, *, overwrite: bool = False):
+        self.overwrite = overwrite
+        self._staged: list[tuple[Path, str]] = []
+
+    @property
+    def targets(self) -> list[Path]:
+        return [target for target, _ in self._staged]
+
+    def write(self, path: str | os.PathLike, payload: bytes | memoryview) -> Path:
+        """Stage ``payload`` for ``path`` (written and fsynced now, published by :meth:`publish`)."""
+        target = check_writable_target(path, overwrite=self.overwrite)
+        if target in self.targets:
+            raise ValueError(f"{target} is staged twice")
+        try:
+            self._staged.append((target, _write_temporary(target, payload)))
+        except OSError as exc:
+            raise _write_failed(target, exc) from None
+        return target
+
+    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+        return self.write(path, text.encode("utf-8"))
+
+    def discard(self) -> None:
+        """Remove every staged temporary file; no target is touched."""
+        for _, tmp_name in self._staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        self._staged.clear()
+
+    def publish(self) -> list[Path]:
+        """Rename the staged files over their targets in the order they were staged; the targets.
+
+        Every target is checked before the first rename (one that appeared meanwhile is not replaced without
+        ``overwrite``). Should a rename fail, the files this call created are removed again, so a failure
+        leaves none of the new files (replaced ones stay replaced: their earlier content is gone either way).
+        """
+        staged, self._staged = self._staged, []
+        published: list[Path] = []
+        current = staged[0][0] if staged else Path(".")
+        try:
+            if not self.overwrite:
+                for target, _ in staged:
+                    if target.exists():
+                        raise OutputError(target, "appeared while writing; not replacing it")
+            for current, tmp_name in staged:
+                existed = current.exists()
+                os.replace(tmp_name, current)
+                if not existed:
+                    published.append(current)
+        except BaseException as exc:
+            for target in published:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+            for _, tmp_name in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_name)
+            if isinstance(exc, OSError):
+                raise _write_failed(current, exc) from None
+            raise
+        return [target for target, _ in staged]
+
+
+@contextlib.contextmanager
+def staged_files(*, overwrite: bool = False) -> Iterator[StagedFiles]:
+    """Write several files all-or-nothing: each ``staged.write(path, payload)`` goes to a temporary file beside
+    ``path``; when the ``with`` body ends without an exception they are renamed into place in the order
+    written (so the file that marks a result finished is staged last); on an exception, a full disk
+    included, every temporary file is removed and no target is touched.
+
+    A process killed while the files are renamed can still leave the earlier ones without the last one: the
+    window is that of a few renames in one folder, not that of computing and writing them.
+    """
+    staged = StagedFiles(overwrite=overwrite)
+    try:
+        yield staged
+    except BaseException:
+        staged.discard()
+        raise
+    staged.publish()
 
 
 @contextlib.contextmanager
@@ -204,3 +340,172 @@ def read_json(path: str | os.PathLike, *, missing: str = "does not exist") -> An
         raise InputError(source, f"is not valid JSON ({exc})") from None
     except OSError as exc:  # unreadable: permissions, a folder, an I/O error
         raise InputError(source, f"cannot be read ({exc.strerror or exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------- lock files
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lock file, as the file says (None where it does not say, or cannot be read)."""
+
+    path: Path
+    pid: int | None = None
+    host: str | None = None
+    started: float | None = None
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return f"lock file {self.path} (owner unreadable)"
+        since = "" if self.started is None else time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"pid {self.pid} on host {self.host}{since}, lock file {self.path}"
+
+    @property
+    def on_this_host(self) -> bool:
+        return self.host == socket.gethostname()
+
+    @property
+    def stale(self) -> bool:
+        """The owner was a process on this host that is gone (or whose pid now belongs to a newer process).
+        An owner on another host is never judged stale: its processes cannot be seen from here."""
+        if self.pid is None or not self.on_this_host:
+            return False
+        if self.pid <= 0:
+            return True
+        try:
+            os.kill(self.pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # exists, owned by another user
+            pass
+        started = _process_start_time(self.pid)
+        # A process that started after the lock was taken cannot have taken it: the pid was reused.
+        return started is not None and self.started is not None and started > self.started + 2.0
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where /proc tells (Linux); else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, counted after the command name
+        with open("/proc/stat", encoding="ascii") as proc_stat:
+            boot = next(float(line.split()[1]) for line in proc_stat if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def read_lock(path: str | os.PathLike) -> LockHolder:
+    """The holder a lock file names (fields None where the file is unreadable or not a lock)."""
+    lock_path = Path(path)
+    try:
+        record = json.loads(lock_path.read_text(encoding="utf-8"))
+        return LockHolder(lock_path, int(record["pid"]), str(record["host"]), float(record["started"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return LockHolder(lock_path)
+
+
+class FileLock:
+    """A lock file this process holds; :meth:`release` (or leaving the ``with`` block) removes it."""
+
+    def __init__(self, path: Path, token: str, took_over: LockHolder | None = None):
+        self.path = path
+        self._token = token
+        #: The stale holder whose lock this one replaced, if any.
+        self.took_over = took_over
+
+    def held(self) -> bool:
+        """Whether the file is still this lock (not removed, not taken over)."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8")).get("token") == self._token
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def release(self) -> None:
+        if self.held():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _create_lock(path: Path) -> FileLock | None:
+    """Create the lock file, complete with its record, only if it does not exist; None if it does."""
+    token = uuid.uuid4().hex
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": token}
+    # The record is written under a temporary name and hard-linked to the lock's name: the link is atomic
+    # and fails where the name exists, and the lock never exists without its record. Where the file system
+    # has no hard links, an exclusive create and a write (a crash in between leaves an unreadable lock).
+    tmp_name = _write_temporary(path, json_text(record).encode("utf-8"))
+    try:
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            return None
+        except OSError:  # no hard links here
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json_text(record))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+    return FileLock(path, token)
+
+
+def _break_stale(path: Path, holder: LockHolder) -> bool:
+    """Remove a stale lock file, unless another process is doing so or has done so already; True if removed.
+
+    Breakers of one lock are processes of one host (only there is the lock judged stale); they serialise on
+    an advisory lock of the stale file itself and check that the name still points at that file, so no
+    breaker removes a lock another one has just taken.
+    """
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process is breaking it
+            return False
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return True
+        if not same_file or read_lock(path) != holder:
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def try_lock(path: str | os.PathLike) -> FileLock | LockHolder:
+    """Take the lock file ``path`` atomically: the :class:`FileLock` when this process got it, else the
+    :class:`LockHolder` that has it. A lock left by a process of this host that is gone is taken over
+    (logged by the caller); one held by another host is not.
+    """
+    lock_path = Path(path)
+    broken = None
+    try:
+        for _ in range(3):
+            lock = _create_lock(lock_path)
+            if lock is not None:
+                lock.took_over = broken
+                return lock
+            holder = read_lock(lock_path)
+            if not holder.stale or not _break_stale(lock_path, holder):
+                return holder
+            broken = holder
+    except OSError as exc:
+        raise _write_failed(lock_path, exc) from None
+    return read_lock(lock_path)

@@ -29,6 +29,7 @@ from pocketseg.engine_build.tensorrt_build import build_package_engines
 from pocketseg.errors import PocketsegError, require
 from pocketseg.evaluation.evaluate import evaluate_folders, format_table, label_scoring
 from pocketseg.imageio import volume_info
+from pocketseg.runtime.distributed import predict_ray
 from pocketseg.runtime.predict import predict
 from pocketseg.synth.dataset import synthesize_dataset
 
@@ -116,12 +117,30 @@ def _cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+#: predict's options that only a --ray run takes, with the value that means "not given".
+_RAY_ONLY = {"workers": ("--workers", None), "cpus_per_worker": ("--cpus-per-worker", None),
+             "retries": ("--retries", None)}
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    written = predict(**_kwargs(args), progress=not args.quiet)
+    kwargs = _kwargs(args)
+    address = kwargs.pop("ray")
+    if address is None:
+        used = [flag for key, (flag, unset) in _RAY_ONLY.items() if kwargs.pop(key) != unset]
+        if used:
+            raise PocketsegError(f"{', '.join(used)}: only with --ray")
+        written = predict(**kwargs, progress=not args.quiet)
+    else:
+        if kwargs.pop("series_uid") is not None:
+            raise PocketsegError("--series-uid: not with --ray (each DICOM series folder is a case of its own)")
+        if kwargs["retries"] is None:
+            kwargs.pop("retries")
+        written = predict_ray(**kwargs, ray=address, progress=not args.quiet)
     for path in written:
         print(path)
     if not written:
-        print("nothing to do: every case is finished (--continue)", file=sys.stderr)
+        print("nothing written by this run: every case was finished earlier (--continue) or by another run",
+              file=sys.stderr)
     return 0
 
 

@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "component per organ. INPUT is a .nii/.nii.gz file, a DICOM series folder, a folder "
                                    "of NIfTI files (then OUTPUT is a folder; CASE_0000.nii.gz -> CASE.nii.gz) or a DICOM "
                                    "study tree: patients/studies/series folders at any depth, one case per CT series "
-                                   "(PATIENT_DATE_sSERIES.nii.gz; localizers and other modalities are skipped).")
+                                   "(PATIENT_DATE_sSERIES.nii.gz; localizers and other modalities are skipped). With --ray "
+                                   "the cases run on the workers of a Ray cluster, surviving worker loss.")
     p.add_argument("-i", "--input", required=True,
                    help="NIfTI file, DICOM series folder, folder of NIfTI files, or DICOM study tree")
     p.add_argument("-o", "--output", required=True,
@@ -206,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-reference", dest="dicom_reference", default=None, metavar="DIR",
                    help="for a NIfTI input: the DICOM series folder it was converted from; DICOM outputs reference it "
                         "(its grid must be the NIfTI's)")
+    p.add_argument("--max-memory", dest="max_memory", default=None, metavar="SIZE",
+                   help="refuse a scan whose resampled grids and label buffers would need more memory than SIZE "
+                        "(8GiB, 512MiB, 16GB), estimated from its header before anything is allocated "
+                        "[75%% of the machine's physical memory]")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the cases on a Ray cluster (needs pocketseg[ray]): no value starts one on this machine, "
+                        "'auto' joins the cluster of this node, else a cluster address (ray://HEAD:10001); INPUT is "
+                        "then a folder or a .txt/.csv list of paths, OUTPUT a folder on a file system every node "
+                        "shares, with run.jsonl, the results table (docs/ray.md)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="with --ray: at most this many workers [one per GPU, else one per --cpus-per-worker cores]")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=_positive_int, default=None,
+                   help="with --ray: CPU cores of each worker (ONNX Runtime threads of a CPU worker) [1]")
+    p.add_argument("--retries", type=int, default=None,
+                   help="with --ray: times a case is retried after its worker died [2]")
 
     p = sub.add_parser("evaluate", help="FLARE 2023 DSC and NSD of a folder of predictions against ground truth",
                        description="Score predictions (CASE.nii.gz) against same-named ground-truth label maps as the "
@@ -305,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="pseudo-label only every N-th case starting at I; 0/N also runs the schedule and waits for "
                         "the other shards [0/1]")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="pseudo-label each round on a Ray cluster instead of shards (needs pocketseg[ray]): no value "
+                        "starts one on this machine, 'auto' joins this node's cluster, else a cluster address")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=_positive_int, default=None,
+                   help="with --ray: CPU cores of each pseudo-labelling worker where there is no GPU [1]")
     # -v/-q also after the command (`pocketseg predict ... -q`); SUPPRESS keeps the global value unless given.
     for command in sub.choices.values():
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -302,6 +302,24 @@ def nifti_image(
     return image_class(np.asarray(data, dtype=out_dtype), None, header=header)
 
 
+def nifti_bytes(
+    data: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    reference: Volume | None = None,
+    affine: np.ndarray | None = None,
+    dtype: np.dtype | type | str | None = None,
+) -> bytes:
+    """The file :func:`write_nifti` would write at ``path`` (gzip-compressed for ``.nii.gz``), as bytes."""
+    target = Path(path)
+    if not is_nifti_path(target):
+        raise OutputError(target, "output name must end in .nii or .nii.gz")
+    payload = nifti_image(data, reference=reference, affine=affine, dtype=dtype).to_bytes()
+    if target.name.lower().endswith(".gz"):
+        payload = gzip_bytes(payload)
+    return payload
+
+
 def write_nifti(
     data: np.ndarray,
     path: str | os.PathLike,
@@ -316,19 +334,26 @@ def write_nifti(
     if not is_nifti_path(target):
         raise OutputError(target, "output name must end in .nii or .nii.gz")
     check_writable_target(target, overwrite=overwrite)
-    payload = nifti_image(data, reference=reference, affine=affine, dtype=dtype).to_bytes()
-    if target.name.lower().endswith(".gz"):
-        payload = gzip_bytes(payload)
+    payload = nifti_bytes(data, target, reference=reference, affine=affine, dtype=dtype)
     return atomic_write_bytes(target, payload, overwrite=overwrite)
+
+
+def _as_uint8_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError(f"label values outside 0..255 cannot be stored as uint8 ({labels.min()}..{labels.max()})")
+        labels = labels.astype(np.uint8)
+    return labels
+
+
+def label_bytes(labels: np.ndarray, path: str | os.PathLike, *, reference: Volume) -> bytes:
+    """The file :func:`write_labels` would write at ``path``, as bytes (for writers that stage several files)."""
+    return nifti_bytes(_as_uint8_labels(labels), path, reference=reference, dtype=np.uint8)
 
 
 def write_labels(
     labels: np.ndarray, path: str | os.PathLike, *, reference: Volume, overwrite: bool = False
 ) -> Path:
     """Write a label map as uint8 NIfTI with the input's exact affine, shape, qform and sform."""
-    labels = np.asarray(labels)
-    if labels.dtype != np.uint8:
-        if labels.size and (labels.min() < 0 or labels.max() > 255):
-            raise ValueError(f"label values outside 0..255 cannot be stored as uint8 ({labels.min()}..{labels.max()})")
-        labels = labels.astype(np.uint8)
-    return write_nifti(labels, path, reference=reference, dtype=np.uint8, overwrite=overwrite)
+    return write_nifti(_as_uint8_labels(labels), path, reference=reference, dtype=np.uint8, overwrite=overwrite)

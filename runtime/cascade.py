@@ -42,7 +42,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from pocketseg.manifest import BACK_RESAMPLING, Inference, Manifest, Stage, load
 from pocketseg.runtime.arrays import ArrayModule, array_module, bounding_box
 from pocketseg.runtime.engines import Engine, Selection, open_engine, resolve
 from pocketseg.runtime.intensity import normalizer
+from pocketseg.runtime.memory_limit import check_memory, default_limit_bytes, estimate_memory, parse_size
 from pocketseg.runtime.postprocess import clean_components, keep_largest_components
 from pocketseg.runtime.resample import (resample_image, resample_labels, resample_logits_to_labels, separate_z_axis,
                                         target_shape)
@@ -81,6 +83,8 @@ class Prediction:
     """The label map of one scan, in the volume's voxel order (i, j, k), with what happened on the way."""
 
     labels: np.ndarray  # uint8 (i, j, k)
+    # upload, roi, detail, postprocess, total; and the profile inside them: roi.resample, roi.net, roi.box,
+    # detail.resample, detail.net, detail.back (labels back to the scan's grid), postprocess.components.
     timings_s: dict[str, float]
     roi_box_zyx: tuple[tuple[int, int], ...]  # [start, stop) on the stage's (z, y, x) view (the canonical grid)
     device: str
@@ -238,6 +242,9 @@ class CascadePredictor:
         threads: CPU threads of ONNX Runtime (default: all cores).
         progress: show a progress bar of the tiles.
         fallback_to_cpu: after a GPU out-of-memory error with one tile per batch, run the scan on the CPU.
+        max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
+            (``8GiB``); a scan estimated above it is refused before anything is allocated
+            (:mod:`pocketseg.runtime.memory_limit`). None: 75 % of the machine's physical memory.
 
     Raises:
         InputError: a bad argument or a package that does not load.
@@ -247,9 +254,11 @@ class CascadePredictor:
     def __init__(self, model: str | Path, *, device: str = "auto", backend: str = "auto", precision: str = "auto",
                  overlap: float | None = None, gaussian: bool | None = None, mirroring: bool | None = None,
                  back_resampling: str | None = None, fast: bool = False, batch_size: int = 1,
-                 threads: int | None = None, progress: bool = False, fallback_to_cpu: bool = True):
+                 threads: int | None = None, progress: bool = False, fallback_to_cpu: bool = True,
+                 max_memory: str | int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(None, f"batch_size must be a positive integer, got {batch_size!r}")
+        self.max_memory = parse_size(max_memory)
         self.package_dir = Path(model)
         self.manifest: Manifest = load_package(self.package_dir)
         self.settings = _settings(self.manifest.inference, fast=fast, overlap=overlap, gaussian=gaussian,
@@ -326,8 +335,20 @@ class CascadePredictor:
         """
         if volume.data.ndim != 3:
             raise InputError(volume.source, f"expected a 3D image, got shape {volume.data.shape}")
+        self.check_memory(volume)
         with self.am.stream_scope(self.stream):
             return self._predict_retrying(volume, check_intensities, roi_box_zyx)
+
+    def check_memory(self, volume: Volume) -> None:
+        """Refuse a scan whose resampled grids would need more than the memory limit (before allocating them)."""
+        view = VoxelView.of(volume, self.manifest.detail)
+        # The shape of the stage's view, from a view of one byte: nothing the size of the scan is allocated.
+        shape_zyx = view.forward(np.broadcast_to(np.zeros((), np.uint8), volume.shape)).shape
+        estimate = estimate_memory(shape_zyx, view.spacing_zyx, self.manifest, self.settings)
+        limit = self.max_memory if self.max_memory is not None else default_limit_bytes()
+        log.debug("%s: estimated peak memory %.2f GiB %s (limit %s)", volume.source or "image", estimate.total / 2**30,
+                  estimate.parts, limit)
+        check_memory(estimate, limit, volume.source, view.spacing_zyx, given=self.max_memory is not None)
 
     def _predict_retrying(self, volume: Volume, check_intensities: bool,
                           roi_box_zyx: tuple[tuple[int, int], ...] | None) -> Prediction:
@@ -366,12 +387,19 @@ class CascadePredictor:
             self._cpu = CascadePredictor(self.package_dir, device="cpu", backend="auto", overlap=s.overlap,
                                          gaussian=s.gaussian, mirroring=s.mirroring,
                                          back_resampling=s.back_resampling, batch_size=1, threads=self.threads,
-                                         progress=self.progress)
+                                         progress=self.progress, max_memory=self.max_memory)
         return self._cpu
 
     def _sync_time(self, start: float) -> float:
         self.am.synchronize()
         return time.perf_counter() - start
+
+    @contextmanager
+    def _timed(self, timings: dict[str, float], key: str) -> Iterator[None]:
+        """Add the (synchronised) time of the block to ``timings[key]``: the per-stage profile."""
+        start = time.perf_counter()
+        yield
+        timings[key] = timings.get(key, 0.0) + self._sync_time(start)
 
     def _network_input(self, stage: Stage, region: Any, spacing_zyx) -> Any:
         """The stage's normalised input on its own grid, from a raw (z, y, x) region."""
@@ -407,20 +435,24 @@ class CascadePredictor:
                                      gaussian=s.gaussian, batch_size=step_batch, am=am, progress=self.progress,
                                      accumulate_dtype=acc)
 
-    def _segment_region(self, stage: Stage, region: Any, spacing_zyx, batch: int, back: str) -> Any:
+    def _segment_region(self, stage: Stage, region: Any, spacing_zyx, batch: int, back: str,
+                        timings: dict[str, float]) -> Any:
         """uint8 labels of ``stage`` on the grid of a raw (z, y, x) region (crop to non-zero where the stage does)."""
         am = self.am
-        inner = nonzero_box(region, am) if stage.crop_to_nonzero else tuple(slice(0, n) for n in region.shape)
-        sub = region[inner]
-        net_input = self._network_input(stage, sub, spacing_zyx)
-        result = self._stage_labels(stage, net_input, batch, back)
+        with self._timed(timings, f"{stage.name}.resample"):
+            inner = nonzero_box(region, am) if stage.crop_to_nonzero else tuple(slice(0, n) for n in region.shape)
+            sub = region[inner]
+            net_input = self._network_input(stage, sub, spacing_zyx)
+        with self._timed(timings, f"{stage.name}.net"):
+            result = self._stage_labels(stage, net_input, batch, back)
         del net_input
         back_axis = separate_z_axis(stage.spacing_mm_zyx, spacing_zyx)
-        if back == "logits":
-            labels = resample_logits_to_labels(result, sub.shape, separate_z=back_axis, am=am,
-                                               round_to=am.xp.float16 if self.settings.nnunet_numerics else None)
-        else:
-            labels = resample_labels(result, sub.shape, separate_z=back_axis, am=am)
+        with self._timed(timings, f"{stage.name}.back"):
+            if back == "logits":
+                labels = resample_logits_to_labels(result, sub.shape, separate_z=back_axis, am=am,
+                                                   round_to=am.xp.float16 if self.settings.nnunet_numerics else None)
+            else:
+                labels = resample_labels(result, sub.shape, separate_z=back_axis, am=am)
         del result
         if stage.crop_to_nonzero and tuple(labels.shape) != tuple(region.shape):
             # nnU-Net: everything outside the non-zero box is background.
@@ -429,14 +461,19 @@ class CascadePredictor:
             return full
         return labels
 
-    def _roi_box(self, image: Any, spacing_zyx, batch: int, warnings: list[str], name: str
-                 ) -> tuple[slice, slice, slice]:
+    def _roi_box(self, image: Any, spacing_zyx, batch: int, warnings: list[str], name: str,
+                 timings: dict[str, float]) -> tuple[slice, slice, slice]:
         """The abdomen box on the stage's view: ROI net, largest component, box + margin (mm)."""
         am = self.am
         roi = self.manifest.roi
-        roi_labels = self._stage_labels(roi, self._network_input(roi, image, spacing_zyx), batch, "labels")
-        roi_labels = keep_largest_components((roi_labels > 0).astype(am.xp.uint8), (1,), am)
-        box = bounding_box(roi_labels > 0, am)
+        with self._timed(timings, "roi.resample"):
+            net_input = self._network_input(roi, image, spacing_zyx)
+        with self._timed(timings, "roi.net"):
+            roi_labels = self._stage_labels(roi, net_input, batch, "labels")
+        del net_input
+        with self._timed(timings, "roi.box"):
+            roi_labels = keep_largest_components((roi_labels > 0).astype(am.xp.uint8), (1,), am)
+            box = bounding_box(roi_labels > 0, am)
         shape = image.shape
         if box is None:
             message = "the ROI net found no abdomen; the detail net runs on the whole volume"
@@ -480,19 +517,21 @@ class CascadePredictor:
             box = _given_box(roi_box_zyx, image.shape, volume.source)
             warnings.append("ROI stage skipped: the ROI box was given")
         elif self.manifest.roi is not None:
-            box = self._roi_box(image, spacing, batch, warnings, name)
+            box = self._roi_box(image, spacing, batch, warnings, name, timings)
         else:
             box = tuple(slice(0, n) for n in image.shape)
         timings["roi"] = self._sync_time(t)
 
         t = time.perf_counter()
-        crop_labels = self._segment_region(detail, image[box], spacing, batch, self.settings.back_resampling)
+        crop_labels = self._segment_region(detail, image[box], spacing, batch, self.settings.back_resampling,
+                                           timings)
         if self.manifest.output_labels:  # the model's classes -> the package's labels
             crop_labels = xp.asarray(np.asarray(self.manifest.output_labels, dtype=np.uint8))[crop_labels]
         timings["detail"] = self._sync_time(t)
 
         t = time.perf_counter()
-        self._postprocess(crop_labels, spacing)
+        with self._timed(timings, "postprocess.components"):
+            self._postprocess(crop_labels, spacing)
         # The output is allocated in the file's voxel order and filled through the stage's view,
         # so the download needs no transposed copy.
         full = xp.zeros(volume.shape, dtype=xp.uint8)

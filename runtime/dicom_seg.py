@@ -110,15 +110,24 @@ def build_dicom_seg(labels_ijk: np.ndarray, source_files: Sequence[Path], *, alg
         omit_empty_frames=True)
 
 
-def write_dicom_seg(labels_ijk: np.ndarray, source_files: Sequence[Path], path: str | Path, *,
-                    algorithm: Algorithm, label_names: Mapping[str, int] | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write the SEG of ``labels_ijk`` (see :func:`build_dicom_seg`) atomically to ``path``."""
+def dicom_seg_bytes(labels_ijk: np.ndarray, source_files: Sequence[Path], *, algorithm: Algorithm,
+                    label_names: Mapping[str, int] | None = None) -> bytes:
+    """The SEG of ``labels_ijk`` (see :func:`build_dicom_seg`) as the bytes of a DICOM file, for a caller that
+    stages it with a case's other files (``predict``)."""
     start = time.perf_counter()
     seg = build_dicom_seg(labels_ijk, source_files, algorithm=algorithm, label_names=label_names)
     buffer = io.BytesIO()
     seg.save_as(buffer, enforce_file_format=True)
-    out = atomic_write_bytes(path, buffer.getvalue(), overwrite=overwrite)
-    log.info("wrote DICOM SEG %s (%d segments, %d frames) in %.2f s", out, len(seg.SegmentSequence),
+    log.info("encoded DICOM SEG (%d segments, %d frames) in %.2f s", len(seg.SegmentSequence),
              int(seg.NumberOfFrames), time.perf_counter() - start)
+    return buffer.getvalue()
+
+
+def write_dicom_seg(labels_ijk: np.ndarray, source_files: Sequence[Path], path: str | Path, *,
+                    algorithm: Algorithm, label_names: Mapping[str, int] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write the SEG of ``labels_ijk`` (see :func:`build_dicom_seg`) atomically to ``path``."""
+    payload = dicom_seg_bytes(labels_ijk, source_files, algorithm=algorithm, label_names=label_names)
+    out = atomic_write_bytes(path, payload, overwrite=overwrite)
+    log.info("wrote DICOM SEG %s", out)
     return out

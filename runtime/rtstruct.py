@@ -207,16 +207,25 @@ def build_rtstruct(labels_ijk: np.ndarray, source_files: Sequence[Path], *, algo
     return ds
 
 
-def write_rtstruct(labels_ijk: np.ndarray, source_files: Sequence[Path], path: str | Path, *,
-                   algorithm: Algorithm, label_names: Mapping[str, int] | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write the RT Structure Set of ``labels_ijk`` (see :func:`build_rtstruct`) atomically to ``path``."""
+def rtstruct_bytes(labels_ijk: np.ndarray, source_files: Sequence[Path], *, algorithm: Algorithm,
+                   label_names: Mapping[str, int] | None = None) -> bytes:
+    """The RT Structure Set of ``labels_ijk`` (see :func:`build_rtstruct`) as the bytes of a DICOM file, for a
+    caller that stages it with a case's other files (``predict``)."""
     start = time.perf_counter()
     ds = build_rtstruct(labels_ijk, source_files, algorithm=algorithm, label_names=label_names)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    out = atomic_write_bytes(path, buffer.getvalue(), overwrite=overwrite)
     n = sum(len(c.ContourSequence) for c in ds.ROIContourSequence)
-    log.info("wrote RT Structure Set %s (%d ROIs, %d contours) in %.2f s", out, len(ds.StructureSetROISequence), n,
+    log.info("encoded RT Structure Set (%d ROIs, %d contours) in %.2f s", len(ds.StructureSetROISequence), n,
              time.perf_counter() - start)
+    return buffer.getvalue()
+
+
+def write_rtstruct(labels_ijk: np.ndarray, source_files: Sequence[Path], path: str | Path, *,
+                   algorithm: Algorithm, label_names: Mapping[str, int] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write the RT Structure Set of ``labels_ijk`` (see :func:`build_rtstruct`) atomically to ``path``."""
+    payload = rtstruct_bytes(labels_ijk, source_files, algorithm=algorithm, label_names=label_names)
+    out = atomic_write_bytes(path, payload, overwrite=overwrite)
+    log.info("wrote RT Structure Set %s", out)
     return out

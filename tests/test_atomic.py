@@ -9,12 +9,23 @@
   succeeds; an exception leaves no target and no temp folder; an existing
   non-empty folder is refused without ``overwrite`` and, with it, replaced only
   after success (and kept intact when the body or the final swap fails).
+* ``staged_files``: files that belong together appear together, in the order
+  written, or (a full disk, an exception, a failed rename) none of them.
+* ``try_lock``: a lock file is taken by one process at a time, records its
+  owner, is taken over when its owner on this host is gone, never when it is
+  on another host, and is removed only by its owner.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +289,116 @@ def test_a_refusal_to_replace_names_the_flag_first(tmp_path):
     with pytest.raises(OutputError, match="already exists \\(--overwrite replaces it; overwrite=True from Python\\)"):
         pocketseg.atomic.check_targets([target], overwrite=False)
     assert target.read_bytes() == b"mine"
+
+
+# --------------------------------------------------------------------------- staged_files
+
+
+def test_staged_files_publish_together_in_order(tmp_path, monkeypatch):
+    order = []
+    real_replace = os.replace
+    monkeypatch.setattr(pocketseg.atomic.os, "replace", lambda src, dst: (order.append(Path(dst).name),
+                                                                          real_replace(src, dst)))
+    with pocketseg.atomic.staged_files() as staged:
+        staged.write(tmp_path / "side.json", b"{}")
+        staged.write(tmp_path / "main.bin", b"main")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []  # nothing yet
+    assert order == ["side.json", "main.bin"]  # the file that marks the result finished comes last
+    assert (tmp_path / "side.json").read_bytes() == b"{}" and (tmp_path / "main.bin").read_bytes() == b"main"
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_staged_files_full_disk_leaves_nothing_and_names_the_file(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def full_on_main(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".main.bin."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(pocketseg.atomic.os, "fsync", full_on_main)
+    with pytest.raises(OutputError) as excinfo:
+        with pocketseg.atomic.staged_files() as staged:
+            staged.write(tmp_path / "side.json", b"{}")
+            staged.write(tmp_path / "main.bin", b"main")
+    assert excinfo.value.path == str(tmp_path / "main.bin")
+    assert "No space left on device" in str(excinfo.value)
+    assert list(tmp_path.iterdir()) == []  # neither file, no temporary
+
+
+def test_staged_files_failed_rename_removes_what_it_published(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def second_fails(src, dst):
+        if Path(dst).name == "main.bin":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(pocketseg.atomic.os, "replace", second_fails)
+    with pytest.raises(OutputError, match="main.bin: cannot be written: Input/output error"):
+        with pocketseg.atomic.staged_files() as staged:
+            staged.write(tmp_path / "side.json", b"{}")
+            staged.write(tmp_path / "main.bin", b"main")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_files_exception_in_body_discards(tmp_path):
+    (tmp_path / "side.json").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with pocketseg.atomic.staged_files(overwrite=True) as staged:
+            staged.write(tmp_path / "side.json", b"new")
+            raise RuntimeError("crash before the last file")
+    assert (tmp_path / "side.json").read_bytes() == b"old"
+    assert temp_leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- lock files
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid  # reaped: no process has this pid now (reuse within the test is vanishingly unlikely)
+
+
+def test_lock_is_exclusive_and_records_its_owner(tmp_path):
+    path = tmp_path / "case.lock"
+    lock = pocketseg.atomic.try_lock(path)
+    assert isinstance(lock, pocketseg.atomic.FileLock)
+    record = json.loads(path.read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    assert abs(record["started"] - time.time()) < 60
+    other = pocketseg.atomic.try_lock(path)  # held by a live process (this one): not taken again
+    assert isinstance(other, pocketseg.atomic.LockHolder) and other.pid == os.getpid() and not other.stale
+    lock.release()
+    assert not path.exists()
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    path = tmp_path / "case.lock"
+    dead = _dead_pid()
+    path.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": time.time() - 10}))
+    lock = pocketseg.atomic.try_lock(path)
+    assert isinstance(lock, pocketseg.atomic.FileLock)
+    assert lock.took_over is not None and lock.took_over.pid == dead
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+
+
+def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
+    path = tmp_path / "case.lock"
+    path.write_text(json.dumps({"pid": _dead_pid(), "host": "some-other-host.example", "started": time.time()}))
+    holder = pocketseg.atomic.try_lock(path)
+    assert isinstance(holder, pocketseg.atomic.LockHolder) and holder.host == "some-other-host.example"
+    assert "some-other-host.example" in holder.describe() and str(path) in holder.describe()
+    assert json.loads(path.read_text())["host"] == "some-other-host.example"
+
+
+def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
+    path = tmp_path / "case.lock"
+    lock = pocketseg.atomic.try_lock(path)
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0.0, "token": "theirs"}))
+    lock.release()
+    assert json.loads(path.read_text())["token"] == "theirs"

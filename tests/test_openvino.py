@@ -1,19 +1,25 @@
 """The OpenVINO backend (CPU): labels against ONNX Runtime, the pinned precision, the compiled-model cache, what
 ``auto`` picks and why, and the bf16 rules (native bf16 only, verified agreement for ``auto``).
 
-The package is the tiny one of conftest (``tiny_package``): He-initialised, untrained nets. No trained package
-fixture exists; untrained nets have more near-tied logits than trained ones, so their agreement is the harder case.
+Most tests use the tiny package of conftest (``tiny_package``): He-initialised, untrained nets, whose near-tied
+logits make agreement the harder case. The whole pipeline with trained nets runs on the imported nnU-Net fixture
+(``fixtures/nnunet_tiny``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pocketseg.benchmarks.nnunet_parity import PRESETS, phantom_cases
 from pocketseg.engine_build.export import parity_patch
+from pocketseg.engine_build.nnunet_import import import_nnunet
+from pocketseg.imageio import load_volume
+from pocketseg.runtime.cascade import CascadePredictor
 from pocketseg.errors import InputError
 from pocketseg.manifest import load_package
 from pocketseg.runtime import engines
@@ -181,3 +187,22 @@ def test_cascade_runs_on_openvino(tiny_package, cache):
     predictor = CascadePredictor(tiny_package, device="cpu", backend="openvino", precision="fp32", threads=1)
     assert predictor.backend == "openvino" and all(isinstance(e, engines.OpenVinoEngine)
                                                    for e in predictor.engines.values())
+
+
+def test_openvino_fp32_labels_of_a_trained_model_agree_with_onnxruntime(tmp_path, cache):
+    """The whole pipeline with trained nets: the nnU-Net fixture of tests/fixtures/nnunet_tiny (nnU-Net's stock
+    trainer on phantoms), imported, on two held-out phantoms; OpenVINO fp32 against ONNX Runtime fp32."""
+    pytest.importorskip("torch", reason="importing the nnU-Net fixture reads its checkpoint with torch")
+    preset = PRESETS["fixture"]
+    fixture = (Path(__file__).parent / "fixtures" / "nnunet_tiny" / preset.dataset_name
+               / "nnUNetTrainer__nnUNetPlans__3d_parity")
+    package = import_nnunet(fixture, tmp_path / "package", fp16=False, check=False)
+    ov = CascadePredictor(package, device="cpu", backend="openvino", precision="fp32")
+    ort = CascadePredictor(package, device="cpu", backend="onnxruntime")
+    assert ov.selection.backend == "openvino" and ort.selection.backend == "onnxruntime"
+    for case in phantom_cases(tmp_path / "cases", slices=40):
+        volume = load_volume(case.path)
+        got, ref = ov.predict(volume).labels, ort.predict(volume).labels
+        assert len(np.unique(ref)) >= 3, f"{case.name}: the trained model segments almost nothing"
+        agreement = float((got == ref).mean())
+        assert agreement >= 0.9999, f"{case.name}: OpenVINO fp32 agrees with ONNX Runtime on {100 * agreement:.4f} %"

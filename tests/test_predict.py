@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +17,7 @@ import numpy as np
 import pytest
 
 import pocketseg
+import pocketseg.atomic
 from pocketseg.cli import main
 from pocketseg.nifti import read_nifti, write_nifti
 from pocketseg.runtime.predict import case_name, case_statistics, plan_cases
@@ -378,3 +385,227 @@ def test_study_tree_with_three_patients(tiny_package, tmp_path, caplog):
     assert sorted((s["case"], s["skipped"] is None) for s in info["series"]) == [
         ("P001_20240131_s3", True), ("P002_20240202_s2", True), ("P_003_x_20230101_s1", False),
         ("P_003_x_20230101_s5", True), ("P_003_x_20230101_s7", False)]
+
+
+# ------------------------------------------------------------------------------------ full disk: all or nothing
+
+
+def _disk_full_for(monkeypatch, name: str) -> None:
+    """Make writing ``name`` fail as a full disk does: the fsync of its temporary file raises ENOSPC."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(pocketseg.atomic.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("full", ["patient1.nii.gz", "patient1.statistics.json"])
+def test_a_full_disk_leaves_no_file_of_the_case_and_one_line(tiny_package, cases, tmp_path, monkeypatch, capsys,
+                                                              full):
+    out = tmp_path / "outs"
+    out.mkdir()
+    _disk_full_for(monkeypatch, full)
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out / "patient1.nii.gz", "-m", tiny_package,
+                "--statistics") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pocketseg: error: {out / full}: cannot be written: No space left on device"]
+    assert list(out.iterdir()) == []  # no label map, no statistics without it, no temporary file
+    monkeypatch.undo()  # space freed: the same command now simply works
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out / "patient1.nii.gz", "-m", tiny_package,
+                "--statistics") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["patient1.nii.gz", "patient1.statistics.json"]
+
+
+def test_a_full_disk_in_folder_mode_fails_that_case_only(tiny_package, cases, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _disk_full_for(monkeypatch, "B.nii.gz")
+    assert _run("-i", cases, "-o", out, "-m", tiny_package, "--statistics") == 2
+    err = capsys.readouterr().err
+    assert "1 case(s) failed (1 written)" in err and f"{out / 'B.nii.gz'}: cannot be written: No space left" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "A.statistics.json"]  # B's staged files gone
+    monkeypatch.undo()
+    assert _run("-i", cases, "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "A.statistics.json", "B.nii.gz",
+                                                     "B.statistics.json"]
+
+
+def test_a_rerun_after_an_interruption_says_how_to_go_on(tiny_package, cases, tmp_path, capsys):
+    out = tmp_path / "patient1.nii.gz"
+    (tmp_path / "patient1.statistics.json").write_text("{}")  # left without its label map (an older version)
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--statistics") == 2
+    err = capsys.readouterr().err
+    assert "patient1.statistics.json: already exists without the label map patient1.nii.gz" in err
+    assert "--continue finishes the case" in err
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
+    assert json.loads((tmp_path / "patient1.statistics.json").read_text())["case"] == "A"
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--statistics") == 2
+    err = capsys.readouterr().err
+    assert "the case is finished: patient1.statistics.json, patient1.nii.gz" in err
+    assert "--continue skips finished cases, --overwrite replaces them" in err
+
+
+# ------------------------------------------------------------------------------------------------ memory limit
+
+
+def test_a_header_with_huge_voxels_is_refused_before_allocating(tiny_package, tmp_path, capsys):
+    ph = make_phantom(0, small=True, slices=16)
+    scan = tmp_path / "huge.nii.gz"
+    write_nifti(ph.image, scan, affine=np.diag([1000.0, 1000.0, 1000.0, 1.0]))  # 1 m voxels: a 128 m body
+    out = tmp_path / "out.nii.gz"
+    assert _run("-i", scan, "-o", out, "-m", tiny_package) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pocketseg: error: {scan}: voxel spacing 1000 x 1000 x 1000 mm")
+    assert "GiB, above the limit of" in err[0] and "of this machine's" in err[0] and "--max-memory" in err[0]
+    assert not out.exists()
+
+
+def test_max_memory_sets_the_limit(tiny_package, cases, tmp_path, capsys):
+    out = tmp_path / "A.nii.gz"
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--max-memory", "1MiB") == 2
+    err = capsys.readouterr().err
+    assert "A_0000.nii.gz: voxel spacing" in err and "above the limit of 1.0 MiB (--max-memory)" in err
+    assert not out.exists()
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--max-memory", "8GiB") == 0
+    assert _run("-i", cases / "A_0000.nii.gz", "-o", out, "-m", tiny_package, "--max-memory", "lots") == 2
+    assert "--max-memory (max_memory= from Python) must be a size" in capsys.readouterr().err
+    with pytest.raises(pocketseg.errors.InputError, match="above the limit"):
+        pocketseg.segment(cases / "A_0000.nii.gz", tiny_package, max_memory=2**20)
+
+
+# ------------------------------------------------------------------------------------ several runs, one folder
+
+
+def _predict_processes(n: int, src: Path, out: Path, package: Path, *extra: str) -> list[subprocess.CompletedProcess]:
+    """``n`` predict processes started together on one output folder; their results."""
+    env = dict(os.environ, PYTHONPATH=str(Path(pocketseg.__file__).resolve().parents[1]),
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "pocketseg", "predict", "-i", str(src), "-o", str(out), "-m", str(package),
+               "--threads", "1", *extra]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(n)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr))
+    return results
+
+
+@pytest.fixture(scope="module")
+def five_cases(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("five")
+    for k in range(5):
+        _write_case(folder / f"c{k}_0000.nii.gz", k, slices=8)
+    return folder
+
+
+@pytest.mark.parametrize("runs,extra", [(2, ()), (3, ("--continue",))])
+def test_concurrent_runs_share_a_folder_and_write_every_case_once(tiny_package, five_cases, tmp_path, runs, extra):
+    out = tmp_path / "out"
+    results = _predict_processes(runs, five_cases, out, tiny_package, *extra)
+    for r in results:
+        assert r.returncode == 0, r.stderr
+        assert "failed" not in r.stderr.replace("0 failed", "")
+    computed = [line for r in results for line in r.stdout.splitlines()]  # each run prints what it wrote
+    expected = sorted(str(out / f"c{k}.nii.gz") for k in range(5))
+    assert sorted(computed) == expected  # every case once: none twice, none missing
+    assert sorted(p.name for p in out.iterdir()) == [f"c{k}.nii.gz" for k in range(5)]  # no lock file left
+    for r in results:  # the summary of each run accounts for every case
+        summary = [line for line in r.stderr.splitlines() if "case(s) written by this run" in line]
+        assert len(summary) == 1
+        mine = len(r.stdout.splitlines())
+        assert f"{mine} case(s) written by this run, {5 - mine} done by another run, 0 failed" in summary[0]
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tiny_package, cases, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    (out / "A.lock").write_text(json.dumps({"pid": killed.pid, "host": socket.gethostname(),
+                                            "started": time.time() - 5}))
+    with caplog.at_level("WARNING"):
+        assert main(["predict", "-i", str(cases), "-o", str(out), "-m", str(tiny_package)]) == 0
+    assert any(f"took over the lock of pid {killed.pid}" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz"]
+
+
+def test_folder_mode_stops_on_ctrl_c_without_partial_files_and_continue_finishes(tiny_package, cases, tmp_path,
+                                                                                 monkeypatch):
+    import pocketseg.runtime.predict as P
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(cases, src)
+    for seed, case in ((2, "C"), (3, "D"), (4, "E")):
+        _write_case(src / f"{case}_0000.nii.gz", seed)
+
+    class CtrlCAfterTheFirstCase(P.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "tqdm", CtrlCAfterTheFirstCase)
+    with pytest.raises(KeyboardInterrupt):
+        P.predict(src, out, tiny_package, statistics=True, progress=False)
+    monkeypatch.undo()
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")]  # no temporary file left
+    done = [n[: -len(".nii.gz")] for n in names if n.endswith(".nii.gz")]
+    assert 1 <= len(done) < 5  # the run stopped: the cases not yet at the network gave up
+    assert all(f"{case}.statistics.json" in names for case in done)
+    assert _run("-i", src, "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in "ABCDE"]
+
+
+# ---------------------------------------------------------------- DICOM outputs among a case's staged files
+
+
+def test_dicom_outputs_of_a_study_tree_are_staged_with_the_case(tiny_package, tmp_path, monkeypatch, capsys):
+    tree = tmp_path / "export"
+    _dicom_phantom(tree / "P001" / "study" / "ct", patient_id="P001", series_number=3)
+    _dicom_phantom(tree / "P002" / "study" / "ct", patient_id="P002", study_date="20240202", series_number=2)
+    out = tmp_path / "out"
+    types = ("--output-type", "dicom-seg", "--output-type", "dicom-rtstruct")
+    # The SEG of the first case hits a full disk: none of that case's files, the other case whole, no lock left.
+    _disk_full_for(monkeypatch, "P001_20240131_s3.seg.dcm")
+    assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check", "--statistics", *types) == 2
+    err = capsys.readouterr().err
+    assert "1 case(s) failed (1 written)" in err
+    assert f"{out / 'P001_20240131_s3.seg.dcm'}: cannot be written: No space left" in err
+    assert sorted(p.name for p in out.iterdir()) == ["P002_20240202_s2.rtstruct.dcm", "P002_20240202_s2.seg.dcm",
+                                                     "P002_20240202_s2.statistics.json"]
+    monkeypatch.undo()
+    # Without a label map the RT Structure Set (published last) marks a case finished: --continue redoes only P001.
+    finished = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check", "--statistics", *types,
+                "--continue") == 0
+    written = [Path(line).name for line in capsys.readouterr().out.splitlines()]
+    assert written == ["P001_20240131_s3.seg.dcm", "P001_20240131_s3.rtstruct.dcm"]
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{case}{end}" for case in ("P001_20240131_s3", "P002_20240202_s2")
+         for end in (".rtstruct.dcm", ".seg.dcm", ".statistics.json")])
+    # A rerun without options names the finished case's files and how to go on.
+    assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check", "--statistics", *types) == 2
+    assert "--continue skips finished cases" in capsys.readouterr().err
+
+
+def test_an_interrupted_dicom_case_is_finished_by_continue(tiny_package, tmp_path, capsys):
+    ph = _dicom_phantom(tmp_path / "series")
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "series.seg.dcm").write_bytes(b"left by an interrupted run")  # without its label map
+    args = ("-i", ph.folder, "-o", out, "-m", tiny_package, "--no-intensity-check", "--output-type", "nifti",
+            "--output-type", "dicom-seg")
+    assert _run(*args) == 2
+    err = capsys.readouterr().err
+    assert "series.seg.dcm: already exists without the label map series.nii.gz" in err
+    assert _run(*args, "--continue") == 0
+    import pydicom
+
+    assert pydicom.dcmread(out / "series.seg.dcm").Modality == "SEG"
+    assert sorted(p.name for p in out.iterdir()) == ["series.nii.gz", "series.seg.dcm"]

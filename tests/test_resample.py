@@ -117,6 +117,26 @@ def test_downsample_then_upsample_reconstructs_smooth_volume(backend: SimpleName
     assert np.abs(up - image).mean() < 0.02
 
 
+def test_cubic_axis_by_axis_with_normalisation_on_the_way_matches_the_3d_spline(backend: SimpleNamespace) -> None:
+    """The cubic path resamples one axis after the other over chunks of slices, normalising raw int16 chunks on
+    the way; it must equal SciPy's 3D spline of the normalised volume (float64), clipped to its range."""
+    rng = np.random.default_rng(3)
+    raw = rng.integers(-1100, 1600, size=(41, 23, 50)).astype(np.int16)  # more slices than a chunk
+
+    def prepare(a):
+        a = backend.xp.clip(backend.xp.asarray(a, dtype=backend.xp.float32), -900, 1200)
+        return (a - 40) / 300
+
+    new_shape = (13, 23, 71)  # shrink, keep, grow
+    normalised = (np.clip(raw.astype(np.float64), -900, 1200) - 40) / 300
+    expected = scipy.ndimage.zoom(normalised, [n / o for n, o in zip(new_shape, raw.shape)], order=3, mode="nearest",
+                                  grid_mode=True)
+    expected = np.clip(expected, normalised.min(), normalised.max())
+    out = resample_image(backend.xp.asarray(raw), new_shape, order=3, prepare=prepare, am=backend.am)
+    assert out.dtype == np.float32 and tuple(out.shape) == new_shape
+    np.testing.assert_allclose(backend.to_np(out), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("order", [0, 1, 3])
 def test_matches_scipy_zoom_grid_mode(backend: SimpleNamespace, order: int) -> None:
     """skimage.resize / nnU-Net alignment is zoom(grid_mode=True, mode='nearest')."""

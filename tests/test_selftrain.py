@@ -173,7 +173,8 @@ def test_cli_flags_are_keywords_of_selftrain():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rounds=1), "rounds"), (dict(threshold=0.0), "threshold"), (dict(holdout=1.0), "holdout"),
     (dict(shard="2/2"), "shard"), (dict(preset="roi-tiny"), "detail"), (dict(epochs=0), "epochs"),
-    (dict(device="tpu"), "device"),
+    (dict(device="tpu"), "device"), (dict(ray="local", shard="0/2"), "--ray and --shard"),
+    (dict(cpus_per_worker=2), "only with --ray"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, kwargs, match):
     from pocketseg.trainer.selftrain import selftrain
@@ -244,6 +245,35 @@ def test_helper_labels_each_round_once_its_model_exists(tmp_path, monkeypatch):
         helper.marker(step).write_text("{}")
     helper.run_helper()
     assert calls == [("round2", ["B"])]
+
+
+def test_pseudo_labels_on_a_local_ray_cluster_equal_one_process(tiny_package, tmp_path):
+    """The Ray path of a round's pseudo labelling: a local cluster started and stopped for the call, the same
+    label maps as one process with the workers' engine settings (one thread), and a results table."""
+    pytest.importorskip("ray", reason="ray (extra 'ray') is not installed")
+    from pocketseg.nifti import read_nifti, write_nifti
+    from pocketseg.runtime.predict import predict
+    from pocketseg.synth.phantom import make_phantom
+    from pocketseg.trainer.selftrain import LabelJob, pseudo_label_cases
+
+    images = tmp_path / "images"
+    images.mkdir()
+    jobs = []
+    for seed, case in enumerate(("U1", "U2", "U3")):
+        ph = make_phantom(seed, small=True, slices=16)
+        write_nifti(ph.image, images / f"{case}_0000.nii.gz", affine=ph.affine)
+        jobs.append(LabelJob(case, images / f"{case}_0000.nii.gz", tmp_path / "round1" / "pseudo" / f"{case}.nii.gz"))
+    jobs[2].output.parent.mkdir(parents=True)
+    jobs[2].output.write_bytes(b"labelled earlier")  # skipped, as a resumed round skips it
+    assert pseudo_label_cases(tiny_package, jobs, device="cpu", ray="local", cpus_per_worker=1) == 2
+    assert jobs[2].output.read_bytes() == b"labelled earlier"
+    predict(images, tmp_path / "one", tiny_package, device="cpu", threads=1, progress=False)
+    for job in jobs[:2]:
+        np.testing.assert_array_equal(np.asarray(read_nifti(job.output).data),
+                                      np.asarray(read_nifti(tmp_path / "one" / f"{job.case}.nii.gz").data))
+    rows = [json.loads(line) for line in (tmp_path / "round1" / "pseudo-run.jsonl").read_text().splitlines()]
+    assert sorted((r["case"], r["status"]) for r in rows) == [("U1", "written"), ("U2", "written")]
+    assert sorted(p.name for p in (tmp_path / "round1" / "pseudo").iterdir()) == ["U1.nii.gz", "U2.nii.gz", "U3.nii.gz"]
 
 
 # ------------------------------------------------------------------------------ end to end on tiny data

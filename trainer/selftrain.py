@@ -51,6 +51,12 @@ number of cases, and a killed shard resumes where it stopped. E.g. on a 4-GPU ma
 
 (across machines the work folder must be on a shared filesystem). Training runs in the shard-0
 process on one device.
+
+On a Ray cluster, ``ray`` (``--ray [ADDRESS]``) is the simpler way, and the recommended one: one process
+runs the schedule and hands each round's pseudo labelling to the workers of
+:mod:`pocketseg.runtime.distributed` (one per GPU, or per ``cpus_per_worker`` cores), the same path as
+``pocketseg predict --ray``: a worker that dies is replaced and its cases are retried; each round's
+results table is ``round<r>/pseudo-run.jsonl``. It does not combine with shards.
 """
 
 from __future__ import annotations
@@ -81,6 +87,8 @@ from pocketseg.imageio import load_volume
 from pocketseg.layout import IMAGES_TR, LABELS_TR, image_name, label_name
 from pocketseg.nifti import read_nifti, write_labels
 from pocketseg.runtime.cascade import CascadePredictor
+from pocketseg.runtime.distributed import run_cases
+from pocketseg.runtime.predict import CaseJob, CaseOptions
 from pocketseg.trainer import checkpoint as ckpt
 from pocketseg.trainer import pseudo as P
 from pocketseg.trainer.dataset import open_dataset, validate_cases
@@ -155,16 +163,28 @@ class LabelJob:
     output: Path
 
 
-def pseudo_label_cases(model: Path, jobs: list[LabelJob], *, device: str = "auto", progress: bool = False) -> int:
+def pseudo_label_cases(model: Path, jobs: list[LabelJob], *, device: str = "auto", progress: bool = False,
+                       ray: str | None = None, cpus_per_worker: int | None = None) -> int:
     """Label each job's image with the cascade and write its label map atomically; returns how many were written.
 
     Cases whose output exists are skipped (a killed run resumes). One scan is read ahead while the
     current one is labelled, so at most two scans and one label map are in memory at any time.
+    With ``ray`` (an address as ``predict --ray`` takes it) the cases run on the workers of a Ray cluster
+    instead; the results table is ``pseudo-run.jsonl`` beside the pseudo-label folder.
     """
     todo = [job for job in jobs if not job.output.is_file()]
     if not todo:
         return 0
     ensure_dir(todo[0].output.parent, "pseudo-label folder")
+    if ray is not None:
+        folder = todo[0].output.parent
+        summary = run_cases(model, [CaseJob(job.case, job.image, job.output) for job in todo],
+                            folder.with_name(folder.name + "-run.jsonl"), ray=ray, cpus_per_worker=cpus_per_worker,
+                            options=CaseOptions(resume=True), device=device, progress=progress)
+        if summary.failures:
+            raise PocketsegError(f"pseudo labels of {len(summary.failures)} case(s) failed: "
+                                 + "; ".join(f"{case}: {why}" for case, why in summary.failures))
+        return len(summary.written)
     predictor = CascadePredictor(model, device=device)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
@@ -208,8 +228,11 @@ class SelfTraining:
     """The self-training schedule over one work folder (see the module docstring); ``run()`` does what is left."""
 
     def __init__(self, settings: Settings, work: Path, *, device: str = "auto", workers: int | None = None,
-                 cache: str | os.PathLike | None = None, shard: tuple[int, int] = (0, 1), progress: bool = True):
+                 cache: str | os.PathLike | None = None, shard: tuple[int, int] = (0, 1), progress: bool = True,
+                 ray: str | None = None, cpus_per_worker: int | None = None):
         self.settings = settings
+        self.ray = ray
+        self.cpus_per_worker = cpus_per_worker
         self.work = work
         self.device = device
         self.workers = workers
@@ -413,8 +436,9 @@ class SelfTraining:
 
     def label_share(self, round_: int) -> int:
         jobs = self.my_share(self.label_jobs(round_))
+        on_ray = {} if self.ray is None else {"ray": self.ray, "cpus_per_worker": self.cpus_per_worker}
         return pseudo_label_cases(self.work / f"round{round_}" / "model", jobs, device=self.device,
-                                  progress=self.progress)
+                                  progress=self.progress, **on_ray)
 
     def step_pseudo(self, head: str) -> None:
         round_ = int(head[len("round"):])
@@ -545,6 +569,8 @@ def selftrain(
     workers: int | None = None,
     cache: str | os.PathLike | None = None,
     shard: str = "0/1",
+    ray: str | None = None,
+    cpus_per_worker: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Run (or continue) semi-supervised self-training in ``work``; returns the work folder.
@@ -557,6 +583,8 @@ def selftrain(
     the fully labelled cases kept out of every training and scored after every round. ``epochs``,
     ``iterations``, ``batch_size`` and ``seed`` apply to every training (ROI net and each round).
     ``cache``: preprocessing cache (default ``work/cache``). ``shard``: see the module docstring.
+    ``ray``: pseudo-label on a Ray cluster (``local``, ``auto`` or an address, as ``predict --ray``) with workers
+    of ``cpus_per_worker`` cores where there is no GPU; replaces ``shard``.
     """
     for name, value, low in (("rounds", rounds, 2), ("epochs", epochs, 1), ("iterations", iterations, 1),
                              ("batch_size", batch_size, 1)):
@@ -571,6 +599,10 @@ def selftrain(
     get_preset(preset, "detail")
     get_preset(roi_preset, "roi")
     shard_ix = parse_shard(shard)
+    if ray is not None and shard_ix != (0, 1):
+        raise InputError(None, f"--ray and --shard {shard}: Ray spreads the pseudo labelling itself; give one of them")
+    if cpus_per_worker is not None and ray is None:
+        raise InputError(None, "--cpus-per-worker: only with --ray")
     data_root = Path(dataset)
     if not (data_root / "dataset.json").is_file():
         raise InputError(data_root / "dataset.json", "not found (expected an nnU-Net v2 raw data set folder)")
@@ -585,7 +617,7 @@ def selftrain(
     if work_dir.exists() and not work_dir.is_dir():
         raise OutputError(work_dir, "exists and is not a folder")
     st = SelfTraining(settings, work_dir, device=device, workers=workers, cache=cache, shard=shard_ix,
-                      progress=progress)
+                      progress=progress, ray=ray, cpus_per_worker=cpus_per_worker)
     if shard_ix[0] > 0:
         _wait_until(lambda: (work_dir / SETTINGS_NAME).is_file(),
                     lambda: f"{work_dir / SETTINGS_NAME} (start --shard 0/{shard_ix[1]} first)")
