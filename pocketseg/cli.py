@@ -52,6 +52,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info = volume_info(**_kwargs(args))
     if args.json:
         print(json.dumps(info))
+    elif "series" in info:
+        print(f"{info['path']}: DICOM study tree, {len(info['series'])} image series")
+        for s in info["series"]:
+            what = f"skipped: {s['skipped']}" if s["skipped"] else f"case {s['case']}"
+            print(f"  {s['folder']}  series {s['series_number']}  {s['modality'] or '?'}  "
+                  f"{s['description'] or '(no description)'!r}  {s['n_files']} file(s)  {what}")
     else:
         sp = " x ".join(f"{s:g}" for s in info["spacing_mm"])
         print(f"{info['path']}\n  shape        {' x '.join(map(str, info['shape']))} (i, j, k)\n"

@@ -21,6 +21,7 @@ __all__ = ["build_parser", "cli_reference", "subcommand_parser"]
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+OUTPUT_TYPE_CHOICES = ("nifti", "dicom-seg", "dicom-rtstruct")
 
 
 def _positive_int(text: str) -> int:
@@ -80,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="cases synthesized in parallel processes [1]")
 
     p = sub.add_parser("info", help="show geometry and intensity range of a NIfTI file or DICOM series",
-                       description="Print shape, spacing (mm), orientation codes, dtype and intensity range.")
-    p.add_argument("path", metavar="PATH", help=".nii/.nii.gz file or DICOM series folder")
+                       description="Print shape, spacing (mm), orientation codes, dtype and intensity range; for a "
+                                   "DICOM study tree (patients/studies/series folders) list its series and the case "
+                                   "each CT series becomes in predict.")
+    p.add_argument("path", metavar="PATH", help=".nii/.nii.gz file, DICOM series folder or DICOM study tree")
     p.add_argument("--series-uid", dest="series_uid", default=None,
                    help="SeriesInstanceUID to read when a DICOM folder holds several series")
     p.add_argument("--json", action="store_true", help="print JSON with keys shape, spacing_mm, orientation, dtype, min, max")
@@ -193,10 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment CT scans with a model package (NIfTI file, DICOM series or folder)",
                        description="Segment the 13 FLARE organs and tumors: ROI net, crop, detail net, largest "
-                                   "component per organ. INPUT is a .nii/.nii.gz file, a DICOM series folder or a folder "
-                                   "of NIfTI files (then OUTPUT is a folder; CASE_0000.nii.gz -> CASE.nii.gz). With "
-                                   "--ray the cases run on the workers of a Ray cluster, surviving worker loss.")
-    p.add_argument("-i", "--input", required=True, help="NIfTI file, DICOM series folder, or folder of NIfTI files")
+                                   "component per organ. INPUT is a .nii/.nii.gz file, a DICOM series folder, a folder "
+                                   "of NIfTI files (then OUTPUT is a folder; CASE_0000.nii.gz -> CASE.nii.gz) or a DICOM "
+                                   "study tree: patients/studies/series folders at any depth, one case per CT series "
+                                   "(PATIENT_DATE_sSERIES.nii.gz; localizers and other modalities are skipped). With --ray "
+                                   "the cases run on the workers of a Ray cluster, surviving worker loss.")
+    p.add_argument("-i", "--input", required=True,
+                   help="NIfTI file, DICOM series folder, folder of NIfTI files, or DICOM study tree")
     p.add_argument("-o", "--output", required=True,
                    help="label file (.nii.gz) for one scan, or a folder (one CASE.nii.gz per scan)")
     p.add_argument("-m", "--model", required=True, help="model package folder (pocketseg export)")
@@ -223,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-intensity-check", dest="check_intensities", action="store_false",
                    help="run even on images that do not look like CT in HU (constant, no air)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of ONNX Runtime [all cores]")
+    p.add_argument("--output-type", dest="output_type", action="append", choices=OUTPUT_TYPE_CHOICES, default=None,
+                   help="what to write per case; repeat for several: nifti (NAME.nii.gz), dicom-seg (NAME.seg.dcm, "
+                        "DICOM SEG), dicom-rtstruct (NAME.rtstruct.dcm, RT Structure Set); the DICOM ones need DICOM "
+                        "input or --dicom-reference [nifti]")
+    p.add_argument("--dicom-reference", dest="dicom_reference", default=None, metavar="DIR",
+                   help="for a NIfTI input: the DICOM series folder it was converted from; DICOM outputs reference it "
+                        "(its grid must be the NIfTI's)")
     p.add_argument("--max-memory", dest="max_memory", default=None, metavar="SIZE",
                    help="refuse a scan whose resampled grids and label buffers would need more memory than SIZE "
                         "(8GiB, 512MiB, 16GB), estimated from its header before anything is allocated "

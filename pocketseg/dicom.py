@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -87,6 +89,10 @@ class _Header:
     slice_thickness: float | None
     n_frames: int
     samples_per_pixel: int
+    image_type: tuple[str, ...] = ()
+    patient_id: str = ""
+    study_date: str = ""
+    series_number: int | None = None
 
 
 def _import_pydicom() -> tuple[ModuleType, type[Exception]]:
@@ -152,43 +158,53 @@ def _scan_headers(folder: Path) -> list[_Header]:
     except OSError as exc:
         raise InputError(folder, f"cannot be listed ({exc.strerror or exc})") from None
 
-    headers = []
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except invalid_dicom_error:
-            log.debug("skipping %s: not a DICOM file", path)
-            continue
-        except Exception as exc:  # truncated or malformed: any parser error
-            log.warning("skipping %s: unreadable DICOM header (%s)", path, exc)
-            continue
-        meta = getattr(ds, "file_meta", None)
-        sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
-        if sop_class == _DICOMDIR_SOP_CLASS:
-            log.debug("skipping %s: DICOMDIR index file", path)
-            continue
-        rows, columns = _int_or_none(ds, "Rows"), _int_or_none(ds, "Columns")
-        if not rows or not columns:
-            # No Image Pixel module: structured report, RT structure set, presentation state, ...
-            log.debug("skipping %s: DICOM file without an image (no Rows/Columns)", path)
-            continue
-        headers.append(
-            _Header(
-                path=path,
-                series_uid=str(ds.get("SeriesInstanceUID", "") or "").strip(),
-                description=str(ds.get("SeriesDescription", "") or "").strip(),
-                modality=str(ds.get("Modality", "") or "").strip(),
-                rows=rows,
-                columns=columns,
-                position=_floats(ds, "ImagePositionPatient"),
-                orientation=_floats(ds, "ImageOrientationPatient"),
-                pixel_spacing=_floats(ds, "PixelSpacing"),
-                slice_thickness=_float_or_none(ds, "SliceThickness"),
-                n_frames=_int_or_none(ds, "NumberOfFrames") or 1,
-                samples_per_pixel=_int_or_none(ds, "SamplesPerPixel") or 1,
-            )
-        )
-    return headers
+    return [h for h in (_read_header(path, pydicom, invalid_dicom_error) for path in files) if h is not None]
+
+
+def _text(ds: Any, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+def _read_header(path: Path, pydicom: ModuleType, invalid_dicom_error: type[Exception]) -> _Header | None:
+    """One file's header (no pixel data), or None for a file that is not a DICOM image (logged)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except invalid_dicom_error:
+        log.debug("skipping %s: not a DICOM file", path)
+        return None
+    except Exception as exc:  # truncated or malformed: any parser error
+        log.warning("skipping %s: unreadable DICOM header (%s)", path, exc)
+        return None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
+    if sop_class == _DICOMDIR_SOP_CLASS:
+        log.debug("skipping %s: DICOMDIR index file", path)
+        return None
+    rows, columns = _int_or_none(ds, "Rows"), _int_or_none(ds, "Columns")
+    if not rows or not columns:
+        # No Image Pixel module: structured report, RT structure set, presentation state, ...
+        log.debug("skipping %s: DICOM file without an image (no Rows/Columns)", path)
+        return None
+    image_type = ds.get("ImageType") or ()
+    image_type = (image_type,) if isinstance(image_type, str) else tuple(str(v) for v in image_type)
+    return _Header(
+        path=path,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        description=_text(ds, "SeriesDescription"),
+        modality=_text(ds, "Modality"),
+        rows=rows,
+        columns=columns,
+        position=_floats(ds, "ImagePositionPatient"),
+        orientation=_floats(ds, "ImageOrientationPatient"),
+        pixel_spacing=_floats(ds, "PixelSpacing"),
+        slice_thickness=_float_or_none(ds, "SliceThickness"),
+        n_frames=_int_or_none(ds, "NumberOfFrames") or 1,
+        samples_per_pixel=_int_or_none(ds, "SamplesPerPixel") or 1,
+        image_type=tuple(v.strip().upper() for v in image_type),
+        patient_id=_text(ds, "PatientID"),
+        study_date=_text(ds, "StudyDate"),
+        series_number=_int_or_none(ds, "SeriesNumber"),
+    )
 
 
 def _group(headers: Sequence[_Header]) -> dict[str, list[_Header]]:
@@ -236,7 +252,8 @@ def _no_series(folder: Path) -> str:
     subfolders = sorted(p for p in entries if p.is_dir())
     if subfolders:
         return (f"holds no DICOM image files itself but {len(subfolders)} sub-folder(s) ({subfolders[0].name}"
-                f"{', ...' if len(subfolders) > 1 else ''}): give one series folder (sub-folders are not searched)")
+                f"{', ...' if len(subfolders) > 1 else ''}): give one series folder; `pocketseg predict` and "
+                "`pocketseg info` take such a study tree and search its sub-folders")
     return f"contains no DICOM image files ({len(entries)} file(s), none of them a DICOM image)"
 
 
@@ -467,6 +484,36 @@ def _stack(folder: Path, ordered: Sequence[_Header]) -> np.ndarray:
     return data
 
 
+def _grid(root: Path, members: Sequence[_Header]) -> tuple[list[_Header], np.ndarray]:
+    """The slices in k order (ascending along the normal) and the voxel-to-RAS affine, after every check."""
+    _check_consistent(root, members)
+    ordered, spacing, normal = _order_slices(root, members)
+    row_dir, col_dir = _unit_orientation(root, ordered[0])
+    return ordered, _affine(ordered[0], spacing, normal, row_dir, col_dir)
+
+
+def _volume_from(root: Path, uid: str, members: Sequence[_Header]) -> Volume:
+    ordered, affine = _grid(root, members)
+    first = ordered[0]
+    modality = first.modality
+    if modality.upper() != "CT":
+        log.warning("%s: series %s has modality %r, not CT; reading it anyway (intensities may not be HU)",
+                    root, uid or "(no SeriesInstanceUID)", modality or "unknown")
+    data = _stack(root, ordered)
+    log.debug("read DICOM series %s from %s: shape %s dtype %s", uid or "(no uid)", root, data.shape, data.dtype)
+    meta = {
+        "series_uid": uid,
+        "series_description": first.description,
+        "modality": modality,
+        "slice_thickness": first.slice_thickness,
+        "n_files": len(ordered),
+        "source": root,
+        # The slice files in k order: the DICOM output writers reference them (runtime.dicom_seg, runtime.rtstruct).
+        "files": tuple(h.path for h in ordered),
+    }
+    return Volume(data=data, affine=affine, source=root, meta=meta)
+
+
 def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = None) -> Volume:
     """Read one DICOM series from ``folder`` (not recursive) as a volume in HU.
 
@@ -475,29 +522,185 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
     one (see :func:`list_series`). Raises :class:`InputError` naming the folder
     when there is no image, the choice is ambiguous or the slices do not form a
     regular 3D grid, and :class:`MissingDependencyError` without pydicom.
+    ``meta["files"]`` holds the slice files in k order.
     """
     root = Path(folder)
-    headers = _scan_headers(root)
-    uid, members = _choose_series(root, headers, series_uid)
-    _check_consistent(root, members)
-    ordered, spacing, normal = _order_slices(root, members)
-    first = ordered[0]
-    row_dir, col_dir = _unit_orientation(root, first)
-    affine = _affine(first, spacing, normal, row_dir, col_dir)
+    uid, members = _choose_series(root, _scan_headers(root), series_uid)
+    return _volume_from(root, uid, members)
 
-    modality = first.modality
-    if modality.upper() != "CT":
-        log.warning("%s: series %s has modality %r, not CT; reading it anyway (intensities may not be HU)",
-                    root, uid or "(no SeriesInstanceUID)", modality or "unknown")
-    data = _stack(root, ordered)
-    log.debug("read DICOM series %s from %s: shape %s dtype %s spacing %.4g mm",
-              uid or "(no uid)", root, data.shape, data.dtype, spacing)
-    meta = {
-        "series_uid": uid,
-        "series_description": first.description,
-        "modality": modality,
-        "slice_thickness": first.slice_thickness,
-        "n_files": len(ordered),
-        "source": root,
-    }
-    return Volume(data=data, affine=affine, source=root, meta=meta)
+
+@dataclass(frozen=True)
+class SeriesGrid:
+    """Where a DICOM series' voxels are, read from its headers only: what a NIfTI grid is checked against."""
+
+    folder: Path
+    uid: str
+    files: tuple[Path, ...]  # in k order
+    shape: tuple[int, int, int]  # (columns, rows, slices), the (i, j, k) of read_dicom_series
+    affine: np.ndarray  # voxel -> RAS+ mm
+
+
+def read_series_grid(folder: str | os.PathLike, *, series_uid: str | None = None) -> SeriesGrid:
+    """The grid of the series :func:`read_dicom_series` would read, without reading pixel data."""
+    root = Path(folder)
+    uid, members = _choose_series(root, _scan_headers(root), series_uid)
+    ordered, affine = _grid(root, members)
+    first = ordered[0]
+    shape = (int(first.columns or 0), int(first.rows or 0), len(ordered))
+    return SeriesGrid(root, uid, tuple(h.path for h in ordered), shape, affine)
+
+
+# ----------------------------------------------------------------------------------------------- study trees
+
+#: Header reads in flight while a study tree is scanned: the reads wait on the disk or network share more
+#: than on Python, so a few threads overlap them.
+SCAN_THREADS = 8
+
+
+@dataclass(frozen=True)
+class TreeSeries:
+    """One image series found in a study tree, and why it is skipped (None: a CT series to segment)."""
+
+    case: str  # patient, study date and series number, safe as a file name; unique within the tree
+    uid: str
+    folder: Path  # the folder holding its files (the deepest common one)
+    description: str
+    modality: str
+    patient_id: str
+    study_date: str
+    series_number: int | None
+    n_files: int
+    skipped: str | None
+    headers: tuple[_Header, ...] = field(repr=False, default=())
+
+
+def _all_files(root: Path) -> list[Path]:
+    """Every non-hidden file under ``root`` (links to folders not followed), DICOMDIR excluded."""
+    found = []
+    for folder, dirs, names in os.walk(root, onerror=lambda exc: log.warning("cannot list %s: %s", exc.filename,
+                                                                              exc.strerror or exc)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            found.append(Path(folder) / name)
+    return found
+
+
+def is_study_tree(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds no DICOM image itself but sub-folders (a PACS export of patients/studies/series)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return False
+    subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return bool(subfolders) and not _scan_headers(root)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe(text: str, fallback: str) -> str:
+    """``text`` as a file-name part: letters, digits, ``.``, ``_`` and ``-`` only; never empty or hidden."""
+    cleaned = _UNSAFE.sub("_", text).strip("._-")
+    return cleaned[:64] or fallback
+
+
+def _skip_reason(members: Sequence[_Header]) -> str | None:
+    modalities = sorted({h.modality.upper() or "?" for h in members})
+    if modalities != ["CT"]:
+        return f"modality {'/'.join(modalities)}, not CT"
+    if any("LOCALIZER" in h.image_type for h in members):
+        return "localizer (ImageType LOCALIZER)"
+    return None
+
+
+def scan_study_tree(folder: str | os.PathLike, *, threads: int = SCAN_THREADS) -> list[TreeSeries]:
+    """Every image series under ``folder`` (any depth), headers only, read by a pool of threads.
+
+    Files are grouped by SeriesInstanceUID (by folder where the UID is blank, as after some anonymisers).
+    Non-CT series and localizers are returned with the reason they are skipped. Case names are built from
+    patient ID, study date and series number (``P001_20240131_s3``), made safe for file names and unique.
+    """
+    root = Path(folder)
+    pydicom, invalid_dicom_error = _import_pydicom()
+    if not root.is_dir():
+        raise InputError(root, "is not a folder")
+    files = _all_files(root)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="dicom-scan") as pool:
+        headers = [h for h in pool.map(lambda f: _read_header(f, pydicom, invalid_dicom_error), files)
+                   if h is not None]
+    groups: dict[tuple[str, str], list[_Header]] = {}
+    for header in headers:
+        key = (header.series_uid, "" if header.series_uid else str(header.path.parent))
+        groups.setdefault(key, []).append(header)
+    found = []
+    for (uid, _), members in sorted(groups.items()):
+        first = members[0]
+        number = first.series_number
+        base = "_".join((_safe(first.patient_id, "anonymous"), _safe(first.study_date, "nodate"),
+                         f"s{number}" if number is not None else _safe(uid[-12:], "series")))
+        common = Path(os.path.commonpath([str(h.path.parent) for h in members]))
+        found.append(TreeSeries(base, uid, common, first.description, first.modality, first.patient_id,
+                                first.study_date, number, len(members), _skip_reason(members), tuple(members)))
+    # Two series with the same patient, date and number (re-exports, blank tags) get _2, _3 ... in scan order.
+    seen: dict[str, int] = {}
+    unique = []
+    for series in found:
+        n = seen[series.case] = seen.get(series.case, 0) + 1
+        unique.append(series if n == 1 else replace(series, case=f"{series.case}_{n}"))
+    return unique
+
+
+def read_tree_series(series: TreeSeries) -> Volume:
+    """The volume of one series of :func:`scan_study_tree` (same checks and meta as :func:`read_dicom_series`)."""
+    return _volume_from(series.folder, series.uid, series.headers)
+
+
+# ------------------------------------------------------------------------------------- sources of DICOM outputs
+
+
+def source_datasets(files: Sequence[Path]) -> list[Any]:
+    """The headers of a series' slices (no pixel data), in the given order, ready to be referenced.
+
+    Anonymised exports often blank SOP Class/Instance UID, Study/Series Instance UID and Frame of
+    Reference UID in the data set. The SOP UIDs are then taken from the file meta (Media Storage SOP
+    Class/Instance UID, which name the same instance); missing study, series and frame-of-reference UIDs
+    are generated, the same for every file of the series and derived from its instance UIDs, so the SEG
+    and the RT Structure Set written for it agree, with a warning: a viewer then files the outputs under
+    a new study. A slice without any SOP Instance UID is refused, since nothing could reference it.
+    """
+    pydicom, _ = _import_pydicom()
+    from pydicom.uid import generate_uid  # optional (dicom extra), as pydicom above
+
+    datasets = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise InputError(path, f"cannot be read as DICOM ({exc})") from None
+        meta = getattr(ds, "file_meta", None)
+        for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                      ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            if not _text(ds, keyword):
+                value = str(getattr(meta, meta_keyword, "") or "").strip()
+                if not value:
+                    raise InputError(path, f"has no {keyword} (neither in the data set nor as {meta_keyword} in "
+                                           "the file meta), so a DICOM output cannot reference it")
+                setattr(ds, keyword, value)
+        datasets.append(ds)
+    instances = sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    generated = []
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = {_text(ds, keyword) for ds in datasets}
+        if values == {""}:
+            value = generate_uid(entropy_srcs=[keyword, *instances])
+            for ds in datasets:
+                setattr(ds, keyword, value)
+            generated.append(keyword)
+        elif "" in values or len(values) > 1:
+            raise InputError(Path(files[0]).parent, f"the slices disagree on {keyword} ({len(values)} values, "
+                                                    "some blank): not one series")
+    if generated:
+        log.warning("%s: the series has no %s; generated from its SOP Instance UIDs, so the DICOM outputs belong "
+                    "to a new study in a viewer", Path(files[0]).parent, ", ".join(generated))
+    return datasets

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pocketseg import geometry
-from pocketseg.dicom import read_dicom_series
+from pocketseg.dicom import is_study_tree, read_dicom_series, scan_study_tree
 from pocketseg.errors import InputError
 from pocketseg.layout import is_nifti_path
 from pocketseg.nifti import read_nifti
@@ -44,7 +44,19 @@ def load_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
 
 
 def volume_info(path: str | os.PathLike, *, series_uid: str | None = None) -> dict[str, Any]:
-    """Shape, spacing (mm, i/j/k order), orientation codes, dtype and intensity range of an image."""
+    """Shape, spacing (mm, i/j/k order), orientation codes, dtype and intensity range of an image.
+
+    For a DICOM study tree (a folder of series folders) instead ``{"path", "series": [...]}``: every image
+    series found, with its case name, folder, patient, study date, series number, description, modality,
+    file count and why it is skipped (None for the CT series ``predict`` segments).
+    """
+    if series_uid is None and is_study_tree(path):
+        root = Path(path)
+        rows = [{"case": s.case, "folder": str(s.folder.relative_to(root)) if s.folder != root else ".",
+                 "patient_id": s.patient_id, "study_date": s.study_date, "series_number": s.series_number,
+                 "description": s.description, "modality": s.modality, "n_files": s.n_files,
+                 "series_uid": s.uid, "skipped": s.skipped} for s in scan_study_tree(root)]
+        return {"path": str(path), "series": rows}
     vol = load_volume(path, series_uid=series_uid)
     data = vol.data
     return {

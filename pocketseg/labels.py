@@ -56,6 +56,58 @@ BY_ID = MappingProxyType({lab.id: lab for lab in LABELS})
 BY_NAME = MappingProxyType({lab.name: lab for lab in LABELS})
 
 
+@dataclass(frozen=True)
+class Code:
+    """A coded concept as DICOM writes it: (code value, coding scheme designator, code meaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+#: DICOM segment property categories (CID 7150) and laterality modifiers (CID 244), SNOMED CT.
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+RIGHT = Code("24028007", "SCT", "Right")
+LEFT = Code("7771000", "SCT", "Left")
+
+
+@dataclass(frozen=True)
+class Coding:
+    """How DICOM SEG and RT Structure Set outputs name a label: category, type and its laterality, if any."""
+
+    category: Code
+    type: Code
+    modifier: Code | None = None
+
+
+#: SNOMED CT codes of the FLARE 2023 classes (CID 7166/7151 use the unlateralised organ with a laterality
+#: modifier for paired organs, as DICOM SEG readers such as 3D Slicer and OHIF expect).
+CODINGS: Mapping[str, Coding] = MappingProxyType({
+    "liver": Coding(ANATOMICAL_STRUCTURE, Code("10200004", "SCT", "Liver")),
+    "right_kidney": Coding(ANATOMICAL_STRUCTURE, Code("64033007", "SCT", "Kidney"), RIGHT),
+    "spleen": Coding(ANATOMICAL_STRUCTURE, Code("78961009", "SCT", "Spleen")),
+    "pancreas": Coding(ANATOMICAL_STRUCTURE, Code("15776009", "SCT", "Pancreas")),
+    "aorta": Coding(ANATOMICAL_STRUCTURE, Code("15825003", "SCT", "Aorta")),
+    "inferior_vena_cava": Coding(ANATOMICAL_STRUCTURE, Code("64131007", "SCT", "Inferior vena cava")),
+    "right_adrenal_gland": Coding(ANATOMICAL_STRUCTURE, Code("23451007", "SCT", "Adrenal gland"), RIGHT),
+    "left_adrenal_gland": Coding(ANATOMICAL_STRUCTURE, Code("23451007", "SCT", "Adrenal gland"), LEFT),
+    "gallbladder": Coding(ANATOMICAL_STRUCTURE, Code("28231008", "SCT", "Gallbladder")),
+    "esophagus": Coding(ANATOMICAL_STRUCTURE, Code("32849002", "SCT", "Esophagus")),
+    "stomach": Coding(ANATOMICAL_STRUCTURE, Code("69695003", "SCT", "Stomach")),
+    "duodenum": Coding(ANATOMICAL_STRUCTURE, Code("38848004", "SCT", "Duodenum")),
+    "left_kidney": Coding(ANATOMICAL_STRUCTURE, Code("64033007", "SCT", "Kidney"), LEFT),
+    "tumor": Coding(ABNORMAL_STRUCTURE, Code("108369006", "SCT", "Neoplasm")),
+})
+#: Labels of other models (an imported nnU-Net's own names): a generic anatomical structure, named by the label.
+GENERIC_CODING = Coding(ANATOMICAL_STRUCTURE, ANATOMICAL_STRUCTURE)
+
+
+def coding(name: str) -> Coding:
+    """The DICOM coding of a label name: its SNOMED CT codes for a FLARE class, else the generic one."""
+    return CODINGS.get(name, GENERIC_CODING)
+
+
 def label_id(name: str) -> int:
     """Id of a label given its snake_case name; raises KeyError naming the valid ones."""
     try:

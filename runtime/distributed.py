@@ -43,13 +43,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pocketseg.atomic import ensure_dir, json_text
+from pocketseg.dicom import is_study_tree
 from pocketseg.errors import InputError, PocketsegError, require
 from pocketseg.layout import case_name, is_nifti_path, label_name, nifti_files
 from pocketseg.runtime.cascade import CascadePredictor
 from pocketseg.runtime.memory_limit import parse_size
+from pocketseg.runtime.dicom_output import output_types
+from pocketseg.runtime.predict import (CASES_IN_FLIGHT, CaseJob, CaseOptions, CaseResult, PredictFailures,
+                                       check_dicom_outputs, plan_cases, plan_study_tree, predict_case)
 from pocketseg.signing import trusted_keys_folder
-from pocketseg.runtime.predict import (CASES_IN_FLIGHT, CaseJob, CaseOptions, CaseResult, PredictFailures, plan_cases,
-                                       predict_case)
 
 __all__ = ["FAULT_ENV", "RUN_TABLE", "CaseWorker", "RunSummary", "plan_inputs", "predict_ray", "run_cases"]
 
@@ -93,7 +95,8 @@ def _read_list(path: Path) -> list[Path]:
 
 def plan_inputs(input: str | os.PathLike, output: str | os.PathLike) -> list[CaseJob]:
     """The cases of INPUT: a folder of NIfTI files (as folder mode), a folder of DICOM series folders (one case per
-    folder), or a text/CSV list of NIfTI files and DICOM series folders; outputs ``OUTPUT/CASE.nii.gz``."""
+    folder), a DICOM study tree of patients/studies/series folders (one case per CT series, as folder mode), or a
+    text/CSV list of NIfTI files and DICOM series folders; outputs ``OUTPUT/CASE.nii.gz``."""
     src, dst = Path(input), Path(output)
     if not src.exists():
         raise InputError(src, "does not exist")
@@ -103,6 +106,11 @@ def plan_inputs(input: str | os.PathLike, output: str | os.PathLike) -> list[Cas
         return plan_cases(src, dst)[0]
     if src.is_dir():
         sources = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # Sub-folders that are themselves trees (patients holding studies holding series): the whole folder is
+        # planned as a study tree, a case per CT series named as folder mode names it; sub-folders that hold
+        # the files of a series stay one case each, named after the folder.
+        if any(is_study_tree(p) for p in sources):
+            return plan_study_tree(src, dst)
         if not sources:
             raise InputError(src, "holds neither NIfTI files nor DICOM series folders")
     elif src.suffix.lower() in LIST_ENDINGS:
@@ -166,7 +174,9 @@ class CaseWorker:
             # label map: the first counts as written (unless the output was there before the run), the second is
             # redone like an interrupted case under --continue.
             if options.finished(job) and not existed:
-                return CaseResult(job.case, "written", output=str(job.output), device=self.predictor.device,
+                outputs = job.output_paths(options.output_types).values()
+                return CaseResult(job.case, "written", output=str(options.marker(job)),
+                                  outputs=tuple(map(str, outputs)), device=self.predictor.device,
                                   backend=self.predictor.backend, times_s={})
             options = replace(options, resume=True)
         return predict_case(self.predictor, job, options, compute_lock=self.network, on_stage=self._on_stage)
@@ -176,7 +186,8 @@ class CaseWorker:
 
 @dataclass
 class RunSummary:
-    """What a run did: label maps written (in case order), failures, attempts lost with their workers."""
+    """What a run did: output files written (in case order; per case the DICOM outputs asked for, then the label
+    map), failures, attempts lost with their workers."""
 
     written: list[Path] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -281,7 +292,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
     if not jobs:
         return summary
     fault = os.environ.get(FAULT_ENV)
-    existed = {job.case: job.output.exists() for job in jobs}
+    existed = {job.case: options.marker(job).exists() for job in jobs}
     order = {job.case: i for i, job in enumerate(jobs)}
     with _connected(ray) as rt:
         count, shape = _worker_shape(rt, device, cpus_per_worker, workers, len(jobs))
@@ -313,7 +324,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
         ensure_dir(Path(table).parent, "output folder")
         results = _RunTable(Path(table), run_id)
         pending: deque[tuple[CaseJob, int]] = deque((job, 1) for job in jobs)
-        written: dict[str, Path] = {}
+        written: dict[str, list[Path]] = {}
         bar = tqdm(total=len(jobs), desc="predict (ray)", unit="case", disable=not progress)
 
         def lose(slot: _Slot, why: str) -> None:
@@ -380,7 +391,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
                             slot.info = rt.get(slot.actor.info.remote(), timeout=10)
                     results.append(job, attempt, slot.info, result)
                     if result.status == "written":
-                        written[job.case] = Path(result.output)
+                        written[job.case] = [Path(p) for p in result.outputs]
                         bar.set_postfix_str(f"{job.case} {result.times_s.get('total', 0):.1f}s")
                     else:
                         summary.failures.append((job.case, result.error))
@@ -407,7 +418,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
         for slot in slots:
             with contextlib.suppress(Exception):
                 rt.kill(slot.actor, no_restart=True)
-    summary.written = [written[job.case] for job in jobs if job.case in written]
+    summary.written = [path for job in jobs if job.case in written for path in written[job.case]]
     return summary
 
 
@@ -416,14 +427,15 @@ def predict_ray(input: str | os.PathLike, output: str | os.PathLike, model: str 
                 device: str = "auto", backend: str = "auto", precision: str = "auto", statistics: bool = False,
                 preview: bool = False, overlap: float | None = None, gaussian: bool | None = None, fast: bool = False,
                 batch_size: int = 1, resume: bool = False, overwrite: bool = False, check_intensities: bool = True,
-                threads: int | None = None, max_memory: str | int | None = None, progress: bool = True,
-                trusted_keys: str | os.PathLike | None = None) -> list[Path]:
+                threads: int | None = None, max_memory: str | int | None = None,
+                output_type: str | Sequence[str] | None = None, dicom_reference: str | os.PathLike | None = None,
+                progress: bool = True, trusted_keys: str | os.PathLike | None = None) -> list[Path]:
     """Segment many scans on a Ray cluster (``pocketseg predict --ray``); outputs as folder mode writes them.
 
     Args:
-        input: a folder of NIfTI files, a folder of DICOM series folders, or a list file (``.txt``: one path per
-            line; ``.csv``/``.tsv``: a column named path, image, input or file, else the first), relative paths
-            relative to the list.
+        input: a folder of NIfTI files, a folder of DICOM series folders, a DICOM study tree, or a list file
+            (``.txt``: one path per line; ``.csv``/``.tsv``: a column named path, image, input or file, else the
+            first), relative paths relative to the list.
         output: the output folder, ``CASE.nii.gz`` per case, and ``run.jsonl``, the results table.
         model: a model package folder, at the same path on every node.
         ray: ``local`` (start a Ray cluster on this machine), ``auto`` (the cluster this machine belongs to) or a
@@ -438,10 +450,19 @@ def predict_ray(input: str | os.PathLike, output: str | os.PathLike, model: str 
         InputError: bad input (nothing is written).
         PredictFailures: the cases that failed (the others were written).
     """
+    types = output_types(output_type)
+    if dicom_reference is not None:
+        raise InputError(Path(dicom_reference), "--dicom-reference is for one NIfTI input, not for --ray (a DICOM "
+                                                "input is its own reference)")
     jobs = plan_inputs(input, output)
     keys = trusted_keys_folder(trusted_keys)  # the driver's folder (or its env variable); each worker checks it
+    dicom_out = check_dicom_outputs(types)
+    nifti_inputs = [job.source for job in jobs if is_nifti_path(job.source)]
+    if dicom_out and nifti_inputs:
+        raise InputError(nifti_inputs[0], f"--output-type {dicom_out[0]} needs DICOM input; with --ray every case "
+                                          "must be a DICOM series (--dicom-reference is for one NIfTI input)")
     options = CaseOptions(statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
-                          check_intensities=check_intensities)
+                          check_intensities=check_intensities, output_types=types)
     if preview:
         require("matplotlib", "Preview images (--preview)", "viz")
     for name, value in (("workers", workers), ("cpus_per_worker", cpus_per_worker)):

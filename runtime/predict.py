@@ -5,15 +5,25 @@ Input forms (as nnU-Net and TotalSegmentator take them):
 * one NIfTI file or one DICOM series folder -> one label file (OUTPUT ends in
   ``.nii.gz``/``.nii``; otherwise OUTPUT is a folder and the file is named after the case);
 * a folder of NIfTI files -> a folder of label files, ``CASE_0000.nii.gz`` -> ``CASE.nii.gz``
-  (nnU-Net's channel suffix is dropped). The model is loaded once; the next scan is read
+  (nnU-Net's channel suffix is dropped);
+* a DICOM study tree (a folder of patients/studies/series folders at any depth, as a PACS exports it) ->
+  one case per CT series, named from patient ID, study date and series number; localizers and
+  non-CT series are skipped with a log line.
+
+  For folders and trees the model is loaded once; the next scan is read
   and the previous result written in background threads while the current one computes;
   ``resume`` skips finished cases; a bad case is reported and the rest continue, and the
   run ends with the list of failures and a non-zero exit.
 
-A case's files (label map, statistics, preview) are staged under temporary names beside
-their targets and renamed into place together once all are written, the label map last
-(:func:`pocketseg.atomic.staged_files`): an interrupted run or a full disk leaves none of
-them, and an existing output is replaced only with ``overwrite``.
+Outputs (``output_type``): the NIfTI label map ``NAME.nii.gz``, a DICOM SEG ``NAME.seg.dcm`` and an RT
+Structure Set ``NAME.rtstruct.dcm``; the DICOM ones for DICOM input, or for NIfTI input together with the
+series it was converted from (``dicom_reference``).
+
+A case's files (statistics, preview, DICOM SEG, RT Structure Set, label map) are staged under
+temporary names beside their targets and renamed into place together once all are written, the
+case's marker last: the label map, or the last DICOM output when no label map is asked for
+(:func:`pocketseg.atomic.staged_files`). An interrupted run or a full disk leaves none of them,
+and an existing output is replaced only with ``overwrite``.
 
 Several processes may work on one output folder: in folder mode each case is claimed
 with a lock file ``CASE.lock`` beside its outputs (:func:`pocketseg.atomic.try_lock`),
@@ -44,18 +54,21 @@ from tqdm.auto import tqdm
 
 from pocketseg import labels as L
 from pocketseg.atomic import FileLock, LockHolder, ensure_dir, json_text, read_lock, staged_files, try_lock
+from pocketseg.dicom import SeriesGrid, TreeSeries, is_study_tree, read_series_grid, read_tree_series, scan_study_tree
 from pocketseg.errors import InputError, OutputError, PocketsegError, require
 from pocketseg.imageio import load_volume
 from pocketseg.layout import CHANNEL_SUFFIX, case_name, is_nifti_path, label_name, nifti_files, strip_nifti
 from pocketseg.nifti import label_bytes, nifti_image
 from pocketseg.preview import render_preview
 from pocketseg.runtime.cascade import CascadePredictor, Prediction
+from pocketseg.runtime.dicom_output import (DICOM_OUTPUT_TYPES, OUTPUT_TYPES, Algorithm, algorithm_of, output_types,
+                                            to_series_grid)
 from pocketseg.runtime.memory_limit import parse_size
 from pocketseg.signing import trusted_keys_folder
 from pocketseg.volume import Volume
 
 __all__ = ["CaseJob", "CaseOptions", "CaseResult", "PredictFailures", "case_name", "case_statistics", "plan_cases",
-           "predict", "predict_case", "segment"]
+           "plan_study_tree", "predict", "predict_case", "segment"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +90,7 @@ class CaseJob:
     case: str
     source: Path
     output: Path
+    series: TreeSeries | None = None  # a series of a DICOM study tree (source is its folder)
 
     @property
     def output_stem(self) -> str:
@@ -97,9 +111,22 @@ class CaseJob:
         """The lock file of the case while a process works on it (folder mode)."""
         return self.output.with_name(self.output_stem + ".lock")
 
-    def outputs(self, statistics: bool, preview: bool) -> list[Path]:
-        """The files of the case, the label map last (its presence marks the case finished)."""
-        return ([self.statistics_path] if statistics else []) + ([self.preview_path] if preview else []) + [self.output]
+    def output_paths(self, types: Sequence[str] = ("nifti",)) -> dict[str, Path]:
+        """The file of each output type: ``NAME.nii.gz``, ``NAME.seg.dcm``, ``NAME.rtstruct.dcm``."""
+        return {t: self.output if t == "nifti" else self.output.with_name(self.output_stem + OUTPUT_TYPES[t])
+                for t in types}
+
+    def marker(self, types: Sequence[str] = ("nifti",)) -> Path:
+        """The output written last, whose presence marks the case finished for ``resume``: the label map, or
+        the last DICOM output when no label map is asked for."""
+        return self.output_paths(types)[types[-1] if "nifti" not in types else "nifti"]
+
+    def outputs(self, statistics: bool, preview: bool, types: Sequence[str] = ("nifti",)) -> list[Path]:
+        """The files of the case in the order they are published, the marker last (its presence marks the case
+        finished)."""
+        marker = self.marker(types)
+        return (([self.statistics_path] if statistics else []) + ([self.preview_path] if preview else [])
+                + [p for p in self.output_paths(types).values() if p != marker] + [marker])
 
 
 #: nnU-Net's channel suffix of an image file name: ``CASE_0000``, ``CASE_0001`` ...
@@ -118,13 +145,38 @@ def _refuse_extra_channels(folder: Path, files: Sequence[Path]) -> None:
                                 f"one CT image per case")
 
 
+def plan_study_tree(src: Path, dst: Path) -> list[CaseJob]:
+    """One job per CT series of a DICOM study tree; the others are logged as skipped."""
+    if is_nifti_path(dst):
+        raise InputError(dst, "INPUT is a DICOM study tree, so OUTPUT must be a folder, not a file name")
+    found = scan_study_tree(src)
+    jobs = []
+    for series in found:
+        where = series.folder.relative_to(src) if series.folder.is_relative_to(src) else series.folder
+        if series.skipped:
+            log.info("skipped series %s in %s (%s, %d file(s)): %s", series.series_number, where,
+                     series.description or "no description", series.n_files, series.skipped)
+            continue
+        log.info("case %s: series %s in %s (%s, %d file(s))", series.case, series.series_number, where,
+                 series.description or "no description", series.n_files)
+        jobs.append(CaseJob(series.case, series.folder, dst / label_name(series.case), series))
+    log.info("study tree %s: %d CT series to segment, %d series skipped", src, len(jobs), len(found) - len(jobs))
+    if not jobs:
+        skipped = "; ".join(f"{s.folder.name}: {s.skipped}" for s in found[:5])
+        raise InputError(src, f"holds no CT series in its sub-folders ({len(found)} image series found"
+                              f"{': ' + skipped if skipped else ''})")
+    return jobs
+
+
 def plan_cases(input: str | os.PathLike, output: str | os.PathLike) -> tuple[list[CaseJob], bool]:
-    """The cases of INPUT and their output files; True when INPUT is a folder of NIfTI files."""
+    """The cases of INPUT and their output files; True when INPUT is a folder of NIfTI files or a study tree."""
     src, dst = Path(input), Path(output)
     if not src.exists():
         raise InputError(src, "does not exist")
     if src.is_dir():
         files = nifti_files(src)
+        if not files and is_study_tree(src):
+            return plan_study_tree(src, dst), True
         if files:
             if is_nifti_path(dst):
                 raise InputError(dst, "INPUT is a folder of NIfTI files, so OUTPUT must be a folder, not a file name")
@@ -173,9 +225,14 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, spacing_mm: tuple[flo
 
 
 def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, statistics: bool, preview: bool,
-                   overwrite: bool, label_names: Mapping[str, int] | None = None) -> Path:
+                   overwrite: bool, label_names: Mapping[str, int] | None = None, types: Sequence[str] = ("nifti",),
+                   algorithm: Algorithm | None = None, reference: SeriesGrid | None = None) -> list[Path]:
     """Write the case's files all or nothing: staged beside their targets, renamed into place together once
-    every one is written, the label map last (its presence marks the case finished for ``resume``)."""
+    every one is written, the marker last (the label map, else the last DICOM output: its presence marks the
+    case finished for ``resume``). Returns the outputs of ``types``: DICOM SEG, RT Structure Set, label map."""
+    paths = job.output_paths(types)
+    marker = job.marker(types)
+    dicom = [t for t in types if t in DICOM_OUTPUT_TYPES]
     with staged_files(overwrite=overwrite) as staged:
         if statistics:
             report = {"case": job.case, "source": str(job.source), "spacing_mm": list(volume.spacing_mm),
@@ -187,24 +244,52 @@ def _write_outputs(job: CaseJob, volume: Volume, prediction: Prediction, *, stat
         if preview:
             staged.write(job.preview_path, render_preview(volume.data, volume.affine, prediction.labels,
                                                           title=f"{job.case} - pocketseg", label_names=label_names))
-        staged.write(job.output, label_bytes(prediction.labels, job.output, reference=volume))
-    return job.output
+        payloads = _dicom_payloads(job, volume, prediction, dicom, label_names=label_names, algorithm=algorithm,
+                                   reference=reference) if dicom else {}
+        if "nifti" in types:
+            payloads["nifti"] = label_bytes(prediction.labels, job.output, reference=volume)
+        for kind, payload in sorted(payloads.items(), key=lambda item: paths[item[0]] == marker):
+            staged.write(paths[kind], payload)
+    return list(paths.values())
 
 
-def _finished(job: CaseJob, statistics: bool, preview: bool) -> bool:
-    return all(p.is_file() for p in job.outputs(statistics, preview))
+def _dicom_payloads(job: CaseJob, volume: Volume, prediction: Prediction, types: Sequence[str], *,
+                    label_names: Mapping[str, int] | None, algorithm: Algorithm | None,
+                    reference: SeriesGrid | None) -> dict[str, bytes]:
+    """The DICOM SEG and RT Structure Set of a case, on the grid of its DICOM series, as file contents."""
+    # optional (dicom extra): highdicom, pydicom and scikit-image are loaded only when a DICOM output is asked for
+    from pocketseg.runtime.dicom_seg import dicom_seg_bytes
+    from pocketseg.runtime.rtstruct import rtstruct_bytes
+
+    if algorithm is None:
+        raise ValueError("DICOM outputs need the algorithm (model package) that produced them")
+    if reference is not None:  # NIfTI input: its labels moved onto the series the image came from
+        labels, files = to_series_grid(prediction.labels, volume.affine, reference, job.source), reference.files
+    elif "files" in volume.meta:
+        labels, files = prediction.labels, volume.meta["files"]
+    else:
+        raise InputError(job.source, "is not a DICOM series, so its DICOM outputs have no series to reference "
+                                     "(--dicom-reference names the one a NIfTI image was converted from)")
+    writers = {"dicom-seg": dicom_seg_bytes, "dicom-rtstruct": rtstruct_bytes}
+    return {kind: writers[kind](labels, files, algorithm=algorithm, label_names=label_names) for kind in types}
 
 
-def _may_replace(job: CaseJob, overwrite: bool, resume: bool) -> bool:
+def _finished(job: CaseJob, statistics: bool, preview: bool, types: Sequence[str] = ("nifti",)) -> bool:
+    return all(p.is_file() for p in job.outputs(statistics, preview, types))
+
+
+def _may_replace(job: CaseJob, overwrite: bool, resume: bool, types: Sequence[str] = ("nifti",)) -> bool:
     """Whether this job may replace its existing outputs: with ``overwrite``, or under ``resume`` the
-    side files of a case whose label map (written last) is missing, i.e. an interrupted case."""
-    return overwrite or (resume and not job.output.exists())
+    side files of a case whose marker (the label map, written last) is missing, i.e. an interrupted case."""
+    return overwrite or (resume and not job.marker(types).exists())
 
 
-def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool) -> None:
+def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool,
+                   types: Sequence[str] = ("nifti",)) -> None:
     """Refuse, before any work, outputs that exist (unless they may be replaced), saying which files of the
     case exist and how to go on."""
-    for path in job.outputs(statistics, preview):
+    outputs = job.outputs(statistics, preview, types)
+    for path in outputs:
         if path.is_dir():
             raise OutputError(path, "is a folder, expected a file path")
     if not job.output.parent.is_dir():
@@ -213,18 +298,20 @@ def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: boo
         raise OutputError(job.output, f"parent folder {job.output.parent} is not writable")
     if overwrite:
         return
-    existing = [p for p in job.outputs(statistics, preview) if p.exists()]
+    existing = [p for p in outputs if p.exists()]
     if not existing:
         return
     names = ", ".join(p.name for p in existing)
-    if not job.output.exists():
-        state = (f"without the label map {job.output.name}, left by an interrupted run or an older version "
+    marker = job.marker(types)
+    what = f"the label map {marker.name}" if marker == job.output else marker.name
+    if not marker.exists():
+        state = (f"without {what}, left by an interrupted run or an older version "
                  f"({names}): --continue finishes the case and replaces it, --overwrite too")
-    elif len(existing) == len(job.outputs(statistics, preview)):
+    elif len(existing) == len(outputs):
         state = f"(the case is finished: {names}): --continue skips finished cases, --overwrite replaces them"
     else:
-        missing = ", ".join(p.name for p in job.outputs(statistics, preview) if not p.exists())
-        state = (f"(the label map is there, {missing} not: written without those options): --overwrite writes "
+        missing = ", ".join(p.name for p in outputs if not p.exists())
+        state = (f"({what} is there, {missing} not: written without those options): --overwrite writes "
                  f"the case again with every asked file")
     raise OutputError(existing[0], f"already exists {state} (resume=True, overwrite=True from Python)")
 
@@ -235,13 +322,17 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             batch_size: int = 1,
             resume: bool = False, overwrite: bool = False, series_uid: str | None = None,
             check_intensities: bool = True, threads: int | None = None, max_memory: str | int | None = None,
+            output_type: str | Sequence[str] | None = None, dicom_reference: str | os.PathLike | None = None,
             progress: bool = True, trusted_keys: str | os.PathLike | None = None) -> list[Path]:
-    """Segment a NIfTI file, a DICOM series folder or a folder of NIfTI files (``pocketseg predict``).
+    """Segment a NIfTI file, a DICOM series folder, a folder of NIfTI files or a DICOM study tree
+    (``pocketseg predict``).
 
     Args:
-        input: a ``.nii``/``.nii.gz`` file, a DICOM series folder, or a folder of NIfTI files.
+        input: a ``.nii``/``.nii.gz`` file, a DICOM series folder, a folder of NIfTI files, or a folder of
+            patients/studies/series folders (a DICOM study tree: one case per CT series).
         output: for one scan a label file (``.nii.gz``) or a folder; for a folder of NIfTI files a
-            folder that receives one ``CASE.nii.gz`` per ``CASE_0000.nii.gz``.
+            folder that receives one ``CASE.nii.gz`` per ``CASE_0000.nii.gz``; for a study tree a folder
+            that receives one ``PATIENT_DATE_sSERIES.nii.gz`` per CT series.
         model: a model package folder (``pocketseg export``).
         device: ``auto`` (a CUDA GPU when one is usable), ``cpu`` or ``cuda``.
         backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``torch`` (see :func:`pocketseg.runtime.engines.resolve`).
@@ -264,6 +355,11 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
             (``8GiB``, ``--max-memory``); a scan estimated above it is refused before anything is allocated.
             None: 75 % of the machine's physical memory (:mod:`pocketseg.runtime.memory_limit`).
+        output_type: what to write per case, one or several of ``nifti`` (``NAME.nii.gz``, the default),
+            ``dicom-seg`` (``NAME.seg.dcm``) and ``dicom-rtstruct`` (``NAME.rtstruct.dcm``); the DICOM
+            ones need DICOM input or ``dicom_reference`` (and the ``dicom`` extra).
+        dicom_reference: for one NIfTI input, the DICOM series folder it was converted from; the DICOM
+            outputs reference it and are written on its grid, which must be the NIfTI's.
         progress: show progress bars.
         trusted_keys: a folder of trusted Ed25519 public keys (None: ``$POCKETSEG_TRUSTED_KEYS`` when set); the
             package must then be signed by one of them, else nothing runs (docs/model-package.md, "Signatures").
@@ -272,7 +368,8 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
     (``CASE.lock``), and a case another run has locked or written since this one started is left to it.
 
     Returns:
-        The label files this run wrote, in case order.
+        The files this run wrote, in case order; per case the DICOM SEG, the RT Structure Set, then the label
+        map (those requested).
 
     Raises:
         InputError: bad input, named with its path (nothing is written for it).
@@ -281,38 +378,76 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
             the case is left behind).
         PredictFailures: in folder mode, the cases that failed (the others were written).
     """
+    types = output_types(output_type)
     jobs, folder_mode = plan_cases(input, output)
-    # What each output was when this run started: an output that changes later was written by another run.
-    seen = {job.case: _identity(job.output) for job in jobs}
     max_bytes = parse_size(max_memory)
+    dicom_out = check_dicom_outputs(types)
+    reference = None
+    if dicom_reference is not None:
+        if folder_mode or not is_nifti_path(jobs[0].source):
+            raise InputError(Path(dicom_reference), "--dicom-reference is for one NIfTI input (a DICOM input is "
+                                                    "its own reference); dicom_reference= from Python")
+        if not dicom_out:
+            raise InputError(Path(dicom_reference), "--dicom-reference is used only by the DICOM output types "
+                                                    "(--output-type dicom-seg / dicom-rtstruct)")
+        reference = read_series_grid(dicom_reference)
+    elif dicom_out and not folder_mode and is_nifti_path(jobs[0].source):
+        raise InputError(jobs[0].source, f"--output-type {dicom_out[0]} needs DICOM input, or --dicom-reference DIR "
+                                         "naming the DICOM series this NIfTI was converted from")
+    elif dicom_out and folder_mode and jobs[0].series is None:
+        raise InputError(Path(input), f"--output-type {dicom_out[0]} needs DICOM input; this is a folder of NIfTI "
+                                      "files")
+    options = CaseOptions(statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
+                          check_intensities=check_intensities, output_types=types, dicom_reference=reference)
+    # What each case's marker was when this run started: one that changes later was written by another run.
+    seen = {job.case: _identity(job.marker(types)) for job in jobs}
     if preview:
         require("matplotlib", "Preview images (--preview)", "viz")
     todo = []
     for job in jobs:
-        if resume and _finished(job, statistics, preview):
+        if resume and options.finished(job):
             log.info("%s: finished earlier, skipped (resume)", job.case)
             continue
         todo.append(job)
     if not todo:
         return []
     ensure_dir(Path(output) if folder_mode else jobs[0].output.parent, "output folder")
+    volume = None
     if not folder_mode:
-        _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume))
+        _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume, types), types)
+        volume = load_volume(todo[0].source, series_uid=series_uid)
+        if reference is not None:  # refuse a mismatched reference before the model runs
+            to_series_grid(np.zeros(volume.shape, dtype=np.uint8), volume.affine, reference, todo[0].source)
 
     predictor = CascadePredictor(model, device=device, backend=backend, precision=precision, overlap=overlap,
                                  gaussian=gaussian, fast=fast, batch_size=batch_size, threads=threads,
                                  progress=progress and not folder_mode, max_memory=max_bytes,
                                  trusted_keys=trusted_keys)
-    if not folder_mode:
+    if volume is not None:
         job = todo[0]
-        volume = load_volume(job.source, series_uid=series_uid)
         prediction = predictor.predict(volume, check_intensities=check_intensities)
         _log_case(job, prediction)
-        return [_write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
-                               overwrite=_may_replace(job, overwrite, resume), label_names=predictor.manifest.labels)]
-    options = CaseOptions(statistics=statistics, preview=preview, overwrite=overwrite, resume=resume,
-                          check_intensities=check_intensities)
+        return _write_outputs(job, volume, prediction, statistics=statistics, preview=preview,
+                              overwrite=_may_replace(job, overwrite, resume, types),
+                              label_names=predictor.manifest.labels, types=types,
+                              algorithm=_algorithm(predictor, types), reference=reference)
     return _FolderRun(predictor, seen, options).run(todo, progress=progress)
+
+
+def check_dicom_outputs(types: Sequence[str]) -> list[str]:
+    """The DICOM output types among ``types``; their optional dependencies are required up front."""
+    dicom_out = [t for t in types if t in DICOM_OUTPUT_TYPES]
+    if dicom_out:
+        require("highdicom", f"--output-type {dicom_out[0]}", "dicom")
+        require("skimage", f"--output-type {dicom_out[0]}", "dicom")
+    return dicom_out
+
+
+def _algorithm(predictor: CascadePredictor, types: Sequence[str]) -> Algorithm | None:
+    """The producer the DICOM outputs record (None when none is asked for)."""
+    if not any(t in DICOM_OUTPUT_TYPES for t in types):
+        return None
+    return algorithm_of(predictor.package_dir, predictor.manifest)
 
 
 def _log_case(job: CaseJob, prediction: Prediction) -> None:
@@ -330,31 +465,40 @@ CASES_IN_FLIGHT = 3
 
 @dataclass(frozen=True)
 class CaseOptions:
-    """What every case of a run does besides the label map, and what it may replace (folder mode and Ray alike)."""
+    """What every case of a run writes, and what it may replace (folder mode and Ray alike)."""
 
     statistics: bool = False
     preview: bool = False
     overwrite: bool = False
     resume: bool = False
     check_intensities: bool = True
+    #: ``nifti``, ``dicom-seg``, ``dicom-rtstruct`` in table order (:func:`~pocketseg.runtime.dicom_output.output_types`)
+    output_types: tuple[str, ...] = ("nifti",)
+    #: the grid of the DICOM series a NIfTI input was converted from (``--dicom-reference``; one scan only)
+    dicom_reference: SeriesGrid | None = None
 
     def targets(self, job: CaseJob) -> list[Path]:
-        """The files the case writes, the label map (written last) first."""
-        return ([job.output] + ([job.statistics_path] if self.statistics else [])
-                + ([job.preview_path] if self.preview else []))
+        """The files the case writes, its marker (written last) first."""
+        return list(reversed(job.outputs(self.statistics, self.preview, self.output_types)))
+
+    def marker(self, job: CaseJob) -> Path:
+        """The file whose presence marks the case finished."""
+        return job.marker(self.output_types)
 
     def finished(self, job: CaseJob) -> bool:
-        return _finished(job, self.statistics, self.preview)
+        return _finished(job, self.statistics, self.preview, self.output_types)
 
 
 @dataclass(frozen=True)
 class CaseResult:
-    """How one case ended: ``written`` (``output`` set), ``failed`` (``error`` set) or ``stopped`` (by Ctrl-C,
-    nothing written), with per-stage seconds (``read``, ``wait`` for the network, the cascade's stages, ``write``)."""
+    """How one case ended: ``written`` (``output``, the marker, and ``outputs`` set), ``failed`` (``error`` set) or
+    ``stopped`` (by Ctrl-C, nothing written), with per-stage seconds (``read``, ``wait`` for the network, the
+    cascade's stages, ``write``)."""
 
     case: str
     status: str
     output: str | None = None
+    outputs: tuple[str, ...] = ()  # every output file of the case: DICOM SEG, RT Structure Set, label map
     error: str | None = None
     device: str | None = None
     backend: str | None = None
@@ -381,7 +525,9 @@ def predict_case(predictor: CascadePredictor, job: CaseJob, options: CaseOptions
     times: dict[str, float] = {}
     prediction: Prediction | None = None
     try:
-        _check_targets(job, options.statistics, options.preview, _may_replace(job, options.overwrite, options.resume))
+        types = options.output_types
+        replace = _may_replace(job, options.overwrite, options.resume, types)
+        _check_targets(job, options.statistics, options.preview, replace, types)
         if on_stage:
             on_stage("read", job)
         t = time.perf_counter()
@@ -401,16 +547,16 @@ def predict_case(predictor: CascadePredictor, job: CaseJob, options: CaseOptions
             on_stage("write", job)
         t = time.perf_counter()
         written = _write_outputs(job, volume, prediction, statistics=options.statistics, preview=options.preview,
-                                 overwrite=_may_replace(job, options.overwrite, options.resume),
-                                 label_names=predictor.manifest.labels)
+                                 overwrite=replace, label_names=predictor.manifest.labels, types=types,
+                                 algorithm=_algorithm(predictor, types), reference=options.dicom_reference)
         times["write"] = time.perf_counter() - t
     except Exception as exc:  # a bad case must not stop the others; the caller reports it
         log.error("%s: %s", job.case, _why(exc))
         log.debug("%s failed", job.case, exc_info=True)
         return CaseResult(job.case, "failed", error=_why(exc), device=prediction and prediction.device,
                           backend=prediction and prediction.backend, times_s=_rounded(times))
-    return CaseResult(job.case, "written", output=str(written), device=prediction.device, backend=prediction.backend,
-                      times_s=_rounded(times))
+    return CaseResult(job.case, "written", output=str(job.marker(types)), outputs=tuple(map(str, written)),
+                      device=prediction.device, backend=prediction.backend, times_s=_rounded(times))
 
 
 def _rounded(times: Mapping[str, float]) -> dict[str, float]:
@@ -418,7 +564,7 @@ def _rounded(times: Mapping[str, float]) -> dict[str, float]:
 
 
 def _read(job: CaseJob) -> Volume:
-    return load_volume(job.source)
+    return read_tree_series(job.series) if job.series is not None else load_volume(job.source)
 
 
 def _identity(path: Path) -> tuple[int, int, int, int] | None:
@@ -445,12 +591,13 @@ class _FolderRun:
         self.seen = seen
         self.options = options
         self.written: list[Path] = []
+        self.cases_written: list[str] = []
         self.failures: list[tuple[str, str]] = []
         self.by_others: list[str] = []
         self._locks: list[FileLock] = []  # every lock taken, released at the end whatever happens
 
     def _written_by_another(self, job: CaseJob) -> bool:
-        now = _identity(job.output)
+        now = _identity(self.options.marker(job))
         return now is not None and now != self.seen[job.case]
 
     def _claim(self, job: CaseJob) -> FileLock | LockHolder | None:
@@ -469,7 +616,8 @@ class _FolderRun:
 
     def _record(self, result: CaseResult, bar: tqdm) -> None:
         if result.status == "written":
-            self.written.append(Path(result.output))
+            self.written.extend(map(Path, result.outputs))
+            self.cases_written.append(result.case)
             bar.set_postfix_str(f"{result.case} {result.times_s.get('total', 0):.1f}s")
         elif result.status == "failed":
             self.failures.append((result.case, result.error))
@@ -481,10 +629,11 @@ class _FolderRun:
         finally:  # also on an interruption: no lock of this run outlives it
             for lock in self._locks:
                 lock.release()
-        log.info("%d case(s) written by this run, %d done by another run, %d failed", len(self.written),
-                 len(self.by_others), len(self.failures))
+        log.info("summary: %d case(s) written by this run, %d done by another run, %d failed%s",
+                 len(self.cases_written), len(self.by_others), len(self.failures),
+                 f" ({', '.join(case for case, _ in self.failures)})" if self.failures else "")
         if self.failures:
-            raise PredictFailures(self.failures, len(self.written), len(self.by_others))
+            raise PredictFailures(self.failures, len(self.cases_written), len(self.by_others))
         return self.written
 
     def _run(self, jobs: list[CaseJob], *, progress: bool) -> None:

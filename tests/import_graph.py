@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Third-party packages that are optional (an extra, or NVIDIA's): the only imports a function may hold.
 OPTIONAL = {"torch", "safetensors", "onnx", "onnx_graphsurgeon", "onnxruntime", "tensorrt", "cuda", "cupy", "cupyx",
             "cucim", "cc3d", "pydicom", "matplotlib", "batchgeneratorsv2", "nnunetv2", "pynvml", "psutil",
-            "openvino", "ray", "highdicom", "rt_utils", "cryptography", "hypothesis"}
+            "openvino", "ray", "highdicom", "rt_utils", "skimage", "cryptography", "hypothesis"}
 
 
 def rooms() -> dict[str, Path]:

@@ -736,3 +736,49 @@ def test_a_huge_whole_rescale_slope_is_rescaled_in_floats(tmp_path, pydicom):
         _save(ds, path)
     volume = read_dicom_series(tmp_path / "s")
     assert volume.data.dtype == np.float32 and not volume.data.any()
+
+
+# ------------------------------------------------------------------------------------------------ study trees
+
+
+def test_study_tree_scan_groups_names_and_skips(tmp_path, pydicom):
+    from dicom_phantom import write_phantom_series
+    from pocketseg.dicom import is_study_tree, read_tree_series, scan_study_tree
+
+    tree = tmp_path / "tree"
+    small = dict(columns=8, rows=6, slices=4)
+    write_phantom_series(tree / "a" / "1", patient_id="P 1", series_number=2, **small)
+    # The same patient, date and number twice (a re-export): the second gets _2.
+    write_phantom_series(tree / "a" / "2", patient_id="P 1", series_number=2, **small)
+    # Blank series UIDs (anonymised): grouped by folder, never merged across folders.
+    write_phantom_series(tree / "b" / "x", patient_id="", study_date="", series_number=4, complete_uids=False,
+                         **small)
+    write_phantom_series(tree / "b" / "y", patient_id="", study_date="", series_number=5, complete_uids=False,
+                         **small)
+    write_phantom_series(tree / "c", patient_id="Q", series_number=1, modality="PT", **small)
+    (tree / "DICOMDIR").write_bytes(b"not parsed")
+    (tree / ".hidden").mkdir()
+    assert is_study_tree(tree) and not is_study_tree(tree / "a" / "1")
+    found = scan_study_tree(tree, threads=3)
+    assert sorted((s.case, s.n_files) for s in found if s.skipped is None) == [
+        ("P_1_20240131_s2", 4), ("P_1_20240131_s2_2", 4), ("anonymous_nodate_s4", 4), ("anonymous_nodate_s5", 4)]
+    skipped = [s for s in found if s.skipped]
+    assert [(s.case, s.skipped) for s in skipped] == [("Q_20240131_s1", "modality PT, not CT")]
+    blank = next(s for s in found if s.case == "anonymous_nodate_s5")
+    assert blank.folder == tree / "b" / "y" and blank.uid == ""
+    volume = read_tree_series(blank)
+    assert volume.shape == (8, 6, 4) and len(volume.meta["files"]) == 4
+
+
+def test_info_lists_the_series_of_a_study_tree(tmp_path, pydicom, capsys):
+    from dicom_phantom import write_phantom_series
+    from pocketseg.cli import main
+
+    tree = tmp_path / "tree"
+    write_phantom_series(tree / "p" / "ct", columns=8, rows=6, slices=4, series_number=3)
+    write_phantom_series(tree / "p" / "scout", columns=8, rows=6, slices=2, series_number=1,
+                         image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    assert main(["info", str(tree)]) == 0
+    out = capsys.readouterr().out
+    assert "2 image series" in out and "case P001_20240131_s3" in out
+    assert "skipped: localizer (ImageType LOCALIZER)" in out

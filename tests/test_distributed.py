@@ -292,3 +292,65 @@ def test_ray_options_need_ray(tiny_package, cases, tmp_path, capsys):
     args = ["predict", "-i", str(cases), "-o", str(tmp_path / "o"), "-m", str(tiny_package), "--workers", "2"]
     assert main(args) == 2
     assert "--workers: only with --ray" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ DICOM study trees and outputs
+
+def _study_tree(root: Path) -> Path:
+    pytest.importorskip("highdicom", reason="highdicom (extra 'dicom') is not installed")
+    from dicom_phantom import write_phantom_series
+
+    for patient, series in (("P001", 3), ("P002", 2)):
+        write_phantom_series(root / patient / "study" / "ct", columns=64, rows=56, slices=20, patient_id=patient,
+                             series_number=series)
+    write_phantom_series(root / "P002" / "study" / "scout", columns=64, rows=56, slices=3, patient_id="P002",
+                         series_number=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    return root
+
+
+def test_a_study_tree_is_planned_as_folder_mode_plans_it(tmp_path):
+    tree, out = _study_tree(tmp_path / "export"), tmp_path / "out"
+    from pocketseg.runtime.predict import plan_cases
+
+    jobs = D.plan_inputs(tree, out)
+    assert [(j.case, j.output.name) for j in jobs] == [("P001_20240131_s3", "P001_20240131_s3.nii.gz"),
+                                                       ("P002_20240131_s2", "P002_20240131_s2.nii.gz")]
+    assert all(j.series is not None and j.source == j.series.folder for j in jobs)  # the localizer is skipped
+    assert jobs == plan_cases(tree, out)[0]
+
+
+def test_ray_refuses_dicom_outputs_without_dicom_input(tiny_package, cases, tmp_path):
+    with pytest.raises(InputError, match="needs DICOM input") as refused:
+        D.predict_ray(cases, tmp_path / "out", tiny_package, output_type=["dicom-seg"], progress=False)
+    assert str(refused.value).startswith(str(cases / "A_0000.nii.gz"))
+    with pytest.raises(InputError, match="not for --ray") as refused:
+        D.predict_ray(cases, tmp_path / "out", tiny_package, output_type=["dicom-seg"], dicom_reference=tmp_path,
+                      progress=False)
+    assert str(refused.value).startswith(str(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ray_writes_the_dicom_outputs_of_a_study_tree_as_folder_mode(cluster, tiny_package, tmp_path):
+    tree = _study_tree(tmp_path / "export")
+    types = ("--output-type", "nifti", "--output-type", "dicom-seg", "--output-type", "dicom-rtstruct")
+    local = tmp_path / "local"
+    assert main(["-q", "predict", "-i", str(tree), "-o", str(local), "-m", str(tiny_package), "--device", "cpu",
+                 "--threads", "1", "--no-intensity-check", *types]) == 0
+    out = tmp_path / "out"
+    assert _ray("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check", *types) == 0
+    names = sorted(p.name for p in out.iterdir() if p.name != D.RUN_TABLE)
+    assert names == sorted(p.name for p in local.iterdir())
+    assert names == sorted(f"{case}{end}" for case in ("P001_20240131_s3", "P002_20240131_s2")
+                           for end in (".nii.gz", ".seg.dcm", ".rtstruct.dcm"))
+    import pydicom
+
+    for case in ("P001_20240131_s3", "P002_20240131_s2"):
+        ours, theirs = read_nifti(out / f"{case}.nii.gz"), read_nifti(local / f"{case}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(ours.data), np.asarray(theirs.data), err_msg=case)
+        a, b = pydicom.dcmread(out / f"{case}.seg.dcm"), pydicom.dcmread(local / f"{case}.seg.dcm")
+        assert a.Modality == "SEG" and a.PixelData == b.PixelData
+        assert [s.SegmentLabel for s in a.SegmentSequence] == [s.SegmentLabel for s in b.SegmentSequence]
+        assert pydicom.dcmread(out / f"{case}.rtstruct.dcm").Modality == "RTSTRUCT"
+    assert {r["status"] for r in _rows(out)} == {"written"}
+    assert not _leftovers(out)

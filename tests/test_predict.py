@@ -166,13 +166,27 @@ def test_dicom_series_input(tiny_package, ct_examples, tmp_path):
     if not series.is_dir():
         pytest.skip(f"no DICOM series folder at {series}")
     out = tmp_path / "dicom_seg.nii.gz"
-    assert _run("-i", series, "-o", out, "-m", tiny_package) == 0
+    try:  # with the dicom extra complete, the SEG is checked too
+        import highdicom  # noqa: F401
+        dicom_out = True
+    except ImportError:
+        dicom_out = False
+    types = ["--output-type", "nifti"] + (["--output-type", "dicom-seg"] if dicom_out else [])
+    assert _run("-i", series, "-o", out, "-m", tiny_package, *types) == 0
     from pocketseg.imageio import load_volume
 
     vol = load_volume(series)
     seg = nib.load(out)
     assert seg.shape == vol.shape
     np.testing.assert_allclose(seg.affine, vol.affine, atol=1e-4)
+    if dicom_out:  # the SEG of the anonymised real series, read back, equals the NIfTI labels voxel for voxel
+        from dicom_phantom import seg_to_labels, source_slices
+
+        labels = np.asarray(seg.dataobj).astype(np.uint8)
+        assert labels.any()
+        names = {lab.name: lab.id for lab in pocketseg.labels.LABELS}
+        uids = source_slices(vol.meta["files"])[0]
+        assert np.array_equal(seg_to_labels(tmp_path / "dicom_seg.seg.dcm", uids, names, labels.shape), labels)
 
 
 def test_segment_api(tiny_package, cases):
@@ -271,6 +285,106 @@ def test_a_scan_without_abdomen_is_warned_about_once(tiny_package, cases, tmp_pa
     said = [r for r in caplog.records if "found no abdomen" in r.getMessage()]
     assert len(said) == 1
     assert any("found no abdomen" in w for w in json.loads((tmp_path / "A.statistics.json").read_text())["warnings"])
+
+
+# --------------------------------------------------------------------------------------- DICOM outputs and trees
+
+def _dicom_phantom(folder: Path, **kwargs):
+    pytest.importorskip("highdicom", reason="highdicom (extra 'dicom') is not installed")
+    from dicom_phantom import write_phantom_series
+
+    return write_phantom_series(folder, **{"columns": 64, "rows": 56, "slices": 20, **kwargs})
+
+
+@pytest.mark.parametrize("geometry", ["reversed", "oblique"])
+def test_dicom_outputs_agree_with_the_nifti_output(tiny_package, tmp_path, geometry):
+    from dicom_phantom import dcmqi_labels, oblique_orientation, rasterise_rtstruct, seg_to_labels, source_slices
+
+    kwargs = {"reversed": dict(reverse=True), "oblique": dict(orientation=oblique_orientation())}[geometry]
+    ph = _dicom_phantom(tmp_path / "series", **kwargs)
+    out = tmp_path / "out"
+    assert _run("-i", ph.folder, "-o", out, "-m", tiny_package, "--no-intensity-check", "--output-type", "nifti",
+                "--output-type", "dicom-seg", "--output-type", "dicom-rtstruct") == 0
+    nifti = nib.load(out / "series.nii.gz")
+    labels = np.asarray(nifti.dataobj).astype(np.uint8)
+    assert labels.any(), "the test model segmented nothing; the comparison would be empty"
+    from pocketseg.dicom import read_dicom_series
+
+    volume = read_dicom_series(ph.folder)
+    np.testing.assert_allclose(nifti.affine, volume.affine, atol=1e-4)
+    files = volume.meta["files"]
+    uids, positions, orientation, spacing = source_slices(files)
+    names = {lab.name: lab.id for lab in pocketseg.labels.LABELS}
+    assert np.array_equal(seg_to_labels(out / "series.seg.dcm", uids, names, labels.shape), labels)
+    assert np.array_equal(dcmqi_labels(out / "series.seg.dcm", tmp_path / "dcmqi", names, volume.affine,
+                                       labels.shape), labels)
+    back = rasterise_rtstruct(out / "series.rtstruct.dcm", uids, positions, orientation, spacing, labels.shape)
+    displays = {lab.display: lab.id for lab in pocketseg.labels.LABELS}
+    assert {displays[n] for n in back} == {int(v) for v in np.unique(labels) if v}
+    for name, mask in back.items():  # contours on the right slices (random-weight labels are too ragged for Dice)
+        assert np.array_equal(mask.any(axis=(0, 1)), (labels == displays[name]).any(axis=(0, 1))), name
+
+
+def test_nifti_input_with_a_dicom_reference(tiny_package, tmp_path, capsys):
+    ph = _dicom_phantom(tmp_path / "series", reverse=True)
+    from pocketseg.dicom import read_dicom_series
+
+    volume = read_dicom_series(ph.folder)
+    # As dcm2niix would store it: another voxel order (rows flipped).
+    flipped = tmp_path / "ct.nii.gz"
+    affine = volume.affine.copy()
+    affine[:3, 3] += affine[:3, 1] * (volume.shape[1] - 1)
+    affine[:3, 1] *= -1
+    nib.save(nib.Nifti1Image(volume.data[:, ::-1, :].copy(), affine), flipped)
+    out = tmp_path / "out"
+    # Without the reference, DICOM outputs are refused before anything is written.
+    assert _run("-i", flipped, "-o", out, "-m", tiny_package, "--output-type", "dicom-seg") == 2
+    assert "--dicom-reference" in capsys.readouterr().err and not out.exists()
+    assert _run("-i", flipped, "-o", out, "-m", tiny_package, "--no-intensity-check", "--output-type", "nifti",
+                "--output-type", "dicom-seg", "--dicom-reference", ph.folder) == 0
+    labels = np.asarray(nib.load(out / "ct.nii.gz").dataobj).astype(np.uint8)
+    from dicom_phantom import seg_to_labels, source_slices
+
+    uids = source_slices(volume.meta["files"])[0]
+    names = {lab.name: lab.id for lab in pocketseg.labels.LABELS}
+    back = seg_to_labels(out / "ct.seg.dcm", uids, names, volume.shape)
+    assert np.array_equal(back[:, ::-1, :], labels)  # the SEG is on the series grid, the NIfTI on its own
+    # A reference whose grid differs is refused, naming both grids; nothing is written.
+    other = _dicom_phantom(tmp_path / "other", pixel_spacing=(0.7, 0.7))
+    assert _run("-i", flipped, "-o", tmp_path / "out2", "-m", tiny_package, "--no-intensity-check",
+                "--output-type", "dicom-rtstruct", "--dicom-reference", other.folder) == 2
+    err = capsys.readouterr().err
+    assert "does not match the DICOM reference" in err and str(flipped) in err
+    assert not (tmp_path / "out2" / "ct.rtstruct.dcm").exists()
+
+
+def test_study_tree_with_three_patients(tiny_package, tmp_path, caplog):
+    import logging
+
+    tree = tmp_path / "export"
+    _dicom_phantom(tree / "P001" / "study1" / "CT_3", patient_id="P001", series_number=3)
+    _dicom_phantom(tree / "P002" / "20240202" / "series" / "2", patient_id="P002", study_date="20240202",
+                   series_number=2)
+    _dicom_phantom(tree / "P003" / "st" / "ct", patient_id="P/003 x", study_date="20230101", series_number=5)
+    _dicom_phantom(tree / "P003" / "st" / "scout", patient_id="P/003 x", study_date="20230101", series_number=1,
+                   slices=3, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    _dicom_phantom(tree / "P003" / "st" / "mr", patient_id="P/003 x", study_date="20230101", series_number=7,
+                   slices=4, modality="MR")
+    (tree / "P003" / "README.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="pocketseg"):
+        assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["P001_20240131_s3.nii.gz", "P002_20240202_s2.nii.gz",
+                                                     "P_003_x_20230101_s5.nii.gz"]
+    assert "localizer" in caplog.text and "modality MR, not CT" in caplog.text
+    assert "summary: 3 case(s) written" in caplog.text
+    # `pocketseg info` lists the same series.
+    from pocketseg.imageio import volume_info
+
+    info = volume_info(tree)
+    assert sorted((s["case"], s["skipped"] is None) for s in info["series"]) == [
+        ("P001_20240131_s3", True), ("P002_20240202_s2", True), ("P_003_x_20230101_s1", False),
+        ("P_003_x_20230101_s5", True), ("P_003_x_20230101_s7", False)]
 
 
 # ------------------------------------------------------------------------------------ full disk: all or nothing
@@ -445,3 +559,53 @@ def test_folder_mode_stops_on_ctrl_c_without_partial_files_and_continue_finishes
     assert all(f"{case}.statistics.json" in names for case in done)
     assert _run("-i", src, "-o", out, "-m", tiny_package, "--statistics", "--continue") == 0
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in "ABCDE"]
+
+
+# ---------------------------------------------------------------- DICOM outputs among a case's staged files
+
+
+def test_dicom_outputs_of_a_study_tree_are_staged_with_the_case(tiny_package, tmp_path, monkeypatch, capsys):
+    tree = tmp_path / "export"
+    _dicom_phantom(tree / "P001" / "study" / "ct", patient_id="P001", series_number=3)
+    _dicom_phantom(tree / "P002" / "study" / "ct", patient_id="P002", study_date="20240202", series_number=2)
+    out = tmp_path / "out"
+    types = ("--output-type", "dicom-seg", "--output-type", "dicom-rtstruct")
+    # The SEG of the first case hits a full disk: none of that case's files, the other case whole, no lock left.
+    _disk_full_for(monkeypatch, "P001_20240131_s3.seg.dcm")
+    assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check", "--statistics", *types) == 2
+    err = capsys.readouterr().err
+    assert "1 case(s) failed (1 written)" in err
+    assert f"{out / 'P001_20240131_s3.seg.dcm'}: cannot be written: No space left" in err
+    assert sorted(p.name for p in out.iterdir()) == ["P002_20240202_s2.rtstruct.dcm", "P002_20240202_s2.seg.dcm",
+                                                     "P002_20240202_s2.statistics.json"]
+    monkeypatch.undo()
+    # Without a label map the RT Structure Set (published last) marks a case finished: --continue redoes only P001.
+    finished = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check", "--statistics", *types,
+                "--continue") == 0
+    written = [Path(line).name for line in capsys.readouterr().out.splitlines()]
+    assert written == ["P001_20240131_s3.seg.dcm", "P001_20240131_s3.rtstruct.dcm"]
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{case}{end}" for case in ("P001_20240131_s3", "P002_20240202_s2")
+         for end in (".rtstruct.dcm", ".seg.dcm", ".statistics.json")])
+    # A rerun without options names the finished case's files and how to go on.
+    assert _run("-i", tree, "-o", out, "-m", tiny_package, "--no-intensity-check", "--statistics", *types) == 2
+    assert "--continue skips finished cases" in capsys.readouterr().err
+
+
+def test_an_interrupted_dicom_case_is_finished_by_continue(tiny_package, tmp_path, capsys):
+    ph = _dicom_phantom(tmp_path / "series")
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "series.seg.dcm").write_bytes(b"left by an interrupted run")  # without its label map
+    args = ("-i", ph.folder, "-o", out, "-m", tiny_package, "--no-intensity-check", "--output-type", "nifti",
+            "--output-type", "dicom-seg")
+    assert _run(*args) == 2
+    err = capsys.readouterr().err
+    assert "series.seg.dcm: already exists without the label map series.nii.gz" in err
+    assert _run(*args, "--continue") == 0
+    import pydicom
+
+    assert pydicom.dcmread(out / "series.seg.dcm").Modality == "SEG"
+    assert sorted(p.name for p in out.iterdir()) == ["series.nii.gz", "series.seg.dcm"]
