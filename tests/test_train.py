@@ -141,6 +141,17 @@ def _rewrite_label(path: Path, fn) -> None:
     nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
 
 
+def test_a_bad_partial_label_is_refused_before_training(cache, tmp_path):
+    # train uses the fully labelled cases only, yet a partially labelled case's bad label file is reported now,
+    # with the same message as a full one's, not hours later in self-training.
+    data = synthesize_dataset(tmp_path / "data", full=2, partial=1, seed=4, small=True, slices=24, progress=False)
+    partial = json.loads((data / "dataset.json").read_text())["pocketseg"]["subsets"]["partial"][0]
+    _rewrite_label(data / "labelsTr" / f"{partial}.nii.gz", lambda a: np.where(a == a.max(), 99, a).astype(np.uint8))
+    with pytest.raises(InputError, match=f"{partial}: label values outside 0-14: \\[99\\]"):
+        train(data, out=tmp_path / "run", stage="roi", preset="roi-tiny", epochs=1, cache=cache, **QUICK)
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_input_is_reported_before_training(dataset, cache, tmp_path):
     args = dict(stage="roi", preset="roi-tiny", epochs=1, cache=cache, **QUICK)
     ds = _copy(dataset, tmp_path)

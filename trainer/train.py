@@ -327,7 +327,11 @@ def train(
     data_root = Path(dataset)
     raw = open_dataset(data_root)
     cases = raw.labelled(full_only=True)
-    validate_cases(cases, dataset_root=data_root)  # before the run folder exists: bad data leaves nothing behind
+    if not cases:
+        validate_cases(cases, dataset_root=data_root)  # refuses: nothing to train on
+    # Every label file, the partially labelled ones too (not trained on here, but a bad one would surface only
+    # in self-training), before the run folder exists: bad data leaves nothing behind.
+    validate_cases(raw.labelled(full_only=False), dataset_root=data_root)
     created = not out.exists()
     _on_rank0(lambda: _check_out_dir(out, resume), ranks)
     try:
