@@ -289,7 +289,8 @@ def own_peak_rss_mb() -> float:
     Not ``ru_maxrss``: at ``exec`` the kernel folds the high-water mark of the address space being
     replaced into it, and a freshly spawned child's is its parent's (forked or shared by vfork), so a
     child of a big parent would report the parent's peak. ``ru_maxrss`` only where ``/proc`` is missing
-    (macOS, where it is in bytes).
+    (macOS, where it is in bytes). Both come from the kernel's high-water mark, which is refreshed lazily: a
+    short peak handed back with ``madvise`` may be missed by a few per cent (a sampled curve shows it).
     """
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as status:
