@@ -42,6 +42,7 @@ from pocketseg.manifest import (CONTENT_DIGEST, MANIFEST_NAME, Intensity, Manife
                                 load_package, read_manifest)
 from pocketseg.nifti import read_nifti
 from pocketseg.runtime.predict import predict
+from pocketseg.synth.dicom_series import ct_slice, save_slice
 from pocketseg.volume import canonical_zyx
 
 __all__ = ["PROPERTIES", "fuzz_settings", "run_property"]
@@ -338,42 +339,13 @@ def _positions(case: DicomCase) -> list[np.ndarray]:
 
 def _write_dicom_slice(path: Path, stored: np.ndarray, *, position, case: DicomCase, uid: str, instance: int,
                        pixel_spacing, rows: int, cols: int) -> None:
-    import pydicom  # the dicom extra (pydicom) is imported only for the DICOM property
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    if int(pydicom.__version__.split(".")[0]) < 3:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = uid
-    ds.InstanceNumber = instance
-    if position is not None:
-        ds.ImagePositionPatient = [float(v) for v in position]
-    ds.ImageOrientationPatient = [float(v) for v in case.iop()]
-    ds.PixelSpacing = [float(v) for v in pixel_spacing]
-    if case.thickness is not None:
-        ds.SliceThickness = case.thickness
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0 if case.unsigned else 1
-    if case.slope is not None:
-        ds.RescaleSlope = case.slope
-        ds.RescaleIntercept = case.intercept
-    ds.PixelData = np.ascontiguousarray(stored).astype("<u2" if case.unsigned else "<i2").tobytes()
-    try:
-        ds.save_as(str(path), enforce_file_format=True)
-    except TypeError:  # pydicom < 3
-        ds.save_as(str(path), write_like_original=False)
+    ds = ct_slice(np.asarray(stored).astype(np.uint16 if case.unsigned else np.int16),
+                  series_uid=uid, instance=instance,
+                  position=None if position is None else [float(v) for v in position],
+                  orientation=[float(v) for v in case.iop()], pixel_spacing=[float(v) for v in pixel_spacing],
+                  slope=case.slope, intercept=case.intercept, thickness=case.thickness)
+    ds.Rows, ds.Columns = rows, cols  # as the case says, which may disagree with the pixels on purpose
+    save_slice(ds, path)
 
 
 def write_dicom_case(case: DicomCase, folder: Path) -> tuple[Path, list[int], list[Any]]:

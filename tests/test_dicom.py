@@ -22,6 +22,7 @@ import pytest
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
 from pocketseg.errors import InputError, MissingDependencyError
+from pocketseg.synth.dicom_series import ct_slice, save_slice
 
 CT_EXAMPLES = Path(
     os.environ.get("POCKETSEG_CT_EXAMPLES")
@@ -41,10 +42,7 @@ def pydicom():
 
 def _save(ds, path: Path) -> None:
     """Write a new dataset as a proper DICOM file on pydicom 2.4 and 3.x."""
-    try:
-        ds.save_as(str(path), enforce_file_format=True)
-    except TypeError:  # pydicom < 3
-        ds.save_as(str(path), write_like_original=False)
+    save_slice(ds, path)
 
 
 def _write_slice(
@@ -62,37 +60,9 @@ def _write_slice(
     description: str = "synthetic",
 ) -> None:
     """One uncompressed Explicit VR Little Endian slice; ``stored`` is (rows, cols), int16 or uint16."""
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    if int(pydicom.__version__.split(".")[0]) < 3:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesDescription = description
-    ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [round(float(v), 6) for v in position]
-    ds.ImageOrientationPatient = [round(float(v), 10) for v in orientation]
-    ds.PixelSpacing = [float(v) for v in pixel_spacing]
-    ds.SliceThickness = 5.0
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    signed = stored.dtype == np.int16
-    ds.PixelRepresentation = 1 if signed else 0
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
+    ds = ct_slice(stored, series_uid=series_uid, instance=instance, position=[round(float(v), 6) for v in position],
+                  orientation=[round(float(v), 10) for v in orientation], pixel_spacing=[float(v) for v in pixel_spacing],
+                  slope=slope, intercept=intercept, thickness=5.0, modality=modality, description=description)
     _save(ds, path)
 
 

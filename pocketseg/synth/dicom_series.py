@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,58 @@ def phantom_labels(columns: int, rows: int, slices: int) -> np.ndarray:
     return out
 
 
+def ct_slice(stored: np.ndarray, *, series_uid: str, instance: int, position=None, orientation=(1, 0, 0, 0, 1, 0),
+             pixel_spacing=(1.0, 1.0), slope=1.0, intercept=0.0, thickness=None, modality: str = "CT",
+             description: str | None = None) -> Any:
+    """One uncompressed Explicit VR Little Endian CT slice (a pydicom ``FileDataset``, new SOP Instance UID).
+
+    ``stored``: (rows, columns) raw values, int16 (signed pixel representation) or uint16. The geometry
+    and rescale values are written as given, so callers may pass odd ones on purpose; ``position``,
+    ``slope`` (with ``intercept``) and ``thickness`` are left out when None. Add further tags to the
+    returned data set, then :func:`save_slice`.
+    """
+    # optional (dicom extra): pydicom writes the files
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    if description is not None:
+        ds.SeriesDescription = description
+    ds.InstanceNumber = instance
+    if position is not None:
+        ds.ImagePositionPatient = list(position)
+    ds.ImageOrientationPatient = list(orientation)
+    ds.PixelSpacing = list(pixel_spacing)
+    if thickness is not None:
+        ds.SliceThickness = thickness
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    signed = stored.dtype == np.int16
+    ds.PixelRepresentation = 1 if signed else 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = np.ascontiguousarray(stored).astype("<i2" if signed else "<u2").tobytes()
+    return ds
+
+
+def save_slice(ds: Any, path: Path) -> None:
+    """Write a data set made by :func:`ct_slice` as a proper DICOM file (pydicom 2.4 and 3.x)."""
+    try:
+        ds.save_as(str(path), enforce_file_format=True)
+    except TypeError:  # pydicom < 3
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(path), write_like_original=False)
+
+
 def write_phantom_series(folder: Path, *, columns: int = 56, rows: int = 48, slices: int = 24,
                          pixel_spacing=(0.9, 0.8), slice_step: float = 2.0, orientation=(1, 0, 0, 0, 1, 0),
                          reverse: bool = False, patient_id: str = "P001", study_date: str = "20240131",
@@ -60,9 +113,8 @@ def write_phantom_series(folder: Path, *, columns: int = 56, rows: int = 48, sli
     slice). ``complete_uids=False`` blanks the data set's SOP, study, series and frame-of-reference UIDs as
     anonymisers do (the file meta keeps the SOP UIDs).
     """
-    # optional (dicom extra): pydicom writes the files
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    # optional (dicom extra): pydicom makes the UIDs
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,37 +128,25 @@ def write_phantom_series(folder: Path, *, columns: int = 56, rows: int = 48, sli
     series_uid, study_uid, frame_uid = generate_uid(), study_uid or generate_uid(), generate_uid()
     order = range(slices - 1, -1, -1) if reverse else range(slices)
     for instance, k in enumerate(order, start=1):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"IM{instance:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        hu = np.where(labels[:, :, k] > 0, 60 + 10 * labels[:, :, k].astype(np.int32), -80)
+        ds = ct_slice((hu.T + 1024).astype(np.uint16), series_uid=series_uid, instance=instance,
+                      position=[f"{v:.6f}" for v in positions[k]], orientation=[f"{v:.8f}" for v in orientation],
+                      pixel_spacing=[f"{v:g}" for v in pixel_spacing], slope="1", intercept="-1024",
+                      thickness=f"{slice_step:g}", modality=modality, description="phantom")
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage if complete_uids else ""
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID if complete_uids else ""
+        if not complete_uids:
+            ds.SOPClassUID = ds.SOPInstanceUID = ds.SeriesInstanceUID = ""
         ds.StudyInstanceUID = study_uid if complete_uids else ""
-        ds.SeriesInstanceUID = series_uid if complete_uids else ""
         ds.FrameOfReferenceUID = frame_uid if complete_uids else ""
         ds.PatientName, ds.PatientID = f"Phantom^{patient_id}", patient_id
         ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = study_date, "101500", "1", ""
         ds.ReferringPhysicianName = ""
-        ds.SeriesNumber, ds.InstanceNumber = series_number, instance
-        ds.Modality, ds.Manufacturer = modality, "phantom"
+        ds.SeriesNumber = series_number
+        ds.Manufacturer = "phantom"
         ds.ImageType = list(image_type)
-        ds.SeriesDescription = "phantom"
         ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in positions[k]]
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
-        ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
-        ds.SliceThickness = f"{slice_step:g}"
-        ds.Rows, ds.Columns = rows, columns
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+        ds.RescaleType = "HU"
         ds.KVP = "120"
-        hu = np.where(labels[:, :, k] > 0, 60 + 10 * labels[:, :, k].astype(np.int32), -80)
-        ds.PixelData = (hu.T + 1024).astype(np.uint16).tobytes()
-        ds.save_as(str(path), enforce_file_format=True)
+        save_slice(ds, folder / f"IM{instance:04d}.dcm")
     return DicomPhantom(folder, labels, positions, tuple(float(v) for v in orientation), series_uid)
