@@ -634,7 +634,7 @@ def scan_study_tree(folder: str | os.PathLike, *, threads: int = SCAN_THREADS) -
         key = (header.series_uid, "" if header.series_uid else str(header.path.parent))
         groups.setdefault(key, []).append(header)
     found = []
-    for (uid, _), members in sorted(groups.items()):
+    for (uid, _), members in groups.items():
         first = members[0]
         number = first.series_number
         base = "_".join((_safe(first.patient_id, "anonymous"), _safe(first.study_date, "nodate"),
@@ -642,7 +642,10 @@ def scan_study_tree(folder: str | os.PathLike, *, threads: int = SCAN_THREADS) -
         common = Path(os.path.commonpath([str(h.path.parent) for h in members]))
         found.append(TreeSeries(base, uid, common, first.description, first.modality, first.patient_id,
                                 first.study_date, number, len(members), _skip_reason(members), tuple(members)))
-    # Two series with the same patient, date and number (re-exports, blank tags) get _2, _3 ... in scan order.
+    # Cases in patient, date, series order (then by folder): the same tree plans the same way every time,
+    # whatever UIDs it holds.
+    found.sort(key=lambda t: (t.case, str(t.folder), t.uid))
+    # Two series with the same patient, date and number (re-exports, blank tags) get _2, _3 ... in folder order.
     seen: dict[str, int] = {}
     unique = []
     for series in found:
