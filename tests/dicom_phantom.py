@@ -7,11 +7,39 @@ j = row, k ascending along the slice normal).
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 
 from pocketseg.synth.dicom_series import DicomPhantom, oblique_orientation, phantom_labels, write_phantom_series
 
-__all__ = ["DicomPhantom", "oblique_orientation", "phantom_labels", "write_phantom_series"]
+__all__ = ["DicomPhantom", "copy_real_series", "oblique_orientation", "phantom_labels", "study_of",
+           "write_phantom_series"]
+
+
+def copy_real_series(ct_examples: Path, dest: Path, *, complete_uids: bool) -> Path:
+    """The anonymised real series of ``ct_examples`` copied to ``dest``; with ``complete_uids`` the UIDs the
+    anonymiser blanked are put back (SOP from the file meta, new study, series and frame of reference)."""
+    import pydicom
+
+    shutil.copytree(ct_examples / "dicom_series", dest)
+    if complete_uids:
+        study, uid, frame = (pydicom.uid.generate_uid() for _ in range(3))
+        for path in dest.iterdir():
+            ds = pydicom.dcmread(path)
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, uid, frame
+            ds.save_as(path, enforce_file_format=True)
+    return dest
+
+
+def study_of(series: Path) -> str:
+    """The Study Instance UID of a series folder's first file."""
+    import pydicom
+
+    return pydicom.dcmread(next(iter(sorted(series.iterdir()))), stop_before_pixels=True).StudyInstanceUID
 
 
 # ------------------------------------------------------------------------------ independent readers of outputs

@@ -8,14 +8,13 @@ present, with its reference segmentation mapped onto FLARE ids.
 from __future__ import annotations
 
 import logging
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from dicom_phantom import (dciodvfy, dcmqi_labels, frame_positions, oblique_orientation, seg_to_labels,
-                           source_slices, write_phantom_series)
+from dicom_phantom import (copy_real_series, dciodvfy, dcmqi_labels, frame_positions, oblique_orientation,
+                           seg_to_labels, source_slices, study_of, write_phantom_series)
 from pocketseg import labels as L
 from pocketseg.errors import InputError
 
@@ -156,20 +155,11 @@ def _real_labels(ct_examples, grid):
 
 @pytest.mark.parametrize("uids", ["anonymised", "complete"])
 def test_real_series_seg(ct_examples, tmp_path, uids):
-    series = tmp_path / "series"
-    shutil.copytree(ct_examples / "dicom_series", series)
-    if uids == "complete":  # a copy with the UIDs the anonymiser blanked put back
-        study, uid, frame = (pydicom.uid.generate_uid() for _ in range(3))
-        for path in series.iterdir():
-            ds = pydicom.dcmread(path)
-            ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, \
-                ds.file_meta.MediaStorageSOPInstanceUID
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, uid, frame
-            ds.save_as(path, enforce_file_format=True)
+    series = copy_real_series(ct_examples, tmp_path / "series", complete_uids=uids == "complete")
     grid = read_series_grid(series)
     labels = _real_labels(ct_examples, grid)
     assert len(np.unique(labels)) >= 7  # liver, spleen, pancreas, aorta, IVC, adrenal, stomach in 20 slices
     out = write_dicom_seg(labels, grid.files, tmp_path / "real.seg.dcm", algorithm=ALGORITHM)
     _check_seg(out, grid.files, labels, grid.affine, tmp_path)
     if uids == "complete":
-        assert pydicom.dcmread(out, stop_before_pixels=True).StudyInstanceUID == study
+        assert pydicom.dcmread(out, stop_before_pixels=True).StudyInstanceUID == study_of(series)

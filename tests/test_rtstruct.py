@@ -7,14 +7,13 @@ of ``../shared/data/ct_examples/dicom_series`` is used with its reference segmen
 from __future__ import annotations
 
 import logging
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from dicom_phantom import (dciodvfy, dice, oblique_orientation, rasterise_rtstruct, source_slices,
-                           write_phantom_series)
+from dicom_phantom import (copy_real_series, dciodvfy, dice, oblique_orientation, rasterise_rtstruct, source_slices,
+                           study_of, write_phantom_series)
 from pocketseg import labels as L
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom (extra 'dicom') is not installed")
@@ -94,16 +93,7 @@ def test_structure_set_references_the_series(tmp_path):
 
 @pytest.mark.parametrize("uids", ["anonymised", "complete"])
 def test_real_series_rtstruct(ct_examples, tmp_path, caplog, uids):
-    series = tmp_path / "series"
-    shutil.copytree(ct_examples / "dicom_series", series)
-    if uids == "complete":
-        study, uid, frame = (pydicom.uid.generate_uid() for _ in range(3))
-        for path in series.iterdir():
-            ds = pydicom.dcmread(path)
-            ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, \
-                ds.file_meta.MediaStorageSOPInstanceUID
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, uid, frame
-            ds.save_as(path, enforce_file_format=True)
+    series = copy_real_series(ct_examples, tmp_path / "series", complete_uids=uids == "complete")
     grid = read_series_grid(series)
     image = nib.load(ct_examples / "example_seg_dicom.nii.gz")
     ts = np.asarray(image.dataobj).astype(np.int64)
@@ -117,4 +107,4 @@ def test_real_series_rtstruct(ct_examples, tmp_path, caplog, uids):
     scores = _check(out, grid.files, labels)
     assert scores["Liver"] >= 0.98
     if uids == "complete":
-        assert pydicom.dcmread(out).StudyInstanceUID == study
+        assert pydicom.dcmread(out).StudyInstanceUID == study_of(series)
