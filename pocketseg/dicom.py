@@ -24,6 +24,7 @@ the pylibjpeg plugins of the same extra.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -619,7 +620,8 @@ def scan_study_tree(folder: str | os.PathLike, *, threads: int = SCAN_THREADS) -
 
     Files are grouped by SeriesInstanceUID (by folder where the UID is blank, as after some anonymisers).
     Non-CT series and localizers are returned with the reason they are skipped. Case names are built from
-    patient ID, study date and series number (``P001_20240131_s3``), made safe for file names and unique.
+    patient ID, study date and series number (``P001_20240131_s3``), made safe for file names; where two
+    collide, each gets 8 hex digits of its own series UID (``P001_20240131_s3_1a2b3c4d``).
     """
     root = Path(folder)
     pydicom, invalid_dicom_error = _import_pydicom()
@@ -642,16 +644,23 @@ def scan_study_tree(folder: str | os.PathLike, *, threads: int = SCAN_THREADS) -
         common = Path(os.path.commonpath([str(h.path.parent) for h in members]))
         found.append(TreeSeries(base, uid, common, first.description, first.modality, first.patient_id,
                                 first.study_date, number, len(members), _skip_reason(members), tuple(members)))
-    # Cases in patient, date, series order (then by folder): the same tree plans the same way every time,
-    # whatever UIDs it holds.
-    found.sort(key=lambda t: (t.case, str(t.folder), t.uid))
-    # Two series with the same patient, date and number (re-exports, blank tags) get _2, _3 ... in folder order.
-    seen: dict[str, int] = {}
-    unique = []
+    # Names that collide (re-exports, blank tags, IDs that differ only in unsafe characters) each get a suffix
+    # from their own series UID (from their folder where it is blank), never from their order: adding a series
+    # to the tree never moves another patient's name onto a finished output (--continue).
+    counts: dict[str, int] = {}
     for series in found:
-        n = seen[series.case] = seen.get(series.case, 0) + 1
-        unique.append(series if n == 1 else replace(series, case=f"{series.case}_{n}"))
+        counts[series.case] = counts.get(series.case, 0) + 1
+    unique = [series if counts[series.case] == 1 else
+              replace(series, case=f"{series.case}_{_identity_suffix(series, root)}") for series in found]
+    # Cases in patient, date, series order (then by folder): the same tree plans the same way every time.
+    unique.sort(key=lambda t: (t.case, str(t.folder), t.uid))
     return unique
+
+
+def _identity_suffix(series: TreeSeries, root: Path) -> str:
+    """8 hex digits that name one series whatever else the tree holds: of its UID, else of its folder."""
+    key = series.uid or str(series.folder.relative_to(root) if series.folder.is_relative_to(root) else series.folder)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
 
 
 def read_tree_series(series: TreeSeries) -> Volume:

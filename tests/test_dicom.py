@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -718,7 +719,7 @@ def test_study_tree_scan_groups_names_and_skips(tmp_path, pydicom):
     tree = tmp_path / "tree"
     small = dict(columns=8, rows=6, slices=4)
     write_phantom_series(tree / "a" / "1", patient_id="P 1", series_number=2, **small)
-    # The same patient, date and number twice (a re-export): the second gets _2.
+    # The same patient, date and number twice (a re-export): both get a suffix of their own series UID.
     write_phantom_series(tree / "a" / "2", patient_id="P 1", series_number=2, **small)
     # Blank series UIDs (anonymised): grouped by folder, never merged across folders.
     write_phantom_series(tree / "b" / "x", patient_id="", study_date="", series_number=4, complete_uids=False,
@@ -730,14 +731,34 @@ def test_study_tree_scan_groups_names_and_skips(tmp_path, pydicom):
     (tree / ".hidden").mkdir()
     assert is_study_tree(tree) and not is_study_tree(tree / "a" / "1")
     found = scan_study_tree(tree, threads=3)
-    assert sorted((s.case, s.n_files) for s in found if s.skipped is None) == [
-        ("P_1_20240131_s2", 4), ("P_1_20240131_s2_2", 4), ("anonymous_nodate_s4", 4), ("anonymous_nodate_s5", 4)]
+    twins = sorted(s.case for s in found if s.case.startswith("P_1_20240131_s2"))
+    assert len(twins) == 2 and all(re.fullmatch(r"P_1_20240131_s2_[0-9a-f]{8}", c) for c in twins)
+    assert len(set(twins)) == 2
+    assert sorted((s.case, s.n_files) for s in found if s.skipped is None and s.case not in twins) == [
+        ("anonymous_nodate_s4", 4), ("anonymous_nodate_s5", 4)]
     skipped = [s for s in found if s.skipped]
     assert [(s.case, s.skipped) for s in skipped] == [("Q_20240131_s1", "modality PT, not CT")]
     blank = next(s for s in found if s.case == "anonymous_nodate_s5")
     assert blank.folder == tree / "b" / "y" and blank.uid == ""
     volume = read_tree_series(blank)
     assert volume.shape == (8, 6, 4) and len(volume.meta["files"]) == 4
+
+
+def test_adding_a_series_to_a_tree_never_moves_another_series_name(tmp_path, pydicom):
+    # A name taken from the order of the series would shift when a series is added, and --continue would then
+    # take one patient's finished output for another's: each series' name depends on itself only.
+    from dicom_phantom import write_phantom_series
+    from pocketseg.dicom import scan_study_tree
+
+    tree = tmp_path / "tree"
+    small = dict(columns=8, rows=6, slices=4)
+    write_phantom_series(tree / "b", patient_id="P 1", series_number=3, **small)
+    write_phantom_series(tree / "c", patient_id="P/1", series_number=3, **small)  # the same safe name
+    before = {s.folder.name: s.case for s in scan_study_tree(tree)}
+    write_phantom_series(tree / "a", patient_id="P 1", series_number=3, **small)  # sorts first
+    after = {s.folder.name: s.case for s in scan_study_tree(tree)}
+    assert after["b"] == before["b"] and after["c"] == before["c"]
+    assert len(set(after.values())) == 3
 
 
 def test_info_lists_the_series_of_a_study_tree(tmp_path, pydicom, capsys):
