@@ -380,6 +380,15 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
     """
     types = output_types(output_type)
     jobs, folder_mode = plan_cases(input, output)
+    if series_uid is not None and (folder_mode or is_nifti_path(jobs[0].source)):
+        raise InputError(Path(input), "--series-uid chooses a series in one DICOM series folder; this input is "
+                                      f"{'a folder of cases' if folder_mode else 'a NIfTI file'} (series_uid= "
+                                      "from Python)")
+    for job in jobs:  # outputs inside a DICOM series folder would join the series other tools read
+        source = job.series.folder if job.series is not None else job.source
+        if source.is_dir() and _is_within(job.output.parent, source):
+            raise InputError(job.output.parent, f"is inside the DICOM input folder {source}; write the outputs "
+                                                "elsewhere")
     max_bytes = parse_size(max_memory)
     dicom_out = check_dicom_outputs(types)
     reference = None
@@ -411,7 +420,33 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         todo.append(job)
     if not todo:
         return []
-    ensure_dir(Path(output) if folder_mode else jobs[0].output.parent, "output folder")
+    out_dir = Path(output) if folder_mode else jobs[0].output.parent
+    created = not out_dir.exists()
+    ensure_dir(out_dir, "output folder")
+    try:
+        return _predict_planned(todo, folder_mode, options, seen, model=model, device=device, backend=backend,
+                                precision=precision, overlap=overlap, gaussian=gaussian, fast=fast,
+                                batch_size=batch_size, threads=threads, progress=progress, max_bytes=max_bytes,
+                                trusted_keys=trusted_keys, series_uid=series_uid, reference=reference)
+    except BaseException:
+        # A run refused before it wrote anything (a package that fails its checks, an unreadable input) leaves
+        # no folder of its own behind.
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _predict_planned(todo: list[CaseJob], folder_mode: bool, options: CaseOptions, seen: dict, *, model, device,
+                     backend, precision, overlap, gaussian, fast, batch_size, threads, progress, max_bytes,
+                     trusted_keys, series_uid, reference) -> list[Path]:
+    """:func:`predict` once the cases are planned and checked and the output folder exists."""
+    statistics, preview, overwrite, resume = options.statistics, options.preview, options.overwrite, options.resume
+    check_intensities, types = options.check_intensities, options.output_types
     volume = None
     if not folder_mode:
         _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume, types), types)

@@ -609,3 +609,32 @@ def test_an_interrupted_dicom_case_is_finished_by_continue(tiny_package, tmp_pat
 
     assert pydicom.dcmread(out / "series.seg.dcm").Modality == "SEG"
     assert sorted(p.name for p in out.iterdir()) == ["series.nii.gz", "series.seg.dcm"]
+
+
+def test_outputs_inside_a_dicom_input_folder_are_refused(tiny_package, tmp_path, capsys):
+    # They would join the series: the next read of the folder finds two series, and other tools see the SEG in it.
+    pytest.importorskip("pydicom", reason="pydicom (extra 'dicom') is not installed")
+    from pocketseg.synth.dicom_series import write_phantom_series
+
+    series = write_phantom_series(tmp_path / "series", columns=16, rows=16, slices=6).folder
+    before = sorted(p.name for p in series.iterdir())
+    assert _run("-i", series, "-o", series, "-m", tiny_package, "--no-intensity-check") == 2
+    assert "is inside the DICOM input folder" in capsys.readouterr().err
+    assert sorted(p.name for p in series.iterdir()) == before
+
+
+def test_series_uid_is_refused_where_it_chooses_nothing(tiny_package, cases, tmp_path, capsys):
+    for source, out in ((cases, tmp_path / "out"), (cases / "A_0000.nii.gz", tmp_path / "a.nii.gz")):
+        assert _run("-i", source, "-o", out, "-m", tiny_package, "--series-uid", "1.2.3") == 2
+        assert "--series-uid chooses a series in one DICOM series folder" in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_a_run_refused_before_writing_leaves_no_folder_of_its_own(cases, tmp_path, capsys):
+    broken = tmp_path / "not-a-package"
+    broken.mkdir()
+    for out in (tmp_path / "new" / "a.nii.gz", tmp_path / "newfolder"):
+        source = cases / "A_0000.nii.gz" if out.suffix == ".gz" else cases
+        assert _run("-i", source, "-o", out, "-m", broken) == 2
+        assert capsys.readouterr().err
+        assert not (tmp_path / "new").exists() and not (tmp_path / "newfolder").exists()
