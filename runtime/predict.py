@@ -614,6 +614,9 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
 #: Seconds between looks at the cases other runs hold, and between reminders that this run waits for them.
 _POLL_S = 0.5
 _REMIND_S = 60.0
+#: A lock file that names no owner this long after it was written is not a run's (a run writes its owner in
+#: full before the lock appears, or right after creating it where hard links are missing): the case fails.
+_UNREADABLE_LOCK_S = 30.0
 
 
 class _FolderRun:
@@ -718,6 +721,12 @@ class _FolderRun:
             for job in list(waiting):
                 claim = self._claim(job)
                 if isinstance(claim, LockHolder):
+                    if claim.pid is None and _age_s(job.lock_path) > _UNREADABLE_LOCK_S:
+                        waiting.remove(job)
+                        self.failures.append((job.case, f"{job.lock_path}: a lock file that names no owner (not "
+                                                        "written by a pocketseg run); remove it if no run uses "
+                                                        "this folder"))
+                        bar.update(1)
                     continue
                 waiting.remove(job)
                 if claim is None:
@@ -736,6 +745,14 @@ class _FolderRun:
                                 "; ".join(f"{j.case}: {read_lock(j.lock_path).describe()}" for j in waiting))
                     remind = time.monotonic() + _REMIND_S
                 time.sleep(_POLL_S)
+
+
+def _age_s(path: Path) -> float:
+    """Seconds since ``path`` was last modified (0 where it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 # --------------------------------------------------------------------------------------------------- Python API

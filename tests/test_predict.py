@@ -638,3 +638,18 @@ def test_a_run_refused_before_writing_leaves_no_folder_of_its_own(cases, tmp_pat
         assert _run("-i", source, "-o", out, "-m", broken) == 2
         assert capsys.readouterr().err
         assert not (tmp_path / "new").exists() and not (tmp_path / "newfolder").exists()
+
+
+def test_a_lock_file_that_names_no_owner_fails_its_case_instead_of_waiting_forever(tiny_package, cases, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / "B.lock"
+    lock.write_text("garbage{")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert _run("-i", cases, "-o", out, "-m", tiny_package) == 2
+    err = capsys.readouterr().err
+    assert "B.lock: a lock file that names no owner" in err
+    assert (out / "A.nii.gz").is_file() and not (out / "B.nii.gz").exists()
+    assert lock.read_text() == "garbage{"  # not ours to remove
