@@ -284,6 +284,18 @@ def _may_replace(job: CaseJob, overwrite: bool, resume: bool, types: Sequence[st
     return overwrite or (resume and not job.marker(types).exists())
 
 
+def _say_what_resume_replaces(job: CaseJob, statistics: bool, preview: bool, overwrite: bool, resume: bool,
+                              types: Sequence[str]) -> None:
+    """Under ``resume`` (not ``overwrite``) a case without its marker is redone and its existing files replaced:
+    an interrupted case, or one whose output types grew since; never silently."""
+    if overwrite or not resume or job.marker(types).exists():
+        return
+    existing = [p for p in job.outputs(statistics, preview, types) if p.exists()]
+    if existing:
+        log.warning("%s: --continue replaces %s (the case's %s is missing: an interrupted case, or output types "
+                    "added since)", job.case, ", ".join(p.name for p in existing), job.marker(types).name)
+
+
 def _check_targets(job: CaseJob, statistics: bool, preview: bool, overwrite: bool,
                    types: Sequence[str] = ("nifti",)) -> None:
     """Refuse, before any work, outputs that exist (unless they may be replaced), saying which files of the
@@ -450,6 +462,7 @@ def _predict_planned(todo: list[CaseJob], folder_mode: bool, options: CaseOption
     volume = None
     if not folder_mode:
         _check_targets(todo[0], statistics, preview, _may_replace(todo[0], overwrite, resume, types), types)
+        _say_what_resume_replaces(todo[0], statistics, preview, overwrite, resume, types)
         volume = load_volume(todo[0].source, series_uid=series_uid)
         if reference is not None:  # refuse a mismatched reference before the model runs
             to_series_grid(np.zeros(volume.shape, dtype=np.uint8), volume.affine, reference, todo[0].source)
@@ -563,6 +576,8 @@ def predict_case(predictor: CascadePredictor, job: CaseJob, options: CaseOptions
         types = options.output_types
         replace = _may_replace(job, options.overwrite, options.resume, types)
         _check_targets(job, options.statistics, options.preview, replace, types)
+        _say_what_resume_replaces(job, options.statistics, options.preview, options.overwrite, options.resume,
+                                  types)
         if on_stage:
             on_stage("read", job)
         t = time.perf_counter()

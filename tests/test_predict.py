@@ -653,3 +653,22 @@ def test_a_lock_file_that_names_no_owner_fails_its_case_instead_of_waiting_forev
     assert "B.lock: a lock file that names no owner" in err
     assert (out / "A.nii.gz").is_file() and not (out / "B.nii.gz").exists()
     assert lock.read_text() == "garbage{"  # not ours to remove
+
+
+def test_continue_says_which_files_of_an_unfinished_case_it_replaces(tiny_package, tmp_path, caplog):
+    # A SEG-only run, then NIfTI + SEG with --continue: the case's marker (the label map) is missing, so the
+    # case is redone and its SEG replaced; that is said, not done silently.
+    pytest.importorskip("highdicom", reason="highdicom (extra 'dicom') is not installed")
+    from pocketseg.synth.dicom_series import write_phantom_series
+
+    series = write_phantom_series(tmp_path / "series", columns=24, rows=24, slices=8).folder
+    out = tmp_path / "out" / "ct.nii.gz"
+    flags = ["-m", tiny_package, "--no-intensity-check"]
+    assert _run("-i", series, "-o", out, *flags, "--output-type", "dicom-seg") == 0
+    seg = out.with_name("ct.seg.dcm")
+    assert seg.is_file() and not out.exists()
+    with caplog.at_level("WARNING"):
+        assert _run("-i", series, "-o", out, *flags, "--output-type", "nifti", "--output-type", "dicom-seg",
+                    "--continue") == 0
+    assert any("--continue replaces ct.seg.dcm" in r.getMessage() for r in caplog.records)
+    assert out.is_file() and seg.is_file()
