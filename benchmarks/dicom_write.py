@@ -26,8 +26,9 @@ from pocketseg.benchmarks.nifti_read import parse_shape
 from pocketseg.benchmarks.report import write_json
 from pocketseg.dicom import read_series_grid
 from pocketseg.runtime.dicom_output import Algorithm
-from pocketseg.runtime.dicom_seg import write_dicom_seg
-from pocketseg.runtime.rtstruct import write_rtstruct
+from pocketseg.atomic import atomic_write_bytes
+from pocketseg.runtime.dicom_seg import dicom_seg_bytes
+from pocketseg.runtime.rtstruct import rtstruct_bytes
 from pocketseg.synth.dicom_series import write_phantom_series
 
 log = logging.getLogger("pocketseg.benchmarks.dicom_write")
@@ -56,11 +57,13 @@ def run(shape: tuple[int, int, int], n_labels: int, repeat: int) -> dict:
         folder = Path(tmp)
         write_phantom_series(folder / "series", pixel_spacing=(0.8, 0.8), labels_ijk=labels)
         files = read_series_grid(folder / "series").files
-        for name, writer in (("dicom_seg", write_dicom_seg), ("rtstruct", write_rtstruct)):
+        for name, encode in (("dicom_seg", dicom_seg_bytes), ("rtstruct", rtstruct_bytes)):
             walls, cpus = [], []
             for _ in range(repeat):
                 wall, cpu = time.perf_counter(), time.process_time()
-                out = writer(labels, files, folder / f"out.{name}.dcm", algorithm=algorithm, overwrite=True)
+                # encoded and written as predict does (the writes: pocketseg.atomic)
+                out = atomic_write_bytes(folder / f"out.{name}.dcm", encode(labels, files, algorithm=algorithm),
+                                         overwrite=True)
                 walls.append(time.perf_counter() - wall)
                 cpus.append(time.process_time() - cpu)
             results[name] = {"wall_s_best": round(min(walls), 2), "cpu_s_best": round(min(cpus), 2),

@@ -30,7 +30,6 @@ import numpy as np
 from pydicom.sr.coding import Code
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes
 from pocketseg.dicom import source_datasets
 from pocketseg.errors import InputError
 from pocketseg.runtime.dicom_output import SEG_SERIES_NUMBER, Algorithm, present_labels
@@ -121,13 +120,3 @@ def dicom_seg_bytes(labels_ijk: np.ndarray, source_files: Sequence[Path], *, alg
     log.info("encoded DICOM SEG (%d segments, %d frames) in %.2f s", len(seg.SegmentSequence),
              int(seg.NumberOfFrames), time.perf_counter() - start)
     return buffer.getvalue()
-
-
-def write_dicom_seg(labels_ijk: np.ndarray, source_files: Sequence[Path], path: str | Path, *,
-                    algorithm: Algorithm, label_names: Mapping[str, int] | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write the SEG of ``labels_ijk`` (see :func:`build_dicom_seg`) atomically to ``path``."""
-    payload = dicom_seg_bytes(labels_ijk, source_files, algorithm=algorithm, label_names=label_names)
-    out = atomic_write_bytes(path, payload, overwrite=overwrite)
-    log.info("wrote DICOM SEG %s", out)
-    return out

@@ -37,7 +37,6 @@ from scipy import ndimage
 from skimage.measure import find_contours
 
 from pocketseg import labels as L
-from pocketseg.atomic import atomic_write_bytes
 from pocketseg.dicom import source_datasets
 from pocketseg.errors import InputError
 from pocketseg.runtime.dicom_output import RTSTRUCT_SERIES_NUMBER, Algorithm, present_labels
@@ -219,13 +218,3 @@ def rtstruct_bytes(labels_ijk: np.ndarray, source_files: Sequence[Path], *, algo
     log.info("encoded RT Structure Set (%d ROIs, %d contours) in %.2f s", len(ds.StructureSetROISequence), n,
              time.perf_counter() - start)
     return buffer.getvalue()
-
-
-def write_rtstruct(labels_ijk: np.ndarray, source_files: Sequence[Path], path: str | Path, *,
-                   algorithm: Algorithm, label_names: Mapping[str, int] | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write the RT Structure Set of ``labels_ijk`` (see :func:`build_rtstruct`) atomically to ``path``."""
-    payload = rtstruct_bytes(labels_ijk, source_files, algorithm=algorithm, label_names=label_names)
-    out = atomic_write_bytes(path, payload, overwrite=overwrite)
-    log.info("wrote RT Structure Set %s", out)
-    return out

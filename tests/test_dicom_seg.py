@@ -16,6 +16,7 @@ import pytest
 from dicom_phantom import (copy_real_series, dciodvfy, dcmqi_labels, frame_positions, oblique_orientation,
                            seg_to_labels, source_slices, study_of, write_phantom_series)
 from pocketseg import labels as L
+from pocketseg.atomic import atomic_write_bytes
 from pocketseg.errors import InputError
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom (extra 'dicom') is not installed")
@@ -23,7 +24,7 @@ hd = pytest.importorskip("highdicom", reason="highdicom (extra 'dicom') is not i
 
 from pocketseg.dicom import read_dicom_series, read_series_grid  # noqa: E402
 from pocketseg.runtime.dicom_output import Algorithm, to_series_grid  # noqa: E402
-from pocketseg.runtime.dicom_seg import build_dicom_seg, write_dicom_seg  # noqa: E402
+from pocketseg.runtime.dicom_seg import build_dicom_seg, dicom_seg_bytes  # noqa: E402
 
 ALGORITHM = Algorithm(model_name="tiny-model", model_digest="0123456789abcdef" * 4)
 NAME_TO_ID = {lab.name: lab.id for lab in L.LABELS}
@@ -64,7 +65,7 @@ def test_phantom_seg_reads_back_exactly_through_highdicom_and_dcmqi(phantom, tmp
     volume = read_dicom_series(phantom.folder)
     assert np.array_equal(volume.data > -80, phantom.labels_ijk > 0)  # the phantom is read on its own grid
     files = volume.meta["files"]
-    out = write_dicom_seg(phantom.labels_ijk, files, tmp_path / "case.seg.dcm", algorithm=ALGORITHM)
+    out = atomic_write_bytes(tmp_path / "case.seg.dcm", dicom_seg_bytes(phantom.labels_ijk, files, algorithm=ALGORITHM))
     _check_seg(out, files, phantom.labels_ijk, volume.affine, tmp_path)
 
 
@@ -127,7 +128,7 @@ def test_slices_without_any_sop_instance_uid_are_refused(tmp_path):
     del ds.file_meta.MediaStorageSOPInstanceUID
     ds.save_as(files[2], enforce_file_format=False)
     with pytest.raises(InputError, match="has no SOPInstanceUID") as excinfo:
-        write_dicom_seg(ph.labels_ijk, files, tmp_path / "x.seg.dcm", algorithm=ALGORITHM)
+        atomic_write_bytes(tmp_path / "x.seg.dcm", dicom_seg_bytes(ph.labels_ijk, files, algorithm=ALGORITHM))
     assert str(files[2]) in str(excinfo.value)
     assert not (tmp_path / "x.seg.dcm").exists()
 
@@ -159,7 +160,7 @@ def test_real_series_seg(ct_examples, tmp_path, uids):
     grid = read_series_grid(series)
     labels = _real_labels(ct_examples, grid)
     assert len(np.unique(labels)) >= 7  # liver, spleen, pancreas, aorta, IVC, adrenal, stomach in 20 slices
-    out = write_dicom_seg(labels, grid.files, tmp_path / "real.seg.dcm", algorithm=ALGORITHM)
+    out = atomic_write_bytes(tmp_path / "real.seg.dcm", dicom_seg_bytes(labels, grid.files, algorithm=ALGORITHM))
     _check_seg(out, grid.files, labels, grid.affine, tmp_path)
     if uids == "complete":
         assert pydicom.dcmread(out, stop_before_pixels=True).StudyInstanceUID == study_of(series)

@@ -15,13 +15,14 @@ import pytest
 from dicom_phantom import (copy_real_series, dciodvfy, dice, oblique_orientation, rasterise_rtstruct, source_slices,
                            study_of, write_phantom_series)
 from pocketseg import labels as L
+from pocketseg.atomic import atomic_write_bytes
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom (extra 'dicom') is not installed")
 pytest.importorskip("skimage", reason="scikit-image (extra 'dicom') is not installed")
 
 from pocketseg.dicom import read_dicom_series, read_series_grid  # noqa: E402
 from pocketseg.runtime.dicom_output import Algorithm, to_series_grid  # noqa: E402
-from pocketseg.runtime.rtstruct import build_rtstruct, slice_contours, write_rtstruct  # noqa: E402
+from pocketseg.runtime.rtstruct import build_rtstruct, rtstruct_bytes, slice_contours  # noqa: E402
 
 ALGORITHM = Algorithm(model_name="tiny-model", model_digest="0123456789abcdef" * 4)
 DISPLAY_TO_ID = {lab.display: lab.id for lab in L.LABELS}
@@ -53,7 +54,7 @@ def _check(path, files, labels_ijk):
 def test_phantom_contours_fill_back_to_the_label_map(tmp_path, geometry):
     ph = write_phantom_series(tmp_path / "series", columns=96, rows=88, slices=20, **GEOMETRIES[geometry])
     files = read_dicom_series(ph.folder).meta["files"]
-    out = write_rtstruct(ph.labels_ijk, files, tmp_path / "case.rtstruct.dcm", algorithm=ALGORITHM)
+    out = atomic_write_bytes(tmp_path / "case.rtstruct.dcm", rtstruct_bytes(ph.labels_ijk, files, algorithm=ALGORITHM))
     scores = _check(out, files, ph.labels_ijk)
     assert min(scores[n] for n in ("Liver", "Spleen", "Right kidney")) >= 0.98
 
@@ -102,7 +103,7 @@ def test_real_series_rtstruct(ct_examples, tmp_path, caplog, uids):
         flare[ts == ts_id] = flare_id
     labels = to_series_grid(flare, image.affine, grid, None)
     with caplog.at_level(logging.WARNING):
-        out = write_rtstruct(labels, grid.files, tmp_path / "real.rtstruct.dcm", algorithm=ALGORITHM)
+        out = atomic_write_bytes(tmp_path / "real.rtstruct.dcm", rtstruct_bytes(labels, grid.files, algorithm=ALGORITHM))
     assert ("generated from its SOP Instance UIDs" in caplog.text) == (uids == "anonymised")
     scores = _check(out, grid.files, labels)
     assert scores["Liver"] >= 0.98
