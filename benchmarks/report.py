@@ -26,6 +26,7 @@ from typing import Any
 from pocketseg import atomic
 from pocketseg.atomic import atomic_write_bytes, check_targets, ensure_dir, write_text
 from pocketseg.errors import InputError, OutputError
+from pocketseg.manifest import load_package
 from pocketseg.plotting import png_bytes, pyplot
 
 __all__ = [
@@ -378,23 +379,34 @@ def _link(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
 
 
+def _model_words(model: Path | None, base: Path) -> str:
+    """How the demo report names the package that made its predictions."""
+    if model is None:
+        return "the exported model package"
+    source = load_package(model).source or {}
+    what = "; ".join(str(source[k]) for k in ("training_data", "intended_use") if source.get(k))
+    return f"the model package `{_link(model, base)}`" + (f" ({what})" if what else "")
+
+
 def write_demo_report(out: str | os.PathLike, *, previews: str | os.PathLike | None = None,
                       predictions: str | os.PathLike | None = None, evaluation: str | os.PathLike | None = None,
-                      bench: str | os.PathLike | None = None, title: str = "pocketseg demo",
-                      overwrite: bool = False) -> Path:
+                      bench: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
+                      title: str = "pocketseg demo", overwrite: bool = False) -> Path:
     """One Markdown page summarising a run of the chain: data previews, prediction previews, evaluation, bench.
 
     Each source is optional: ``previews`` (folder of data set preview PNGs, ``pocketseg synth --preview``),
     ``predictions`` (folder of ``pocketseg predict --preview`` outputs), ``evaluation`` (``pocketseg evaluate``
     output folder: its ``table.md``), ``bench`` (``pocketseg bench`` output folder: ``bench.json`` and
-    ``memory.png``). Images are linked relative to ``out``. Returns ``out``.
+    ``memory.png``), ``model`` (the package that made the predictions: named with its manifest's ``source``).
+    Images are linked relative to ``out``. Returns ``out``.
     """
     target = Path(out)
     if target.suffix.lower() != ".md":
         raise OutputError(target, "the report must be a Markdown file (.md)")
     check_targets([target], overwrite=overwrite)
     folders = {name: (None if value is None else Path(value)) for name, value in
-               (("previews", previews), ("predictions", predictions), ("evaluation", evaluation), ("bench", bench))}
+               (("previews", previews), ("predictions", predictions), ("evaluation", evaluation), ("bench", bench),
+                ("model", model))}
     for name, folder in folders.items():
         if folder is not None and not folder.is_dir():
             raise InputError(folder, f"{name} folder does not exist" if not folder.exists() else "is not a folder")
@@ -407,7 +419,7 @@ def write_demo_report(out: str | os.PathLike, *, previews: str | os.PathLike | N
         lines += [f"![{p.stem}]({_link(p, base)})" for p in data_pngs] + [""]
     pred_pngs = _pngs(folders["predictions"])
     if pred_pngs:
-        lines += ["## Predictions", "", "Held-out cases segmented by the exported model package:", ""]
+        lines += ["## Predictions", "", f"Held-out cases segmented by {_model_words(folders['model'], base)}:", ""]
         lines += [f"![{p.stem}]({_link(p, base)})" for p in pred_pngs] + [""]
     if folders["evaluation"] is not None:
         table = folders["evaluation"] / "table.md"

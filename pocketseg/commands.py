@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--cache", default=None, help="preprocessing cache folder [$POCKETSEG_CACHE or ~/.cache/pocketseg]")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
+    p.add_argument("--cpu-bf16", dest="cpu_bf16", action="store_true",
+                   help="bf16 autocast when training on the CPU (fast with AVX-512 BF16 or AMX; weights stay fp32)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd: Nesterov momentum 0.99 (paper, nnU-Net); adamw: fewer iterations to learn, for short "
+                        "CPU budgets (use --lr 0.003) [sgd]")
+    p.add_argument("--no-mirror", dest="mirror", action="store_false",
+                   help="no mirroring augmentation (keeps left and right organs apart in small patches)")
 
     p = sub.add_parser("export", help="export a ROI run and a detail run to a model package (ONNX, fp16 ONNX, weights)",
                        description="Write a model package: manifest.json with checksums, fp32 and mixed-precision fp16 "
@@ -317,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None, metavar="DIR", help="predict output folder with --preview PNGs")
     p.add_argument("--evaluation", default=None, metavar="DIR", help="pocketseg evaluate output folder (table.md)")
     p.add_argument("--bench", default=None, metavar="DIR", help="pocketseg bench output folder (bench.json, memory.png)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="the model package that made the predictions (named in the report with its source)")
     p.add_argument("--title", default="pocketseg demo", help="report title")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
 

@@ -171,6 +171,18 @@ def test_demo_report_links_previews_and_includes_tables(tmp_path):
         R.write_demo_report(tmp_path / "x.md", evaluation=previews)
 
 
+def test_demo_report_names_the_model_with_its_source(tmp_path):
+    predictions = tmp_path / "pred"
+    predictions.mkdir()
+    (predictions / "case9.png").write_bytes(PNG_MAGIC)
+    reference = Path(__file__).resolve().parents[1] / "models" / "reference"  # shipped in the repository
+    text = R.write_demo_report(tmp_path / "demo.md", predictions=predictions, model=reference).read_text()
+    assert "Held-out cases segmented by the model package" in text
+    assert "not for real CT" in text and "synthetic phantoms" in text
+    with pytest.raises(InputError, match="does not exist"):
+        R.write_demo_report(tmp_path / "other.md", predictions=predictions, model=tmp_path / "nothing")
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,50 @@ def test_loss_falls_on_the_tiny_preset(dataset, cache, tmp_path):
     assert "epoch 4/4" in (run / "training_log.txt").read_text()
 
 
+def test_the_short_cpu_recipe_options_are_recorded_and_take_effect(dataset, cache, tmp_path, monkeypatch):
+    """AdamW, bf16 autocast on the CPU and no mirroring (the reference model's recipe): each reaches the step."""
+    from pocketseg.trainer import augment, train as train_module
+
+    casts, mirrors = [], []
+    real_autocast, real_transforms = train_module._autocast, augment.training_transforms
+
+    def spy_autocast(device, *, amp, cpu_bf16):
+        casts.append(cpu_bf16)
+        return real_autocast(device, amp=amp, cpu_bf16=cpu_bf16)
+
+    def spy_transforms(patch, *, mirror_axes=(0, 1, 2)):
+        mirrors.append(tuple(mirror_axes))
+        return real_transforms(patch, mirror_axes=mirror_axes)
+
+    monkeypatch.setattr(train_module, "_autocast", spy_autocast)
+    monkeypatch.setattr("pocketseg.trainer.data.training_transforms", spy_transforms)
+    run = train(dataset, stage="detail", preset="detail-tiny", epochs=2, out=tmp_path / "run", cache=cache,
+                device="cpu", optimizer="adamw", lr=0.003, cpu_bf16=True, mirror=False,
+                **{**QUICK, "iterations": 6, "val_every": 2})
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optimizer"], config["cpu_bf16"], config["mirror"]) == ("adamw", True, False)
+    state = ckpt.load_checkpoint(run / ckpt.LATEST)["optimizer"]
+    assert "exp_avg" in next(iter(state["state"].values()))  # AdamW's moments, not SGD's momentum buffer
+    assert casts and all(casts)
+    assert mirrors == [()]
+    history = json.loads((run / "history.json").read_text())
+    assert all(np.isfinite(h["train_loss"]) for h in history)
+    with pytest.raises(InputError, match="optimizer must be"):
+        train(dataset, stage="detail", preset="detail-tiny", epochs=1, out=tmp_path / "bad", cache=cache,
+              optimizer="adam", **QUICK)
+
+
+def test_mirroring_is_left_out_of_the_pipeline_when_asked():
+    pytest.importorskip("batchgeneratorsv2")
+    from pocketseg.trainer.augment import training_transforms
+
+    def names(pipeline):
+        return [type(getattr(t, "transform", t)).__name__ for t in pipeline.transforms]
+
+    assert "MirrorTransform" in names(training_transforms((16, 32, 32)))
+    assert "MirrorTransform" not in names(training_transforms((16, 32, 32), mirror_axes=()))
+
+
 def test_resume_continues_exactly(dataset, cache, tmp_path):
     straight = train(dataset, stage="roi", preset="roi-tiny", epochs=2, out=tmp_path / "a", cache=cache, **QUICK)
     part = train(dataset, stage="roi", preset="roi-tiny", epochs=1, out=tmp_path / "b", cache=cache, **QUICK)

@@ -109,5 +109,5 @@ def training_transforms(patch_zyx, *, mirror_axes=(0, 1, 2)):
                                        p_per_channel=1, p_retain_stats=1), apply_probability=0.1),
         RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
                                        p_per_channel=1, p_retain_stats=1), apply_probability=0.3),
-        MirrorTransform(allowed_axes=tuple(mirror_axes)),
+        *([MirrorTransform(allowed_axes=tuple(mirror_axes))] if mirror_axes else []),
     ])

@@ -45,6 +45,7 @@ class SamplingConfig:
     foreground_fraction: float = FOREGROUND_FRACTION
     roi_margin_mm: float = ROI_MARGIN_MM
     roi_jitter_mm: float = ROI_JITTER_MM
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
 
 
 def sample_seed(seed: int, rank: int, index: int) -> np.random.SeedSequence:
@@ -122,7 +123,7 @@ class PatchDataset(torch.utils.data.Dataset):
         seg_t, class_mask = self.known_classes(c, torch.from_numpy(seg[None]))
         if self.cfg.augment:
             if self._transforms is None:
-                self._transforms = training_transforms(self.cfg.patch_zyx)
+                self._transforms = training_transforms(self.cfg.patch_zyx, mirror_axes=self.cfg.mirror_axes)
             out = self._transforms(image=torch.from_numpy(image[None]), segmentation=seg_t.to(torch.int16))
             image_t, seg_t = out["image"], out["segmentation"].long()
         else:

@@ -83,7 +83,7 @@ def _stage_export(name: str, run: tuple[dict[str, Any], Preset, PocketUNet, dict
 
 def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                    fp16: bool = True, check: bool = True, strict: bool = False, opset: int = OPSET,
-                   sign_key: str | os.PathLike | None = None) -> Path:
+                   sign_key: str | os.PathLike | None = None, source: dict[str, Any] | None = None) -> Path:
     """Write a complete model package from a ROI run and a detail run (``pocketseg export``); returns its folder.
 
     Args:
@@ -98,13 +98,15 @@ def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str |
         opset: ONNX opset, 17..20.
         sign_key: an Ed25519 private key file (``pocketseg keygen``): the package gets its signature,
             ``signature.json`` (docs/model-package.md, "Signatures").
+        source: where the networks came from, recorded as the manifest's ``source`` (e.g. the training data and
+            the intended use).
     """
     check_opset(opset)
     runs = {"roi": load_run(roi, "roi"), "detail": load_run(detail, "detail")}
     margin = float(runs["detail"][0].get("roi_margin_mm", ROI_MARGIN_MM))
     return write_package([_stage_export(name, run) for name, run in runs.items()], out, roi_margin_mm=margin,
                          postprocess=PostProcess(), overwrite=overwrite, fp16=fp16, check=check, strict=strict,
-                         opset=opset, sign_key=sign_key)
+                         opset=opset, sign_key=sign_key, manifest_fields=None if source is None else {"source": source})
 
 
 def write_untrained_run(folder: str | os.PathLike, stage: str, preset_name: str, *,

@@ -12,7 +12,7 @@ its [1,3,3] first kernel implies.
 ``*-unet`` presets are the same topologies with channels doubling per stage
 (capped at 320, as nnU-Net), the conventional U-Net the paper compares against.
 ``*-cpu`` presets are narrower nets at coarser spacing for CPU-only machines,
-and ``*-tiny`` presets exist for tests. All sizes are (z, y, x).
+``detail-ref`` is the detail net of the shipped reference model (docs/reference-model.md), and ``*-tiny`` presets exist for tests. All sizes are (z, y, x).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        (6.0, 3.0, 3.0), (32, 96, 96), description="narrow ROI net for CPU-only machines"),
     _p("detail-cpu", "detail", 16, ((1, 3, 3),) + ((3, 3, 3),) * 4, ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
        (3.0, 1.5, 1.5), (32, 128, 128), description="narrow detail net for CPU-only machines"),
+    _p("detail-ref", "detail", 16, ((3, 3, 3),) * 5, ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+       (2.5, 1.6, 1.6), (32, 96, 96), description="detail net of the reference model, trainable on 2 CPU cores"),
     _p("roi-tiny", "roi", 8, ((3, 3, 3),) * 3, ((1, 1, 1), (1, 2, 2), (2, 2, 2)), (8.0, 6.0, 6.0), (16, 32, 32),
        description="test-sized ROI net"),
     _p("detail-tiny", "detail", 8, ((3, 3, 3),) * 3, ((1, 1, 1), (1, 2, 2), (2, 2, 2)), (5.0, 4.0, 4.0), (16, 32, 32),

@@ -4,7 +4,11 @@ Follows the FLARE 2023 paper and nnU-Net v2: CE + Dice loss with deep
 supervision, SGD with Nesterov momentum 0.99 and weight decay 3e-5, initial
 learning rate 0.01 halved every 200 epochs (``schedule="poly"`` gives nnU-Net's
 polynomial decay), gradient clipping at 12, batch 2, 33 % foreground
-oversampling, AMP on CUDA.
+oversampling, AMP on CUDA. For short budgets ``optimizer="adamw"`` learns in far
+fewer iterations (the reference model's recipe). On the CPU, ``cpu_bf16`` trains under bf16 autocast
+(2.6x faster per iteration on a CPU with AVX-512 BF16; weights, optimiser and
+loss stay fp32), and ``mirror=False`` leaves out mirroring, which makes left
+and right organs look alike patch by patch.
 
 The run folder holds ``config.json`` (everything needed to rebuild the net and
 its preprocessing, including the intensity statistics), ``checkpoint_latest.pt``
@@ -41,6 +45,7 @@ from pocketseg.errors import InputError, MissingDependencyError, OutputError
 from pocketseg.geometry import ROI_MARGIN_MM
 from pocketseg.manifest import Intensity
 from pocketseg.plotting import png_bytes, pyplot
+from pocketseg.runtime.engines import cpu_bf16_support
 from pocketseg.runtime.network import PocketUNet
 from pocketseg.runtime.sliding_window import sliding_window_predict
 from pocketseg.trainer import checkpoint as ckpt
@@ -55,6 +60,8 @@ log = logging.getLogger(__name__)
 
 MOMENTUM = 0.99
 WEIGHT_DECAY = 3e-5
+ADAMW_WEIGHT_DECAY = 1e-4
+OPTIMIZERS = ("sgd", "adamw")
 GRAD_CLIP = 12.0
 LR_HALVING_EPOCHS = 200
 SPLIT_SEED = 12345  # as nnU-Net's 5-fold split
@@ -78,9 +85,21 @@ class RunConfig:
     schedule: str
     seed: int
     roi_margin_mm: float = ROI_MARGIN_MM
+    cpu_bf16: bool = False
+    mirror: bool = True
+    optimizer: str = "sgd"
     labels: dict[str, int] = field(default_factory=L.dataset_json_labels)
     axis_order: str = "zyx"
     pocketseg_version: str = __version__
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum 0.99 and weight decay 3e-5 (nnU-Net, the paper), or AdamW."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
+    raise InputError(None, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def learning_rate(epoch: int, epochs: int, lr: float, schedule: str) -> float:
@@ -120,7 +139,7 @@ def _dice(pred: np.ndarray, truth: np.ndarray, c: int) -> float:
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, folder: Path, names: list[str], cfg: SamplingConfig, device: torch.device,
-             *, amp: bool = False) -> dict[str, float]:
+             *, amp: bool = False, cpu_bf16: bool = False) -> dict[str, float]:
     """Per-class DSC on whole validation cases (sliding window on the preprocessed grid, tile step 1.0).
 
     Detail stage: each case is cropped to its foreground box plus the ROI margin, as the ROI stage would.
@@ -132,7 +151,7 @@ def validate(model: torch.nn.Module, folder: Path, names: list[str], cfg: Sampli
 
     def infer(batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with _autocast(device, amp=amp, cpu_bf16=cpu_bf16):
             return net(x).float().cpu().numpy()
 
     scores: dict[int, list[float]] = {c: [] for c in range(1, cfg.num_classes)}
@@ -157,6 +176,13 @@ def validate(model: torch.nn.Module, folder: Path, names: list[str], cfg: Sampli
         net.train()
     names_by_id = {1: "foreground"} if cfg.stage == "roi" else {lab.id: lab.name for lab in L.LABELS}
     return {names_by_id[c]: float(np.mean(v)) for c, v in scores.items() if v}
+
+
+def _autocast(device: torch.device, *, amp: bool, cpu_bf16: bool):
+    """fp16 autocast on CUDA (with ``amp``), bf16 autocast on the CPU (with ``cpu_bf16``), else none."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", enabled=amp)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
 
 
 def _plot_progress(path: Path, history: list[dict[str, Any]]) -> None:
@@ -235,6 +261,9 @@ class TrainSettings:
     seed: int = 0
     cache: Path | None = None
     amp: bool = True
+    cpu_bf16: bool = False
+    mirror: bool = True
+    optimizer: str = "sgd"
     progress: bool = True
 
     def check(self) -> None:
@@ -246,6 +275,8 @@ class TrainSettings:
         learning_rate(0, self.epochs, self.lr, self.schedule)  # validates the schedule name
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(None, f"lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(None, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.workers is not None and self.workers < 0:
             raise InputError(None, f"workers must be >= 0, got {self.workers}")
 
@@ -288,6 +319,9 @@ def train(
     seed: int = 0,
     cache: str | os.PathLike | None = None,
     amp: bool = True,
+    cpu_bf16: bool = False,
+    mirror: bool = True,
+    optimizer: str = "sgd",
     progress: bool = True,
 ) -> Path:
     """Train one cascade stage on a raw nnU-Net v2 data set (``pocketseg train``); returns the run folder.
@@ -306,6 +340,10 @@ def train(
         val_every: validate every N epochs (and after the last).
         workers: background data-loading processes (default: by core count).
         seed: random seed. cache: preprocessing cache folder. amp: mixed precision on CUDA.
+        cpu_bf16: bf16 autocast when training on the CPU (fast where the CPU has AVX-512 BF16 or AMX).
+        mirror: mirroring augmentation along every axis (nnU-Net's default).
+        optimizer: ``sgd`` (Nesterov momentum 0.99, the paper and nnU-Net) or ``adamw`` (weight decay 1e-4;
+            learns in far fewer iterations, used by the reference model's short CPU recipe).
         progress: show progress bars.
     """
     if stage not in STAGES:
@@ -313,7 +351,8 @@ def train(
     settings = TrainSettings(stage=stage, preset=get_preset(preset, stage), epochs=epochs, resume=resume, fold=fold,
                              val_fraction=val_fraction, iterations=iterations, batch_size=batch_size, lr=lr,
                              schedule=schedule, val_every=val_every, workers=workers, seed=seed,
-                             cache=None if cache is None else Path(cache), amp=amp, progress=progress)
+                             cache=None if cache is None else Path(cache), amp=amp, cpu_bf16=cpu_bf16, mirror=mirror,
+                             optimizer=optimizer, progress=progress)
     settings.check()
     ranks = Ranks.from_environment()
     dev = _resolve_device(device, ranks.local_rank)
@@ -428,9 +467,13 @@ class Trainer:
         preset, cfg = settings.preset, self.config
         torch.manual_seed(cfg.seed)
         self.model = PocketUNet(preset.unet_config(), deep_supervision=True).to(device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=MOMENTUM, nesterov=True,
-                                         weight_decay=WEIGHT_DECAY)
+        self.optimizer = make_optimizer(self.model, cfg.optimizer, cfg.lr)
         self.use_amp = settings.amp and device.type == "cuda"
+        self.cpu_bf16 = self.config.cpu_bf16 and device.type == "cpu"
+        if self.config.cpu_bf16 and device.type == "cpu" and ranks.rank == 0:
+            native, why = cpu_bf16_support()
+            if not native:
+                log.warning("bf16 training on a CPU without native bf16 is slower than fp32 (%s)", why)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.start_epoch, self.history, self.best = 0, [], -1.0
         if settings.resume:
@@ -441,7 +484,8 @@ class Trainer:
                           if ranks.distributed else self.model)
         self.loss_fn = DeepSupervisionLoss(DiceCELoss())
         self.sampling = SamplingConfig(stage=cfg.stage, patch_zyx=preset.patch_zyx, spacing_mm_zyx=preset.spacing_mm_zyx,
-                                       strides=preset.strides, num_classes=preset.num_classes)
+                                       strides=preset.strides, num_classes=preset.num_classes,
+                                       mirror_axes=(0, 1, 2) if cfg.mirror else ())
         self.loader, self.sampler = self._loader()
 
     # ---------------------------------------------------------------------------------------------- the run config
@@ -454,7 +498,9 @@ class Trainer:
             raise InputError(config_path, f"is not a config.json of this pocketseg ({exc})") from None
         if cfg.stage != s.stage or cfg.preset["name"] != s.preset.name:
             raise InputError(self.out, f"holds a {cfg.stage}/{cfg.preset['name']} run, not {s.stage}/{s.preset.name}")
-        changed = {k: (getattr(cfg, k), getattr(s, k)) for k in ("iterations", "batch_size", "lr", "schedule", "seed")
+        changed = {k: (getattr(cfg, k), getattr(s, k))
+                   for k in ("iterations", "batch_size", "lr", "schedule", "seed", "cpu_bf16", "mirror",
+                             "optimizer")
                    if getattr(cfg, k) != getattr(s, k)}
         if changed and self.ranks.rank == 0:
             log.warning("resuming with the run's own settings, not %s",
@@ -470,7 +516,8 @@ class Trainer:
         intensity = _read_json(self.out / "fingerprint.json", "fingerprint.json")["intensity"]
         return RunConfig(stage=s.stage, preset=s.preset.to_dict(), intensity=intensity, dataset=str(self.root),
                          train_cases=train_names, val_cases=val_names, epochs=s.epochs, iterations=s.iterations,
-                         batch_size=s.batch_size, lr=s.lr, schedule=s.schedule, seed=s.seed)
+                         batch_size=s.batch_size, lr=s.lr, schedule=s.schedule, seed=s.seed,
+                         cpu_bf16=s.cpu_bf16, mirror=s.mirror, optimizer=s.optimizer)
 
     @property
     def intensity(self) -> Intensity:
@@ -525,9 +572,9 @@ class Trainer:
         targets = [t.to(dev, non_blocking=True) for t in batch["targets"]]
         class_mask = batch["class_mask"].to(dev)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, enabled=self.use_amp):
+        with _autocast(dev, amp=self.use_amp, cpu_bf16=self.cpu_bf16):
             outputs = self.ddp_model(image)
-            loss = self.loss_fn(outputs, targets, class_mask)
+        loss = self.loss_fn([o.float() for o in outputs], targets, class_mask)  # softmax and CE in fp32
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
@@ -563,7 +610,8 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Per-class validation DSC of the current weights (see :func:`validate`)."""
-        return validate(self.model, self.folder, self.config.val_cases, self.sampling, self.device, amp=self.use_amp)
+        return validate(self.model, self.folder, self.config.val_cases, self.sampling, self.device, amp=self.use_amp,
+                        cpu_bf16=self.cpu_bf16)
 
     def save_epoch(self, entry: dict[str, Any]) -> None:
         """Rank 0: record the epoch (history, checkpoints, progress plot) and log it."""
