@@ -34,8 +34,9 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 # The reference model (docs/reference-model.md): a cascade trained on synthetic phantoms by a fixed, seeded recipe,
-# evaluated on 10 held-out phantoms and published into $(REFERENCE) (at most 5 MB, committed). About 1 h 20 min on
-# 2 CPU cores (bf16 autocast where the CPU has it), minutes on a CUDA GPU. An interrupted run continues.
+# evaluated on 10 held-out phantoms and published into $(REFERENCE) (at most 5 MB, committed). About 1 h 40 min on
+# 2 CPU cores with native bf16 (bf16 autocast), an estimated 4 h in fp32 without it, minutes on a CUDA GPU. An interrupted
+# run continues.
 REFERENCE := models/reference
 reference-model: venv
 	$(BIN)/python -m pocketseg.benchmarks.reference_model --out build/reference-model --publish $(REFERENCE)

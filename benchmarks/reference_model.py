@@ -1,18 +1,24 @@
 """The reference model: a cascade trained on synthetic phantoms only, for the demo and the accuracy guards.
 
     python -m pocketseg.benchmarks.reference_model [--out build/reference-model] [--publish models/reference]
+        [--start-from PKG]
 
 (``make reference-model``.) The recipe (:data:`RECIPE`) is fixed and seeded: 20 fully labelled full-size
 phantoms to train on, 10 held-out phantoms of another seed to score on, the ``roi-cpu`` ROI net and the
 ``detail-ref`` detail net (AdamW: in a short budget it learns where SGD with momentum 0.99 is still at
 background, docs/reference-model.md), poly learning-rate decay, bf16 autocast where the CPU computes bf16
-natively, no mirroring. On a machine with a CUDA GPU the same recipe trains there (AMP), which takes minutes.
+natively, no mirroring. The detail net trains in two phases: on crops of the true organ box plus the ROI
+margin, then (``detail_widen``, from phase 1's weights) on crops widened as the trained ROI net's boxes are.
+On a machine with a CUDA GPU the same recipe trains there (AMP), which takes minutes.
 
 Steps, each skipped when its output is complete, so an interrupted run continues where it stopped
-(training resumes from its last checkpoint): synthesize -> train ROI -> train detail -> export the package
-(fp32 and fp16 ONNX, weights, checked against PyTorch) -> predict the held-out phantoms with the full cascade
--> FLARE evaluation -> ``report.md`` / ``report.json`` / ``learning_curve.png``. ``--publish`` copies the
-package and its report into the repository folder that ships it (at most 5 MB).
+(training resumes from its last checkpoint): synthesize -> train ROI -> train detail (phase 1, phase 2) ->
+export the package (fp32 and fp16 ONNX, weights, checked against PyTorch; again whenever the nets changed)
+-> predict the held-out phantoms with the full cascade -> FLARE evaluation -> ``report.md`` /
+``report.json`` / ``learning_curve.png``. ``--start-from PKG`` takes the ROI net and phase 1 of the detail
+net from a package the recipe's first steps made (its report says so) instead of training them again;
+the folder remembers it. ``--publish`` copies the package and its report into the repository folder
+that ships it (at most 5 MB).
 
 The model has seen nothing but phantoms: it is for the demo and for regression tests, not for real CT.
 """
@@ -38,19 +44,21 @@ from pocketseg.atomic import (
     atomic_output_dir,
     atomic_write_bytes,
     ensure_dir,
+    read_json,
     write_text,
 )
 from pocketseg.benchmarks.report import write_json
-from pocketseg.errors import OutputError
+from pocketseg.errors import InputError, MissingDependencyError, OutputError
 from pocketseg.evaluation.evaluate import evaluate_folders
-from pocketseg.evaluation.metrics import organ_column
+from pocketseg.evaluation.metrics import dice, organ_column
+from pocketseg.manifest import sha256_file
 from pocketseg.plotting import png_bytes, pyplot
 from pocketseg.runtime.engines import cpu_bf16_support
 from pocketseg.runtime.network import PocketUNet, count_parameters
 from pocketseg.runtime.predict import predict
 from pocketseg.synth.dataset import synthesize_dataset
 from pocketseg.trainer import checkpoint as ckpt
-from pocketseg.trainer.package import export_package
+from pocketseg.trainer.package import export_package, final_checkpoint, write_finished_run
 from pocketseg.trainer.presets import get_preset
 from pocketseg.trainer.train import train
 
@@ -64,6 +72,11 @@ RECIPE: dict[str, Any] = {
             "schedule": "poly", "mirror": False, "val_fraction": 0.1, "val_every": 4, "seed": 0},
     "detail": {"preset": "detail-ref", "epochs": 55, "iterations": 50, "batch_size": 2, "optimizer": "adamw",
                "lr": 0.003, "schedule": "poly", "mirror": False, "val_fraction": 0.1, "val_every": 5, "seed": 0},
+    # Phase 2 of the detail net: from phase 1's weights, on crops widened as the ROI net's boxes are (it also
+    # marks bowel next to the organs, so its boxes reach up to 1.5x the organs' extent; docs/reference-model.md).
+    "detail_widen": {"stage": "detail", "init": "detail", "preset": "detail-ref", "epochs": 15, "iterations": 50,
+                     "batch_size": 2, "optimizer": "adamw", "lr": 0.001, "schedule": "poly", "mirror": False,
+                     "crop_widen_mm": 60.0, "val_fraction": 0.1, "val_every": 5, "seed": 1},
 }
 #: The shipped package's limit (ONNX fp32 + fp16 + weights + report).
 MAX_PUBLISHED_BYTES = 5 * 1024 * 1024
@@ -89,15 +102,102 @@ def _synth(folder: Path, spec: dict[str, int]) -> bool:
     return True
 
 
-def _train(stage: str, data: Path, run: Path, cache: Path, device: str, cpu_bf16: bool) -> bool:
-    """Train (or resume) one stage unless its run is finished; whether it trained now."""
-    spec = RECIPE[stage]
-    latest = run / ckpt.LATEST
+def _train(step: str, data: Path, runs: dict[str, Path], cache: Path, device: str, cpu_bf16: bool) -> bool:
+    """Train (or resume) one step of the recipe unless its run is finished; whether it trained now."""
+    spec = dict(RECIPE[step])
+    stage, init = spec.pop("stage", step), spec.pop("init", None)
+    run_dir = runs[step]
+    latest = run_dir / ckpt.LATEST
     if latest.is_file() and ckpt.load_checkpoint(latest).get("finished"):
         return False
-    train(data, stage=stage, out=run, resume=latest.is_file(), device=device, cache=cache, cpu_bf16=cpu_bf16,
-          **spec)
+    init_weights = None
+    if init is not None and not latest.is_file():
+        init_weights = final_checkpoint(runs[init])
+    train(data, stage=stage, out=run_dir, resume=latest.is_file(), device=device, cache=cache, cpu_bf16=cpu_bf16,
+          init_weights=init_weights, **spec)
     return True
+
+
+#: The recipe's training steps in order; the package takes the ROI net and the last detail step.
+STEPS = ("roi", "detail", "detail_widen")
+#: The steps a start package (``--start-from``) provides.
+START_STEPS = ("roi", "detail")
+#: In the recipe folder: which package the first steps came from (and its training record), once started from one.
+START_MARKER = "start_from.json"
+#: In the recipe folder: the SHA-256 of the checkpoints the package in ``model/`` was exported from.
+EXPORT_INPUTS = "export_inputs.json"
+_TRAIN_FIELDS = ("params", "spacing_mm_zyx", "patch_zyx", "iterations", "seconds", "last_val_mean_dice")
+
+
+def start_package_report(package: Path) -> dict[str, Any]:
+    """What ``--start-from`` keeps of a package the recipe's first steps made: its path, the SHA-256 of its ROI and
+    detail weights and its training record; one clear error for a package that is not such a package."""
+    package = Path(package)
+    report = read_json(package / "report.json", missing="is missing: not a published reference model")
+    manifest = read_json(package / "manifest.json", missing="is missing: not a model package")
+    recipe = report.get("recipe") if isinstance(report, dict) else None
+    if not isinstance(recipe, dict):
+        raise InputError(package / "report.json", "holds no recipe: not a reference-model report")
+    differs = [f"{key}.{k}: package {recipe.get(key, {}).get(k)!r}, recipe {v!r}"
+               for key in ("train_data", *START_STEPS) for k, v in RECIPE[key].items()
+               if not isinstance(recipe.get(key), dict) or recipe[key].get(k) != v]
+    if differs:
+        raise InputError(package, "was not made by the first steps of this recipe (" + "; ".join(differs[:4])
+                         + ("; ..." if len(differs) > 4 else "") + "); train from scratch instead")
+    if "detail_widen" in recipe:
+        raise InputError(package, "already holds the last detail step (detail_widen): start from a package of the "
+                                  "first steps only, or train from scratch")
+    train_record = report.get("train", {})
+    missing = [f"train.{step}.{f}" for step in START_STEPS for f in _TRAIN_FIELDS
+               if f not in train_record.get(step, {})]
+    missing += [k for k in ("device", "machine", "seconds") if k not in report]
+    if missing:
+        raise InputError(package / "report.json", f"lacks {', '.join(missing)}")
+    sha = {}
+    for step in START_STEPS:
+        weights = package / f"{step}.safetensors"
+        if not weights.is_file():
+            raise InputError(weights, "is missing from the start package")
+        intensity = manifest.get("stages", {}).get(step, {}).get("intensity")
+        if not isinstance(intensity, dict):
+            raise InputError(package / "manifest.json", f"has no intensity statistics of the {step} stage")
+        sha[step] = sha256_file(weights)
+    return {"package": str(package), "sha256": sha, "train": {step: train_record[step] for step in START_STEPS},
+            "device": report["device"], "machine": report["machine"], "seconds": report["seconds"],
+            "intensity": {step: manifest["stages"][step]["intensity"] for step in START_STEPS}}
+
+
+def _run_from_package(start: dict[str, Any], step: str, run_dir: Path) -> None:
+    """The finished run folder of ``step`` holding the start package's net (its weights and intensity statistics)."""
+    try:
+        from safetensors.torch import load_file  # optional (train extra), only with --start-from
+    except ImportError:
+        raise MissingDependencyError("safetensors", "--start-from", "train") from None
+    weights_path = Path(start["package"]) / f"{step}.safetensors"
+    if sha256_file(weights_path) != start["sha256"][step]:
+        raise InputError(weights_path, "changed since this recipe folder was started from it")
+    spec = RECIPE[step]
+    write_finished_run(run_dir, spec.get("stage", step), spec["preset"], load_file(str(weights_path)),
+                       intensity=start["intensity"][step], dataset=f"the {step} net of {start['package']}",
+                       seed=spec["seed"], epochs=spec["epochs"], iterations=spec["iterations"],
+                       batch_size=spec["batch_size"], lr=spec["lr"], schedule=spec["schedule"], mirror=spec["mirror"],
+                       optimizer=spec["optimizer"])
+
+
+def _start(out: Path, start_from: Path | None) -> dict[str, Any] | None:
+    """The start record of the recipe folder: from ``start_from`` (checked against what ``out`` holds), or the one
+    ``out`` was started with, or None (everything trained here)."""
+    marker = out / START_MARKER
+    recorded = read_json(marker) if marker.is_file() else None
+    if start_from is None:
+        return recorded
+    start = start_package_report(start_from)
+    if recorded is not None and recorded["sha256"] != start["sha256"]:
+        raise InputError(out, f"was started from other nets ({recorded['package']}); use a new --out")
+    trained_here = [step for step in START_STEPS if (out / "runs" / step).exists()]
+    if recorded is None and trained_here:
+        raise InputError(out, f"holds {' and '.join(trained_here)} runs trained here; --start-from needs a new --out")
+    return start
 
 
 def _source() -> dict[str, Any]:
@@ -108,21 +208,23 @@ def _source() -> dict[str, Any]:
 
 
 def _history(run: Path) -> list[dict[str, Any]]:
-    return json.loads((run / "history.json").read_text())
+    path = run / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
-def plot_learning_curves(runs: dict[str, Path]) -> bytes:
-    """Train loss and validation mean DSC of both stages against the iteration."""
+def plot_learning_curves(histories: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Train loss and validation mean DSC of each step the recipe trained here, against the iteration."""
     plt = pyplot("The learning-curve plot")
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4))
-    for ax, (stage, run) in zip(np.atleast_1d(axes), runs.items()):
-        history = _history(run)
-        per_epoch = RECIPE[stage]["iterations"]
+    if not histories:
+        raise ValueError("no training step ran in this recipe folder: nothing to plot")
+    fig, axes = plt.subplots(1, len(histories), figsize=(6 * len(histories), 4))
+    for ax, (step, history) in zip(np.atleast_1d(axes), histories.items()):
+        per_epoch = RECIPE[step]["iterations"]
         its = [h["epoch"] * per_epoch for h in history]
         ax.plot(its, [h["train_loss"] for h in history], color="tab:blue", label="train loss")
         ax.set_xlabel("iteration")
         ax.set_ylabel("train loss (CE + Dice)")
-        ax.set_title(f"{stage} ({RECIPE[stage]['preset']})")
+        ax.set_title(f"{step} ({RECIPE[step]['preset']})")
         val = [h for h in history if h.get("val_dice")]
         if val:
             ax2 = ax.twinx()
@@ -158,23 +260,37 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"- held-out data: {r['recipe']['heldout_data']['full']} phantoms, seed "
              f"{r['recipe']['heldout_data']['seed']} (never trained on)",
              f"- device: {r['device']}; {r['machine']}"]
-    for stage in ("roi", "detail"):
-        s = r["recipe"][stage]
-        t = r["train"][stage]
-        lines.append(f"- {stage}: preset `{s['preset']}` ({t['params']:,} parameters, spacing "
+    for step in STEPS:
+        s, t = r["recipe"][step], r["train"][step]
+        extra = []
+        if s.get("init"):
+            extra.append(f"starts from the weights of step {s['init']}")
+        if s.get("crop_widen_mm"):
+            extra.append(f"training crops widened by up to {s['crop_widen_mm']:g} mm per side")
+        origin = (f" (trained earlier by the same recipe, taken from `{t['from_package']}`)"
+                  if t.get("from_package") else "")
+        lines.append(f"- {step}: preset `{s['preset']}` ({t['params']:,} parameters, spacing "
                      f"{' x '.join(f'{v:g}' for v in t['spacing_mm_zyx'])} mm, patch "
                      f"{'x'.join(map(str, t['patch_zyx']))}), {s['epochs']} epochs x {s['iterations']} iterations x "
                      f"batch {s['batch_size']} = {t['iterations']} iterations, {s['optimizer']}, lr {s['lr']} "
-                     f"{s['schedule']}, mirroring {'on' if s['mirror'] else 'off'}, "
-                     f"{t['seconds'] / 60:.1f} min; last validation mean DSC {t['last_val_mean_dice']:.3f}")
+                     f"{s['schedule']}, mirroring {'on' if s['mirror'] else 'off'}"
+                     + "".join(f", {e}" for e in extra)
+                     + f", {t['seconds'] / 60:.1f} min; last validation mean DSC {t['last_val_mean_dice']:.3f}"
+                     + origin)
     steps = {"synth_train": "synthesis of the training set", "synth_heldout": "synthesis of the held-out set",
-             "train_roi": "ROI training", "train_detail": "detail training", "export": "export",
+             "train_roi": "ROI training", "train_detail": "detail training (phase 1)",
+             "train_detail_widen": "detail training (phase 2, widened crops)", "export": "export",
              "predict_and_evaluate": "held-out prediction and evaluation"}
+    start = r.get("start_from")
+    if start:
+        steps = {k: v for k, v in steps.items() if k not in ("train_roi", "train_detail")}
+        lines.append(f"- the ROI net and phase 1 of the detail net come from `{start['package']}`, which the same "
+                     f"recipe made on {start['device']}; {start['machine']}")
     timed = [f"{what} {r['seconds'][key] / 60:.1f} min" for key, what in steps.items() if key in r["seconds"]]
     untimed = [what for key, what in steps.items() if key not in r["seconds"]]
     lines += [f"- wall time of the recipe's steps on this machine: {', '.join(timed)}"
               + (f" (not recorded: {', '.join(untimed)})" if untimed else ""),
-              f"- total: {sum(r['seconds'].values()) / 60:.1f} min", "",
+              f"- total of these steps: {sum(r['seconds'].values()) / 60:.1f} min", "",
               "## Held-out phantoms, full cascade in original space (FLARE 2023 DSC / NSD)", "",
               "| id | organ | DSC | ± | NSD |", "|--:|:--|--:|--:|--:|"]
     for row in r["heldout"]["organs"]:
@@ -191,9 +307,17 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(out: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or continue) the recipe in ``out``; returns the report (also written to ``out``)."""
+def run(out: Path, *, start_from: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the recipe in ``out``; returns the report (also written to ``out``).
+
+    ``start_from``: a package the recipe's first steps made (the ROI net and phase 1 of the detail net, checked by
+    :func:`start_package_report`); those nets are taken from it instead of being trained again, and the report
+    carries their training record from its report.
+    """
+    start = _start(Path(out), start_from)
     ensure_dir(out, "reference-model folder")
+    if start is not None and not (out / START_MARKER).is_file():
+        write_json(out / START_MARKER, start)
     device, cpu_bf16, why = _device()
     log.info("reference model: training on %s", why)
     timings_path = out / "timings.json"
@@ -209,12 +333,27 @@ def run(out: Path, *, progress: bool = True) -> dict[str, Any]:
     train_data, heldout, cache = out / "train-data", out / "heldout", out / "cache"
     timed("synth_train", lambda: _synth(train_data, RECIPE["train_data"]))
     timed("synth_heldout", lambda: _synth(heldout, RECIPE["heldout_data"]))
-    runs = {stage: out / "runs" / stage for stage in ("roi", "detail")}
-    for stage, run_dir in runs.items():
-        timed(f"train_{stage}", lambda: _train(stage, train_data, run_dir, cache, device, cpu_bf16))
+    runs = {step: out / "runs" / step for step in STEPS}
+    for step in STEPS:
+        if start is not None and step in START_STEPS:
+            if not (runs[step] / ckpt.LATEST).is_file():
+                shutil.rmtree(runs[step], ignore_errors=True)  # an interrupted copy
+                _run_from_package(start, step, runs[step])
+        else:
+            timed(f"train_{step}", lambda: _train(step, train_data, runs, cache, device, cpu_bf16))
     model = out / "model"
-    timed("export", lambda: not (model / "manifest.json").is_file() and
-          export_package(runs["roi"], runs["detail"], model, overwrite=True, source=_source()))
+    # The package is exported again whenever the nets it was made from are not those of the runs now.
+    inputs = {"roi": sha256_file(final_checkpoint(runs["roi"])), "detail": sha256_file(final_checkpoint(runs[STEPS[-1]]))}
+
+    def export() -> bool:
+        done = (model / "manifest.json").is_file() and (out / EXPORT_INPUTS).is_file() \
+            and read_json(out / EXPORT_INPUTS) == inputs
+        if not done:
+            export_package(runs["roi"], runs[STEPS[-1]], model, overwrite=True, source=_source())
+            write_json(out / EXPORT_INPUTS, inputs, overwrite=True)
+        return not done
+
+    timed("export", export)
     predictions, evaluation = out / "predictions", out / "evaluation"
     summary: dict[str, Any] = {}
 
@@ -226,15 +365,20 @@ def run(out: Path, *, progress: bool = True) -> dict[str, Any]:
 
     timed("predict_and_evaluate", evaluate)
 
+    histories = {step: _history(runs[step]) for step in STEPS}
     train_info = {}
-    for stage, run_dir in runs.items():
-        preset = get_preset(RECIPE[stage]["preset"], stage)
-        history = _history(run_dir)
+    for step in STEPS:
+        if start is not None and step in START_STEPS:
+            train_info[step] = dict(start["train"][step], from_package=start["package"])
+            continue
+        spec = RECIPE[step]
+        preset = get_preset(spec["preset"], spec.get("stage", step))
+        history = histories[step]
         val = [h for h in history if h.get("val_dice")]
-        train_info[stage] = {
+        train_info[step] = {
             "params": count_parameters(PocketUNet(preset.unet_config())),
             "spacing_mm_zyx": list(preset.spacing_mm_zyx), "patch_zyx": list(preset.patch_zyx),
-            "iterations": len(history) * RECIPE[stage]["iterations"],
+            "iterations": len(history) * spec["iterations"],
             "seconds": float(sum(h["seconds"] for h in history)),
             "last_val_mean_dice": val[-1]["val_mean_dice"] if val else float("nan"),
             "last_val_dice": val[-1]["val_dice"] if val else {},
@@ -250,8 +394,13 @@ def run(out: Path, *, progress: bool = True) -> dict[str, Any]:
         "export": json.loads((model / "export_report.json").read_text()),
         "package_bytes": sum((model / name).stat().st_size for name in PACKAGE_FILES if (model / name).is_file()),
     }
+    if start is not None:
+        report["start_from"] = {k: start[k] for k in ("package", "sha256", "device", "machine", "seconds")}
+        for key in ("train_roi", "train_detail"):  # times of runs this folder once trained itself do not count
+            timings.pop(key, None)
     write_json(out / "report.json", report, overwrite=True)
-    atomic_write_bytes(out / "learning_curve.png", plot_learning_curves(runs), overwrite=True)
+    trained_here = {step: h for step, h in histories.items() if h}
+    atomic_write_bytes(out / "learning_curve.png", plot_learning_curves(trained_here), overwrite=True)
     write_text(out / "report.md", report_markdown(report), overwrite=True)
     return report
 
@@ -272,8 +421,6 @@ def publish(out: Path, target: Path) -> Path:
     return target
 
 
-#: TotalSegmentator v2 "total" ids of the FLARE 2023 organs -> FLARE ids (ct_examples/NOTICE.md).
-TOTALSEG_TO_FLARE = {5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11, 19: 12, 3: 13}
 #: The real CT examples that come with a reference segmentation: (scan, reference).
 REAL_CT_PAIRS = (("example_ct_sm.nii.gz", "example_seg.nii.gz"), ("dicom_series", "example_seg_dicom.nii.gz"))
 
@@ -296,17 +443,14 @@ def real_ct_scores(model: Path, examples: Path, out: Path) -> list[dict[str, Any
         pred_img = nib.as_closest_canonical(nib.load(target))
         if pred_img.shape != ref_img.shape or not np.allclose(pred_img.affine, ref_img.affine, atol=1e-2):
             raise OutputError(target, f"is not on the grid of {examples / reference}")
-        ts = np.asarray(ref_img.dataobj).astype(np.int32)
-        truth = np.zeros(ts.shape, dtype=np.uint8)
-        for ts_id, flare_id in TOTALSEG_TO_FLARE.items():
-            truth[ts == ts_id] = flare_id
+        truth = L.totalsegmentator_to_flare(ref_img.dataobj)
         pred = np.asarray(pred_img.dataobj).astype(np.uint8)
         organs = {}
         for organ in L.ORGAN_IDS:
             t, p = truth == organ, pred == organ
             if t.any() or p.any():
-                organs[L.BY_ID[organ].display] = {"dsc": 2 * float((t & p).sum()) / float(t.sum() + p.sum()),
-                                                  "reference_ml": float(t.sum()), "predicted_ml": float(p.sum())}
+                organs[L.BY_ID[organ].display] = {"dsc": dice(p, t), "reference_ml": float(t.sum()),
+                                                  "predicted_ml": float(p.sum())}
         ml = float(np.prod(ref_img.header.get_zooms()[:3])) / 1000
         for v in organs.values():
             v["reference_ml"] *= ml
@@ -337,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only score the model of --out (or --model) on the real CT examples in DIR "
                              "(../shared/data/ct_examples) against their reference segmentations")
     parser.add_argument("--model", type=Path, default=None, help="the package --real-ct scores [OUT/model]")
+    parser.add_argument("--start-from", dest="start_from", type=Path, default=None, metavar="PKG",
+                        help="take the ROI net and phase 1 of the detail net from this package, which the recipe's "
+                             "first steps made (its report.json says so), instead of training them again")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -346,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out / "real-ct" / "real_ct.json", rows, overwrite=True)
         print(real_ct_markdown(rows))
         return 0
-    report = run(args.out, progress=not args.quiet)
+    report = run(args.out, start_from=args.start_from, progress=not args.quiet)
     print(report_markdown(report))
     if args.publish is not None:
         print(f"published: {publish(args.out, args.publish)}")

@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU budgets (use --lr 0.003) [sgd]")
     p.add_argument("--no-mirror", dest="mirror", action="store_false",
                    help="no mirroring augmentation (keeps left and right organs apart in small patches)")
+    p.add_argument("--crop-widen-mm", dest="crop_widen_mm", type=float, default=0.0, metavar="MM",
+                   help="detail stage: widen each side of the ROI-like training crop by a random 0..MM mm, as an ROI "
+                        "net that also marks neighbouring tissue does at inference [0]")
+    p.add_argument("--init-weights", dest="init_weights", default=None, metavar="FILE",
+                   help="start from these weights (fine-tuning): a package's roi/detail.safetensors or a run's "
+                        "checkpoint_*.pt of the same preset")
 
     p = sub.add_parser("export", help="export a ROI run and a detail run to a model package (ONNX, fp16 ONNX, weights)",
                        description="Write a model package: manifest.json with checksums, fp32 and mixed-precision fp16 "

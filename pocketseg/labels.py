@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Label:
@@ -51,6 +53,20 @@ FOREGROUND_IDS: tuple[int, ...] = tuple(range(1, 15))
 #: NSD tolerance (mm) with which classes that are not FLARE 2023 classes are scored, unless the user gives one
 #: (FLARE's own per-class tolerances are in :mod:`pocketseg.evaluation.metrics`).
 DEFAULT_TOLERANCE_MM = 2.0
+
+#: TotalSegmentator v2 "total" task ids of the FLARE 2023 organs -> FLARE ids (to score against its segmentations).
+TOTALSEGMENTATOR_TO_FLARE = MappingProxyType({5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11,
+                                              19: 12, 3: 13})
+
+
+def totalsegmentator_to_flare(ts_labels):
+    """A uint8 FLARE 2023 label map from a TotalSegmentator v2 "total" label map (other structures become 0)."""
+    lut = np.zeros(max(TOTALSEGMENTATOR_TO_FLARE) + 1, dtype=np.uint8)
+    for ts_id, flare_id in TOTALSEGMENTATOR_TO_FLARE.items():
+        lut[ts_id] = flare_id
+    ts = np.asarray(ts_labels).astype(np.int64)
+    inside = (ts >= 0) & (ts < lut.size)
+    return np.where(inside, lut[np.clip(ts, 0, lut.size - 1)], 0).astype(np.uint8)
 
 BY_ID = MappingProxyType({lab.id: lab for lab in LABELS})
 BY_NAME = MappingProxyType({lab.name: lab for lab in LABELS})

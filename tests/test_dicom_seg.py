@@ -28,8 +28,6 @@ from pocketseg.runtime.dicom_seg import build_dicom_seg, dicom_seg_bytes  # noqa
 
 ALGORITHM = Algorithm(model_name="tiny-model", model_digest="0123456789abcdef" * 4)
 NAME_TO_ID = {lab.name: lab.id for lab in L.LABELS}
-#: TotalSegmentator v2 ids of the FLARE organs (ct_examples/NOTICE.md) -> FLARE ids.
-TOTALSEG_TO_FLARE = {5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11, 19: 12, 3: 13}
 
 GEOMETRIES = {"axial": dict(), "reversed": dict(reverse=True), "oblique": dict(orientation=oblique_orientation())}
 
@@ -147,10 +145,7 @@ def test_an_empty_label_map_or_a_wrong_shape_is_refused(tmp_path):
 
 def _real_labels(ct_examples, grid):
     image = nib.load(ct_examples / "example_seg_dicom.nii.gz")
-    ts = np.asarray(image.dataobj).astype(np.int64)
-    flare = np.zeros(ts.shape, dtype=np.uint8)
-    for ts_id, flare_id in TOTALSEG_TO_FLARE.items():
-        flare[ts == ts_id] = flare_id
+    flare = L.totalsegmentator_to_flare(image.dataobj)
     return to_series_grid(flare, image.affine, grid, ct_examples / "example_seg_dicom.nii.gz")
 
 

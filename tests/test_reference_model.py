@@ -11,6 +11,7 @@ with nnU-Net v2's predictor running the same nets. A change that breaks accuracy
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,10 @@ REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
 HELDOUT_SLICES = 120
 #: Per-organ DSC floors on the two held-out phantoms (their mean), from the values measured when the package was
 #: published (docs/reference-model.md, "The accuracy guards") minus a margin: 0.03 for the liver, kidneys, spleen,
-#: aorta and stomach, 0.07 for the others, whose DSC moves more with a few voxels. The adrenal glands and the
-#: esophagus are not guarded: the package does not segment them (measured DSC 0.00, 0.02, 0.00).
-DSC_FLOORS: dict[int, float] = {1: 0.91, 2: 0.86, 3: 0.68, 4: 0.72, 5: 0.87, 6: 0.79, 9: 0.24, 11: 0.76, 12: 0.49,
-                                13: 0.40}
+#: aorta, IVC and stomach, 0.07 for the others, whose DSC moves more with a few voxels. The right adrenal gland is
+#: not guarded: the package does not segment it (measured DSC 0.00).
+DSC_FLOORS: dict[int, float] = {1: 0.94, 2: 0.91, 3: 0.86, 4: 0.80, 5: 0.89, 6: 0.88, 8: 0.54, 9: 0.57, 10: 0.25,
+                                11: 0.86, 12: 0.71, 13: 0.90}
 #: Agreement of a lower precision with fp32, on the labels of the whole cascade.
 MIN_PRECISION_AGREEMENT = 0.999
 #: Agreement of our cascade with nnU-Net's predictor running the same nets.
@@ -151,7 +152,7 @@ def test_the_full_cascade_agrees_with_nnunet_on_the_same_nets(heldout):
         mine, theirs = np.asarray(ours.predict(volume).labels), np.asarray(peer.predict(volume))
         assert (mine > 0).mean() > 0.01
         assert (mine == theirs).mean() >= MIN_NNUNET_AGREEMENT
-        # On the voxels either calls an organ the agreement is lower (measured 0.88 over both held-out phantoms):
+        # On the voxels either calls an organ the agreement is lower (0.88 over both held-out phantoms with the phase-1 detail net):
         # the two ROI boxes differ by a few voxels and the detail net answers to the box it is given
         # (docs/reference-model.md). The floor keeps that difference from growing unnoticed.
         organs = (mine > 0) | (theirs > 0)
@@ -164,21 +165,27 @@ def test_the_recipe_runs_resumes_reports_and_publishes(tmp_path, monkeypatch):
     that skips what is done, and the publishing rules."""
     pytest.importorskip("safetensors", reason="the export needs the extra 'train'")
     from pocketseg.benchmarks import reference_model as R
-    from pocketseg.errors import OutputError
+    from pocketseg.errors import InputError, OutputError
+    from pocketseg.manifest import sha256_file
     from pocketseg.synth import dataset as synth
 
     tiny = {"preset": "", "epochs": 1, "iterations": 2, "batch_size": 2, "optimizer": "adamw", "lr": 0.003,
             "schedule": "poly", "mirror": False, "val_fraction": 0.5, "val_every": 1, "seed": 0}
     monkeypatch.setattr(R, "RECIPE", {"train_data": {"full": 2, "seed": 2026}, "heldout_data": {"full": 1, "seed": 9000},
-                                      "roi": {**tiny, "preset": "roi-tiny"}, "detail": {**tiny, "preset": "detail-tiny"}})
+                                      "roi": {**tiny, "preset": "roi-tiny"}, "detail": {**tiny, "preset": "detail-tiny"},
+                                      "detail_widen": {**tiny, "preset": "detail-tiny", "stage": "detail",
+                                                       "init": "detail", "crop_widen_mm": 30.0, "seed": 1}})
     real_synth = synth.synthesize_dataset
     monkeypatch.setattr(R, "synthesize_dataset", lambda folder, **kw: real_synth(folder, small=True, slices=40, **kw))
     out = tmp_path / "recipe"
     report = R.run(out, progress=False)
-    assert set(report["seconds"]) == {"synth_train", "synth_heldout", "train_roi", "train_detail", "export",
-                                      "predict_and_evaluate"}
+    assert set(report["seconds"]) == {"synth_train", "synth_heldout", "train_roi", "train_detail",
+                                      "train_detail_widen", "export", "predict_and_evaluate"}
     assert report["heldout"]["cases"] == 1 and len(report["heldout"]["organs"]) == 14
-    assert report["train"]["detail"]["iterations"] == 2
+    assert report["train"]["detail"]["iterations"] == report["train"]["detail_widen"]["iterations"] == 2
+    widen = json.loads((out / "runs" / "detail_widen" / "config.json").read_text())
+    assert widen["crop_widen_mm"] == 30.0
+    assert widen["init_weights"]["path"] == str((out / "runs" / "detail" / "checkpoint_best.pt").resolve())
     assert json.loads((out / "model" / "manifest.json").read_text())["source"]["intended_use"] == R.INTENDED_USE
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "not for real CT" in (out / "report.md").read_text()
@@ -190,6 +197,48 @@ def test_the_recipe_runs_resumes_reports_and_publishes(tmp_path, monkeypatch):
     published = R.publish(out, tmp_path / "models" / "reference")
     assert sorted(p.name for p in published.iterdir()) == sorted(R.PACKAGE_FILES + R.REPORT_FILES)
     load_package(published)
+
+    # --start-from: the ROI net and phase 1 of the detail net come from a package the recipe's first steps made.
+    with pytest.raises(InputError, match="already holds the last detail step"):
+        R.start_package_report(published)
+    phase1 = tmp_path / "phase1"
+    shutil.copytree(published, phase1)
+    phase1_report = json.loads((phase1 / "report.json").read_text())
+    del phase1_report["recipe"]["detail_widen"]
+    (phase1 / "report.json").write_text(json.dumps(phase1_report))
+    out2 = tmp_path / "recipe2"
+    second = R.run(out2, start_from=phase1, progress=False)
+    assert {"train_roi", "train_detail"}.isdisjoint(second["seconds"]) and "train_detail_widen" in second["seconds"]
+    assert second["train"]["roi"]["from_package"] == second["train"]["detail"]["from_package"] == str(phase1)
+    marker = json.loads((out2 / R.START_MARKER).read_text())
+    assert marker["sha256"]["roi"] == sha256_file(phase1 / "roi.safetensors")
+    from safetensors.numpy import load_file
+
+    shipped, taken = load_file(str(phase1 / "roi.safetensors")), load_file(str(out2 / "model" / "roi.safetensors"))
+    assert shipped.keys() == taken.keys() and all(np.array_equal(shipped[k], taken[k]) for k in shipped)
+    start_weights = json.loads((out2 / "runs" / "detail_widen" / "config.json").read_text())["init_weights"]
+    assert start_weights["path"] == str((out2 / "runs" / "detail" / "checkpoint_latest.pt").resolve())
+    assert f"taken from `{phase1}`" in (out2 / "report.md").read_text()
+    again = R.run(out2, progress=False)  # the folder remembers where its first steps came from
+    assert again["train"]["roi"]["from_package"] == str(phase1) and again["start_from"]["package"] == str(phase1)
+    with pytest.raises(InputError, match="holds roi and detail runs trained here"):
+        R.run(out, start_from=phase1, progress=False)  # a folder that trained its own first steps
+    other = tmp_path / "other"
+    shutil.copytree(phase1, other)
+    (other / "roi.safetensors").write_bytes(published.joinpath("detail.safetensors").read_bytes())
+    with pytest.raises(InputError, match="was started from other nets"):
+        R.run(out2, start_from=other, progress=False)
+    phase1_report["recipe"]["roi"]["lr"] = 0.1
+    (phase1 / "report.json").write_text(json.dumps(phase1_report))
+    with pytest.raises(InputError, match=r"roi\.lr: package 0\.1"):
+        R.run(tmp_path / "recipe3", start_from=phase1, progress=False)
+    del phase1_report["train"]["roi"]
+    phase1_report["recipe"]["roi"]["lr"] = R.RECIPE["roi"]["lr"]
+    (phase1 / "report.json").write_text(json.dumps(phase1_report))
+    with pytest.raises(InputError, match="lacks train.roi.params"):
+        R.run(tmp_path / "recipe3", start_from=phase1, progress=False)
+    assert not (tmp_path / "recipe3").exists()
+
     monkeypatch.setattr(R, "MAX_PUBLISHED_BYTES", 1000)
     with pytest.raises(OutputError, match="over the"):
         R.publish(out, tmp_path / "too-big")

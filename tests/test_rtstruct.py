@@ -26,7 +26,6 @@ from pocketseg.runtime.rtstruct import build_rtstruct, rtstruct_bytes, slice_con
 
 ALGORITHM = Algorithm(model_name="tiny-model", model_digest="0123456789abcdef" * 4)
 DISPLAY_TO_ID = {lab.display: lab.id for lab in L.LABELS}
-TOTALSEG_TO_FLARE = {5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11, 19: 12, 3: 13}
 GEOMETRIES = {"axial": dict(), "reversed": dict(reverse=True), "oblique": dict(orientation=oblique_orientation())}
 #: Organs of realistic size have at least this many voxels (Dice >= 0.98 is asked of them).
 REALISTIC_VOXELS = 2000
@@ -97,10 +96,7 @@ def test_real_series_rtstruct(ct_examples, tmp_path, caplog, uids):
     series = copy_real_series(ct_examples, tmp_path / "series", complete_uids=uids == "complete")
     grid = read_series_grid(series)
     image = nib.load(ct_examples / "example_seg_dicom.nii.gz")
-    ts = np.asarray(image.dataobj).astype(np.int64)
-    flare = np.zeros(ts.shape, dtype=np.uint8)
-    for ts_id, flare_id in TOTALSEG_TO_FLARE.items():
-        flare[ts == ts_id] = flare_id
+    flare = L.totalsegmentator_to_flare(image.dataobj)
     labels = to_series_grid(flare, image.affine, grid, None)
     with caplog.at_level(logging.WARNING):
         out = atomic_write_bytes(tmp_path / "real.rtstruct.dcm", rtstruct_bytes(labels, grid.files, algorithm=ALGORITHM))

@@ -94,6 +94,75 @@ def test_the_short_cpu_recipe_options_are_recorded_and_take_effect(dataset, cach
               optimizer="adam", **QUICK)
 
 
+def test_fine_tuning_starts_from_given_weights_on_widened_crops(dataset, cache, tmp_path, monkeypatch):
+    """--init-weights (a run's checkpoint or a package's safetensors) and --crop-widen-mm (the reference model's
+    phase 2): the new run starts from those weights, records them with their SHA-256, and samples wider crops."""
+    from pocketseg.manifest import sha256_file
+    from pocketseg.runtime.network import PocketUNet
+    from pocketseg.trainer import data as data_module
+    from pocketseg.trainer import train as train_module
+    from pocketseg.trainer.presets import get_preset
+
+    first = train(dataset, stage="detail", preset="detail-tiny", epochs=1, out=tmp_path / "first", cache=cache,
+                  **QUICK)
+    start = first / ckpt.LATEST
+    loaded, widen = [], []
+    real_load, real_crop = train_module.load_init_weights, data_module.detail_crop
+
+    def spy_load(model, path, preset):
+        real_load(model, path, preset)
+        loaded.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    def spy_crop(*args, **kwargs):
+        widen.append(args[6] if len(args) > 6 else kwargs.get("widen_mm", 0.0))
+        return real_crop(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "load_init_weights", spy_load)
+    monkeypatch.setattr(data_module, "detail_crop", spy_crop)
+    run = train(dataset, stage="detail", preset="detail-tiny", epochs=1, out=tmp_path / "tuned", cache=cache,
+                init_weights=start, crop_widen_mm=40.0, **QUICK)
+    config = json.loads((run / "config.json").read_text())
+    assert config["init_weights"] == {"path": str(start.resolve()), "sha256": sha256_file(start)}
+    assert config["crop_widen_mm"] == 40.0
+    assert loaded and all(torch.equal(loaded[-1][k], v) for k, v in weights(first).items())
+    assert widen and set(widen) == {40.0}
+
+    # Widening grows every side of the crop by 0..40 mm (one voxel of rounding), and by clearly more than nothing.
+    props = {"fg_bbox_zyx": [[30, 50], [100, 140], [100, 140]]}
+    spacing = np.array([2.5, 1.6, 1.6])
+    rng = np.random.default_rng(0)
+    lo0, hi0 = real_crop(props, (200, 400, 400), tuple(spacing), 20.0, 0.0, None)
+    grown = []
+    for _ in range(50):
+        lo, hi = real_crop(props, (200, 400, 400), tuple(spacing), 20.0, 0.0, rng, 40.0)
+        assert np.all(lo <= lo0) and np.all(hi >= hi0)
+        assert np.all((lo0 - lo) * spacing <= 40.0 + spacing) and np.all((hi - hi0) * spacing <= 40.0 + spacing)
+        grown.append(np.concatenate([(lo0 - lo) * spacing, (hi - hi0) * spacing]))
+    assert 15.0 < np.mean(grown) < 25.0  # uniform on 0..40 mm: a mean of 20 mm per side
+
+    # A package's safetensors works as well; a net of another preset, a missing file and widening the ROI stage
+    # are refused before anything is written, even into an existing empty folder.
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    net = PocketUNet(get_preset("detail-tiny", "detail").unet_config(), deep_supervision=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "detail.safetensors"))
+    train(dataset, stage="detail", preset="detail-tiny", epochs=1, out=tmp_path / "from-package", cache=cache,
+          init_weights=tmp_path / "detail.safetensors", **QUICK)
+    (tmp_path / "misfit").mkdir()
+    with pytest.raises(InputError, match="do not fit the 'roi-tiny' net"):
+        train(dataset, stage="roi", preset="roi-tiny", epochs=1, out=tmp_path / "misfit", cache=cache,
+              init_weights=start, **QUICK)
+    assert not any((tmp_path / "misfit").iterdir())
+    with pytest.raises(InputError, match="no such file"):
+        train(dataset, stage="detail", preset="detail-tiny", epochs=1, out=tmp_path / "none", cache=cache,
+              init_weights=tmp_path / "absent.pt", **QUICK)
+    with pytest.raises(InputError, match="detail stage only"):
+        train(dataset, stage="roi", preset="roi-tiny", epochs=1, out=tmp_path / "roi-widen", cache=cache,
+              crop_widen_mm=10.0, **QUICK)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "roi-widen").exists()
+
+
 def test_mirroring_is_left_out_of_the_pipeline_when_asked():
     pytest.importorskip("batchgeneratorsv2")
     from pocketseg.trainer.augment import training_transforms

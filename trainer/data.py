@@ -4,8 +4,8 @@ Stage data as the cascade needs it:
 
 * ROI stage: every organ and tumor label merged into 1 (fully labelled cases).
 * Detail stage: each sample sees its case cropped to the foreground bounding box
-  plus a margin, with random jitter of every side — what the ROI crop gives the
-  detail net at inference, including its errors. Voxels outside the crop are
+  plus a margin, with random jitter of every side (and, with ``crop_widen_mm``, a
+  random widening) — what the ROI crop gives the detail net at inference, including its errors. Voxels outside the crop are
   zero in the image and ignored by the loss.
 
 Every sample is a pure function of (seed, rank, global sample index): the index
@@ -45,6 +45,7 @@ class SamplingConfig:
     foreground_fraction: float = FOREGROUND_FRACTION
     roi_margin_mm: float = ROI_MARGIN_MM
     roi_jitter_mm: float = ROI_JITTER_MM
+    crop_widen_mm: float = 0.0
     mirror_axes: tuple[int, ...] = (0, 1, 2)
 
 
@@ -62,8 +63,9 @@ def stage_target(seg: np.ndarray, stage: str) -> np.ndarray:
 
 
 def detail_crop(props: dict[str, Any], shape, spacing_mm_zyx, margin_mm: float, jitter_mm: float,
-                rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """Crop box [lo, hi) of the foreground bbox plus margin, each side jittered by up to ``jitter_mm``."""
+                rng: np.random.Generator | None, widen_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Crop box [lo, hi) of the foreground bbox plus margin, each side jittered by up to ``jitter_mm`` and
+    widened by up to ``widen_mm`` (an ROI net that also marks neighbouring tissue gives such wider boxes)."""
     shape = np.asarray(shape)
     box = props.get("fg_bbox_zyx")
     if box is None:
@@ -71,6 +73,8 @@ def detail_crop(props: dict[str, Any], shape, spacing_mm_zyx, margin_mm: float, 
     margin = np.full((3, 2), float(margin_mm))
     if rng is not None and jitter_mm > 0:
         margin = margin + rng.uniform(-jitter_mm, jitter_mm, size=(3, 2))
+    if rng is not None and widen_mm > 0:
+        margin = margin + rng.uniform(0.0, widen_mm, size=(3, 2))
     grown = grow_box(tuple(slice(int(a), int(b)) for a, b in box), spacing_mm_zyx, margin, shape)
     return np.array([sl.start for sl in grown]), np.array([sl.stop for sl in grown])
 
@@ -147,7 +151,8 @@ class PatchDataset(torch.utils.data.Dataset):
         patch = np.asarray(cfg.patch_zyx)
         big = np.asarray(initial_patch_size(cfg.patch_zyx, augment=cfg.augment))
         if cfg.stage == "detail":
-            lo, hi = detail_crop(c.props, shape, cfg.spacing_mm_zyx, cfg.roi_margin_mm, cfg.roi_jitter_mm, rng)
+            lo, hi = detail_crop(c.props, shape, cfg.spacing_mm_zyx, cfg.roi_margin_mm, cfg.roi_jitter_mm, rng,
+                                 cfg.crop_widen_mm)
         else:
             lo, hi = np.zeros(3, dtype=int), shape.copy()
         # Patch centre: a foreground voxel (oversampling) or uniform; the patch then stays inside the crop

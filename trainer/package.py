@@ -28,7 +28,8 @@ from pocketseg.trainer import checkpoint as ckpt
 from pocketseg.trainer.presets import Preset, get_preset
 from pocketseg.trainer.train import RunConfig
 
-__all__ = ["TYPICAL_CT_INTENSITY", "export_package", "load_run", "untrained_package", "write_untrained_run"]
+__all__ = ["TYPICAL_CT_INTENSITY", "export_package", "final_checkpoint", "load_run", "untrained_package",
+           "write_finished_run", "write_untrained_run"]
 
 #: CT normalisation statistics typical of contrast-enhanced abdominal organs, for untrained packages.
 TYPICAL_CT_INTENSITY = {"mean": 90.0, "std": 60.0, "percentile_00_5": -80.0, "percentile_99_5": 280.0}
@@ -55,7 +56,7 @@ def load_run(run_dir: str | os.PathLike, stage: str) -> tuple[dict[str, Any], Pr
     current = json.loads(json.dumps(preset.to_dict()))  # tuples become lists, as in config.json
     if any(config["preset"].get(k) != v for k, v in current.items() if k != "description"):
         raise InputError(run, f"was trained with a preset {preset.name!r} that differs from this pocketseg's")
-    path = run / ckpt.BEST if (run / ckpt.BEST).is_file() else run / ckpt.LATEST
+    path = final_checkpoint(run)
     if not path.is_file():
         raise InputError(run, f"has no checkpoint ({ckpt.BEST} or {ckpt.LATEST})")
     state = ckpt.load_checkpoint(path)
@@ -109,6 +110,30 @@ def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str |
                          opset=opset, sign_key=sign_key, manifest_fields=None if source is None else {"source": source})
 
 
+def final_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The checkpoint a finished run is exported from: the best validation one where it exists, else the last."""
+    run = Path(run_dir)
+    return run / ckpt.BEST if (run / ckpt.BEST).is_file() else run / ckpt.LATEST
+
+
+def write_finished_run(folder: str | os.PathLike, stage: str, preset_name: str, weights: dict[str, torch.Tensor], *,
+                       intensity: dict[str, float], dataset: str, seed: int = 0, **record: Any) -> Path:
+    """A finished run folder as ``pocketseg train`` leaves it (``config.json``, ``checkpoint_latest.pt``), holding
+    ``weights`` of ``preset_name``; ``record`` adds RunConfig fields (epochs, lr, ...) describing where they came from."""
+    preset = get_preset(preset_name, stage)
+    folder = Path(folder)
+    if folder.exists():
+        raise OutputError(folder, "already exists; a run folder needs a new folder")
+    ensure_dir(folder, "run folder")
+    settings = {"epochs": 0, "iterations": 0, "batch_size": 1, "lr": 0.0, "schedule": "step", **record}
+    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=dict(intensity), dataset=dataset, train_cases=[],
+                    val_cases=[], seed=seed, **settings)
+    write_json(folder / "config.json", asdict(cfg), indent=None)
+    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": weights, "stage": stage, "preset": preset.name,
+                                                "epoch": cfg.epochs, "finished": True})
+    return folder
+
+
 def write_untrained_run(folder: str | os.PathLike, stage: str, preset_name: str, *,
                         intensity: dict[str, float] | None = None, seed: int = 0) -> Path:
     """A run folder as ``pocketseg train`` leaves it, with He-initialised (untrained) weights.
@@ -117,19 +142,10 @@ def write_untrained_run(folder: str | os.PathLike, stage: str, preset_name: str,
     paper-size nets on a CPU-only machine): the outputs are meaningless, the cost is real.
     """
     preset = get_preset(preset_name, stage)
-    folder = Path(folder)
-    if folder.exists():
-        raise OutputError(folder, "already exists; an untrained run needs a new folder")
-    ensure_dir(folder, "run folder")
-    cfg = RunConfig(stage=stage, preset=preset.to_dict(), intensity=dict(intensity or TYPICAL_CT_INTENSITY),
-                    dataset="untrained", train_cases=[], val_cases=[], epochs=0, iterations=0, batch_size=1,
-                    lr=0.0, schedule="step", seed=seed)
-    write_json(folder / "config.json", asdict(cfg), indent=None)
     torch.manual_seed(seed)
     net = PocketUNet(preset.unet_config(), deep_supervision=True)
-    ckpt.save_checkpoint(folder / ckpt.LATEST, {"model": net.state_dict(), "stage": stage, "preset": preset.name,
-                                                "epoch": 0, "finished": True})
-    return folder
+    return write_finished_run(folder, stage, preset_name, net.state_dict(),
+                              intensity=intensity or TYPICAL_CT_INTENSITY, dataset="untrained", seed=seed)
 
 
 def untrained_package(out: str | os.PathLike, *, roi: str = "roi-cpu", detail: str = "detail-cpu",

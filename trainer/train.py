@@ -43,7 +43,7 @@ from pocketseg import labels as L
 from pocketseg.atomic import atomic_write_bytes, ensure_dir, read_json, write_json
 from pocketseg.errors import InputError, MissingDependencyError, OutputError
 from pocketseg.geometry import ROI_MARGIN_MM
-from pocketseg.manifest import Intensity
+from pocketseg.manifest import Intensity, sha256_file
 from pocketseg.plotting import png_bytes, pyplot
 from pocketseg.runtime.engines import cpu_bf16_support
 from pocketseg.runtime.network import PocketUNet
@@ -88,9 +88,38 @@ class RunConfig:
     cpu_bf16: bool = False
     mirror: bool = True
     optimizer: str = "sgd"
+    crop_widen_mm: float = 0.0
+    init_weights: dict[str, str] | None = None
     labels: dict[str, int] = field(default_factory=L.dataset_json_labels)
     axis_order: str = "zyx"
     pocketseg_version: str = __version__
+
+
+def load_init_weights(model: torch.nn.Module, path: Path, preset: Preset) -> None:
+    """Load a package's stage weights (safetensors) or a run's checkpoint into ``model``; one clear error if they
+    are missing, unreadable or belong to another net."""
+    if not path.is_file():
+        raise InputError(path, "initial weights: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file  # optional (train extra), as for the torch backend
+        except ImportError:
+            raise MissingDependencyError("safetensors", "Initial weights from a package", "train") from None
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise InputError(path, f"initial weights: not a readable safetensors file ({exc})") from None
+    else:
+        state = ckpt.load_checkpoint(path).get("model")
+        if not isinstance(state, dict):
+            raise InputError(path, "initial weights: the checkpoint holds no model weights")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputError(path, f"initial weights do not fit the {preset.name!r} net "
+                               f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
+                         ) from None
+    log.info("initial weights from %s", path)
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
@@ -264,6 +293,8 @@ class TrainSettings:
     cpu_bf16: bool = False
     mirror: bool = True
     optimizer: str = "sgd"
+    crop_widen_mm: float = 0.0
+    init_weights: Path | None = None
     progress: bool = True
 
     def check(self) -> None:
@@ -277,6 +308,14 @@ class TrainSettings:
             raise InputError(None, f"lr must be a positive number, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(None, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (math.isfinite(self.crop_widen_mm) and self.crop_widen_mm >= 0):
+            raise InputError(None, f"crop_widen_mm must be a number >= 0, got {self.crop_widen_mm}")
+        if self.crop_widen_mm > 0 and self.stage != "detail":
+            raise InputError(None, "crop_widen_mm applies to the detail stage only (the ROI stage sees whole scans)")
+        if self.init_weights is not None and not self.resume:
+            # Read and fitted to the preset's net now, before a run folder exists: a wrong file leaves nothing.
+            load_init_weights(PocketUNet(self.preset.unet_config(), deep_supervision=True), self.init_weights,
+                              self.preset)
         if self.workers is not None and self.workers < 0:
             raise InputError(None, f"workers must be >= 0, got {self.workers}")
 
@@ -322,6 +361,8 @@ def train(
     cpu_bf16: bool = False,
     mirror: bool = True,
     optimizer: str = "sgd",
+    crop_widen_mm: float = 0.0,
+    init_weights: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
     """Train one cascade stage on a raw nnU-Net v2 data set (``pocketseg train``); returns the run folder.
@@ -344,6 +385,11 @@ def train(
         mirror: mirroring augmentation along every axis (nnU-Net's default).
         optimizer: ``sgd`` (Nesterov momentum 0.99, the paper and nnU-Net) or ``adamw`` (weight decay 1e-4;
             learns in far fewer iterations, used by the reference model's short CPU recipe).
+        crop_widen_mm: detail stage: also widen each side of the ROI-like training crop by a random 0..N mm, so
+            that the net learns the wider boxes of an ROI net that marks neighbouring tissue (default 0).
+        init_weights: start a new run from these weights instead of He initialisation: a package's stage weights
+            (``roi.safetensors`` / ``detail.safetensors``) or a run's checkpoint (``checkpoint_*.pt``) of the same
+            preset; recorded with its SHA-256 in ``config.json`` (fine-tuning).
         progress: show progress bars.
     """
     if stage not in STAGES:
@@ -352,7 +398,8 @@ def train(
                              val_fraction=val_fraction, iterations=iterations, batch_size=batch_size, lr=lr,
                              schedule=schedule, val_every=val_every, workers=workers, seed=seed,
                              cache=None if cache is None else Path(cache), amp=amp, cpu_bf16=cpu_bf16, mirror=mirror,
-                             optimizer=optimizer, progress=progress)
+                             optimizer=optimizer, crop_widen_mm=crop_widen_mm,
+                             init_weights=None if init_weights is None else Path(init_weights), progress=progress)
     settings.check()
     ranks = Ranks.from_environment()
     dev = _resolve_device(device, ranks.local_rank)
@@ -478,6 +525,8 @@ class Trainer:
         self.start_epoch, self.history, self.best = 0, [], -1.0
         if settings.resume:
             self._restore()
+        elif self.config.init_weights is not None:
+            load_init_weights(self.model, Path(self.config.init_weights["path"]), settings.preset)
         # The lowest deep-supervision head has loss weight 0 (as in nnU-Net) and never gets a gradient;
         # DDP must be told, or it waits for that gradient (static_graph does not cover it: replicas diverge).
         self.ddp_model = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
@@ -485,7 +534,7 @@ class Trainer:
         self.loss_fn = DeepSupervisionLoss(DiceCELoss())
         self.sampling = SamplingConfig(stage=cfg.stage, patch_zyx=preset.patch_zyx, spacing_mm_zyx=preset.spacing_mm_zyx,
                                        strides=preset.strides, num_classes=preset.num_classes,
-                                       mirror_axes=(0, 1, 2) if cfg.mirror else ())
+                                       mirror_axes=(0, 1, 2) if cfg.mirror else (), crop_widen_mm=cfg.crop_widen_mm)
         self.loader, self.sampler = self._loader()
 
     # ---------------------------------------------------------------------------------------------- the run config
@@ -500,8 +549,12 @@ class Trainer:
             raise InputError(self.out, f"holds a {cfg.stage}/{cfg.preset['name']} run, not {s.stage}/{s.preset.name}")
         changed = {k: (getattr(cfg, k), getattr(s, k))
                    for k in ("iterations", "batch_size", "lr", "schedule", "seed", "cpu_bf16", "mirror",
-                             "optimizer")
+                             "optimizer", "crop_widen_mm")
                    if getattr(cfg, k) != getattr(s, k)}
+        if s.init_weights is not None and self.ranks.rank == 0:
+            recorded = (cfg.init_weights or {}).get("path")
+            log.warning("resuming from the run's last checkpoint; --init-weights %s is not used (the run started "
+                        "from %s)", s.init_weights, recorded or "He initialisation")
         if changed and self.ranks.rank == 0:
             log.warning("resuming with the run's own settings, not %s",
                         ", ".join(f"{k}={new} (run: {old})" for k, (old, new) in changed.items()))
@@ -517,7 +570,9 @@ class Trainer:
         return RunConfig(stage=s.stage, preset=s.preset.to_dict(), intensity=intensity, dataset=str(self.root),
                          train_cases=train_names, val_cases=val_names, epochs=s.epochs, iterations=s.iterations,
                          batch_size=s.batch_size, lr=s.lr, schedule=s.schedule, seed=s.seed,
-                         cpu_bf16=s.cpu_bf16, mirror=s.mirror, optimizer=s.optimizer)
+                         cpu_bf16=s.cpu_bf16, mirror=s.mirror, optimizer=s.optimizer, crop_widen_mm=s.crop_widen_mm,
+                         init_weights=None if s.init_weights is None else
+                         {"path": str(s.init_weights.resolve()), "sha256": sha256_file(s.init_weights)})
 
     @property
     def intensity(self) -> Intensity:
