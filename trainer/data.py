@@ -5,8 +5,9 @@ Stage data as the cascade needs it:
 * ROI stage: every organ and tumor label merged into 1 (fully labelled cases).
 * Detail stage: each sample sees its case cropped to the foreground bounding box
   plus a margin, with random jitter of every side (and, with ``crop_widen_mm``, a
-  random widening) — what the ROI crop gives the detail net at inference, including its errors. Voxels outside the crop are
-  zero in the image and ignored by the loss.
+  random widening) — what the ROI crop gives the detail net at inference,
+  including its errors. Voxels outside the crop are zero in the image and
+  ignored by the loss.
 
 Every sample is a pure function of (seed, rank, global sample index): the index
 encodes the epoch, so data order and augmentation are reproducible, identical
