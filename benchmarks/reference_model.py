@@ -26,7 +26,6 @@ The model has seen nothing but phantoms: it is for the demo and for regression t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -209,7 +208,7 @@ def _source() -> dict[str, Any]:
 
 def _history(run: Path) -> list[dict[str, Any]]:
     path = run / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_json(path) if path.is_file() else []
 
 
 def plot_learning_curves(histories: dict[str, list[dict[str, Any]]]) -> bytes:
@@ -322,7 +321,7 @@ def run(out: Path, *, start_from: Path | None = None, progress: bool = True) -> 
     log.info("reference model: training on %s", why)
     timings_path = out / "timings.json"
     # Wall time of each step, kept across interrupted runs (a step done in an earlier call keeps its time).
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings: dict[str, float] = read_json(timings_path) if timings_path.is_file() else {}
 
     def timed(step: str, work) -> None:
         t0 = time.perf_counter()
@@ -391,7 +390,7 @@ def run(out: Path, *, start_from: Path | None = None, progress: bool = True) -> 
         "seconds": timings,
         "heldout": {"cases": summary["num_cases"], "organs": organs,
                     "organ_mean_dsc": summary["organ_mean_DSC"], "organ_mean_nsd": summary["organ_mean_NSD"]},
-        "export": json.loads((model / "export_report.json").read_text()),
+        "export": read_json(model / "export_report.json"),
         "package_bytes": sum((model / name).stat().st_size for name in PACKAGE_FILES if (model / name).is_file()),
     }
     if start is not None:
