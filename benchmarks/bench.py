@@ -96,8 +96,9 @@ TABLE6_SLICES = (55, 100, 150, 215, 334, 448, 499, 554)
 DEFAULT_SIZES: tuple[Shape3, ...] = tuple((512, 512, n) for n in TABLE6_SLICES)
 #: Peer pipelines of ``compare``: name -> how the report calls it.
 PEERS = {"nnunet": "nnU-Net v2"}
-PEER_SETTINGS = {"nnunet": "nnU-Net v2's `nnUNetPredictor` with the package's networks and weights (tile step 1.0, "
-                           "no Gaussian weighting, no mirroring/TTA), its own preprocessing, resampling and export; "
+PEER_SETTINGS = {"nnunet": "nnU-Net v2's `nnUNetPredictor` with the package's networks and weights and its sliding "
+                           "window (tile step 1 - overlap, Gaussian weighting as the package says: tile step 1.0 and "
+                           "none in the paper's settings), no mirroring/TTA, its own preprocessing, resampling and export; "
                            "ROI box, crop and post-processing as pocketseg's cascade (benchmarks/peers/nnunet.py)."}
 #: Orientation of the synthetic cases: fixed, so a run is reproducible from its seed (LPS as DICOM-derived files).
 CASE_ORIENTATION = "LPS"
@@ -363,7 +364,8 @@ class _Pipeline:
 
             if spec.get("threads"):
                 torch.set_num_threads(int(spec["threads"]))
-            self.impl = NnUNetCascade(spec["model"], device=spec["device"], tile_step_size=1.0, use_gaussian=False)
+            # The package's sliding window, as pocketseg's runtime runs it (the paper's tile step 1 by default).
+            self.impl = NnUNetCascade(spec["model"], device=spec["device"])
             # nnU-Net runs the network under autocast on CUDA (mixed fp16), in fp32 on the CPU.
             self.backend, self.precision = "torch", "fp16 autocast" if spec["device"] == "cuda" else "fp32"
         else:

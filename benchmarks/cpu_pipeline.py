@@ -36,7 +36,7 @@ def _child(which: str, model: Path, case: Path, labels_out: Path, report_out: Pa
     else:
         from pocketseg.benchmarks.peers.nnunet import NnUNetCascade  # the peer needs nnU-Net (peers extra)
 
-        predictor = NnUNetCascade(model, device="cpu", tile_step_size=1.0, use_gaussian=False)
+        predictor = NnUNetCascade(model, device="cpu")  # the package's sliding window, as ours
     t_load = time.perf_counter()
     volume = load_volume(case)
     t_read = time.perf_counter()

@@ -7,18 +7,20 @@
 phantoms to train on, 10 held-out phantoms of another seed to score on, the ``roi-cpu`` ROI net and the
 ``detail-ref`` detail net (AdamW: in a short budget it learns where SGD with momentum 0.99 is still at
 background, docs/reference-model.md), poly learning-rate decay, bf16 autocast where the CPU computes bf16
-natively, no mirroring. The detail net trains in two phases: on crops of the true organ box plus the ROI
-margin, then (``detail_widen``, from phase 1's weights) on crops widened as the trained ROI net's boxes are.
+natively, no mirroring. The detail net trains in three phases: on crops of the true organ box plus the ROI
+margin, then (``detail_widen``, from phase 1's weights) on crops widened as the trained ROI net's boxes are,
+then (``detail_more``, from phase 2's weights) on 40 phantoms of another seed, crops widened the same way.
 On a machine with a CUDA GPU the same recipe trains there (AMP), which takes minutes.
 
 Steps, each skipped when its output is complete, so an interrupted run continues where it stopped
-(training resumes from its last checkpoint): synthesize -> train ROI -> train detail (phase 1, phase 2) ->
+(training resumes from its last checkpoint): synthesize -> train ROI -> train detail (phases 1 to 3) ->
 export the package (fp32 and fp16 ONNX, weights, checked against PyTorch; again whenever the nets changed)
 -> predict the held-out phantoms with the full cascade -> FLARE evaluation -> ``report.md`` /
-``report.json`` / ``learning_curve.png``. ``--start-from PKG`` takes the ROI net and phase 1 of the detail
-net from a package the recipe's first steps made (its report says so) instead of training them again;
-the folder remembers it. ``--publish`` copies the package and its report into the repository folder
-that ships it (at most 5 MB).
+``report.json`` / ``learning_curve.png``. ``--start-from PKG`` takes the ROI net and the detail net from a
+package the recipe's first steps (or all of them) made, as its report says, instead of training those steps
+again; the folder remembers it. From a package of every step nothing trains: the package is exported again
+with the recipe's inference settings (``RECIPE["inference"]``, the package's sliding window) and scored.
+``--publish`` copies the package and its report into the repository folder that ships it (at most 5 MB).
 
 The model has seen nothing but phantoms: it is for the demo and for regression tests, not for real CT.
 """
@@ -67,6 +69,8 @@ log = logging.getLogger(__name__)
 RECIPE: dict[str, Any] = {
     "train_data": {"full": 20, "seed": 2026},
     "heldout_data": {"full": 10, "seed": 9000},
+    # Phantoms of another seed for phase 3 of the detail net (more steps on data it has not seen yet).
+    "extra_data": {"full": 40, "seed": 2027},
     "roi": {"preset": "roi-cpu", "epochs": 16, "iterations": 50, "batch_size": 2, "optimizer": "adamw", "lr": 0.003,
             "schedule": "poly", "mirror": False, "val_fraction": 0.1, "val_every": 4, "seed": 0},
     "detail": {"preset": "detail-ref", "epochs": 55, "iterations": 50, "batch_size": 2, "optimizer": "adamw",
@@ -76,6 +80,15 @@ RECIPE: dict[str, Any] = {
     "detail_widen": {"stage": "detail", "init": "detail", "preset": "detail-ref", "epochs": 15, "iterations": 50,
                      "batch_size": 2, "optimizer": "adamw", "lr": 0.001, "schedule": "poly", "mirror": False,
                      "crop_widen_mm": 60.0, "val_fraction": 0.1, "val_every": 5, "seed": 1},
+    # Phase 3: from phase 2's weights, on the 40 extra phantoms, crops widened as in phase 2.
+    "detail_more": {"stage": "detail", "init": "detail_widen", "data": "extra_data", "preset": "detail-ref",
+                    "epochs": 15, "iterations": 50, "batch_size": 2, "optimizer": "adamw", "lr": 0.001,
+                    "schedule": "poly", "mirror": False, "crop_widen_mm": 60.0, "val_fraction": 0.1, "val_every": 5,
+                    "seed": 2},
+    # The package's sliding window (manifest ``inference``). Not the paper's tile step 1.0: with tiles that abut,
+    # this small net misses large parts of the big organs, depending on where the ROI box puts the tile borders
+    # (docs/reference-model.md, "Overlapping tiles").
+    "inference": {"overlap": 0.5, "gaussian": True},
 }
 #: The shipped package's limit (ONNX fp32 + fp16 + weights + report).
 MAX_PUBLISHED_BYTES = 5 * 1024 * 1024
@@ -101,10 +114,23 @@ def _synth(folder: Path, spec: dict[str, int]) -> bool:
     return True
 
 
-def _train(step: str, data: Path, runs: dict[str, Path], cache: Path, device: str, cpu_bf16: bool) -> bool:
+#: The data sets of the recipe and their folders in the recipe folder.
+DATA_FOLDERS = {"train_data": "train-data", "extra_data": "extra-data", "heldout_data": "heldout"}
+#: ... and the name of their synthesis in the recipe's timings.
+SYNTH_STEPS = {"train_data": "synth_train", "extra_data": "synth_extra", "heldout_data": "synth_heldout"}
+
+
+def _data_needed(taken: list[str]) -> set[str]:
+    """The data sets a recipe folder makes: those of the steps it trains (not those taken from a start package)
+    and the held-out set."""
+    return {RECIPE[step].get("data", "train_data") for step in STEPS if step not in taken} | {"heldout_data"}
+
+
+def _train(step: str, out: Path, runs: dict[str, Path], cache: Path, device: str, cpu_bf16: bool) -> bool:
     """Train (or resume) one step of the recipe unless its run is finished; whether it trained now."""
     spec = dict(RECIPE[step])
     stage, init = spec.pop("stage", step), spec.pop("init", None)
+    data = out / DATA_FOLDERS[spec.pop("data", "train_data")]
     run_dir = runs[step]
     latest = run_dir / ckpt.LATEST
     if latest.is_file() and ckpt.load_checkpoint(latest).get("finished"):
@@ -118,9 +144,9 @@ def _train(step: str, data: Path, runs: dict[str, Path], cache: Path, device: st
 
 
 #: The recipe's training steps in order; the package takes the ROI net and the last detail step.
-STEPS = ("roi", "detail", "detail_widen")
-#: The steps a start package (``--start-from``) provides.
-START_STEPS = ("roi", "detail")
+STEPS = ("roi", "detail", "detail_widen", "detail_more")
+#: The package's weight files: the ROI net, and the detail net of the last detail step the package was made by.
+WEIGHT_FILES = ("roi", "detail")
 #: In the recipe folder: which package the first steps came from (and its training record), once started from one.
 START_MARKER = "start_from.json"
 #: In the recipe folder: the SHA-256 of the checkpoints the package in ``model/`` was exported from.
@@ -129,55 +155,65 @@ _TRAIN_FIELDS = ("params", "spacing_mm_zyx", "patch_zyx", "iterations", "seconds
 
 
 def start_package_report(package: Path) -> dict[str, Any]:
-    """What ``--start-from`` keeps of a package the recipe's first steps made: its path, the SHA-256 of its ROI and
-    detail weights and its training record; one clear error for a package that is not such a package."""
+    """What ``--start-from`` keeps of a package the recipe made: its path, the steps it was made by (the first
+    :data:`STEPS`, at least the ROI net and one detail step, possibly all), the SHA-256 of its ROI and detail weights
+    and its training record; one clear error for a package that is not such a package."""
     package = Path(package)
     report = read_json(package / "report.json", missing="is missing: not a published reference model")
     manifest = read_json(package / "manifest.json", missing="is missing: not a model package")
     recipe = report.get("recipe") if isinstance(report, dict) else None
     if not isinstance(recipe, dict):
         raise InputError(package / "report.json", "holds no recipe: not a reference-model report")
+    steps = [step for step in STEPS if step in recipe]
+    if steps != list(STEPS[:len(steps)]) or len(steps) < 2:
+        raise InputError(package / "report.json", f"was made by the steps {', '.join(steps) or '(none)'}: not the "
+                                                  f"first steps of this recipe ({', '.join(STEPS)})")
+    data = sorted({RECIPE[step].get("data", "train_data") for step in steps})
     differs = [f"{key}.{k}: package {recipe.get(key, {}).get(k)!r}, recipe {v!r}"
-               for key in ("train_data", *START_STEPS) for k, v in RECIPE[key].items()
+               for key in (*data, *steps) for k, v in RECIPE[key].items()
                if not isinstance(recipe.get(key), dict) or recipe[key].get(k) != v]
     if differs:
         raise InputError(package, "was not made by the first steps of this recipe (" + "; ".join(differs[:4])
                          + ("; ..." if len(differs) > 4 else "") + "); train from scratch instead")
-    if "detail_widen" in recipe:
-        raise InputError(package, "already holds the last detail step (detail_widen): start from a package of the "
-                                  "first steps only, or train from scratch")
     train_record = report.get("train", {})
-    missing = [f"train.{step}.{f}" for step in START_STEPS for f in _TRAIN_FIELDS
-               if f not in train_record.get(step, {})]
+    missing = [f"train.{step}.{f}" for step in steps for f in _TRAIN_FIELDS if f not in train_record.get(step, {})]
     missing += [k for k in ("device", "machine", "seconds") if k not in report]
     if missing:
         raise InputError(package / "report.json", f"lacks {', '.join(missing)}")
     sha = {}
-    for step in START_STEPS:
-        weights = package / f"{step}.safetensors"
+    for name in WEIGHT_FILES:
+        weights = package / f"{name}.safetensors"
         if not weights.is_file():
             raise InputError(weights, "is missing from the start package")
-        intensity = manifest.get("stages", {}).get(step, {}).get("intensity")
+        intensity = manifest.get("stages", {}).get(name, {}).get("intensity")
         if not isinstance(intensity, dict):
-            raise InputError(package / "manifest.json", f"has no intensity statistics of the {step} stage")
-        sha[step] = sha256_file(weights)
-    return {"package": str(package), "sha256": sha, "train": {step: train_record[step] for step in START_STEPS},
+            raise InputError(package / "manifest.json", f"has no intensity statistics of the {name} stage")
+        sha[name] = sha256_file(weights)
+    return {"package": str(package), "steps": steps, "sha256": sha,
+            "train": {step: train_record[step] for step in steps},
             "device": report["device"], "machine": report["machine"], "seconds": report["seconds"],
-            "intensity": {step: manifest["stages"][step]["intensity"] for step in START_STEPS}}
+            "intensity": {name: manifest["stages"][name]["intensity"] for name in WEIGHT_FILES}}
+
+
+def _start_steps(start: dict[str, Any] | None) -> list[str]:
+    """The steps a start record provides (one written before records named their steps: the first two)."""
+    return [] if start is None else list(start.get("steps", STEPS[:2]))
 
 
 def _run_from_package(start: dict[str, Any], step: str, run_dir: Path) -> None:
-    """The finished run folder of ``step`` holding the start package's net (its weights and intensity statistics)."""
+    """The finished run folder of ``step`` holding the start package's net of that stage (its weights and intensity
+    statistics)."""
     try:
         from safetensors.torch import load_file  # optional (train extra), only with --start-from
     except ImportError:
         raise MissingDependencyError("safetensors", "--start-from", "train") from None
-    weights_path = Path(start["package"]) / f"{step}.safetensors"
-    if sha256_file(weights_path) != start["sha256"][step]:
-        raise InputError(weights_path, "changed since this recipe folder was started from it")
     spec = RECIPE[step]
-    write_finished_run(run_dir, spec.get("stage", step), spec["preset"], load_file(str(weights_path)),
-                       intensity=start["intensity"][step], dataset=f"the {step} net of {start['package']}",
+    stage = spec.get("stage", step)
+    weights_path = Path(start["package"]) / f"{stage}.safetensors"
+    if sha256_file(weights_path) != start["sha256"][stage]:
+        raise InputError(weights_path, "changed since this recipe folder was started from it")
+    write_finished_run(run_dir, stage, spec["preset"], load_file(str(weights_path)),
+                       intensity=start["intensity"][stage], dataset=f"the {stage} net of {start['package']}",
                        seed=spec["seed"], epochs=spec["epochs"], iterations=spec["iterations"],
                        batch_size=spec["batch_size"], lr=spec["lr"], schedule=spec["schedule"], mirror=spec["mirror"],
                        optimizer=spec["optimizer"])
@@ -191,9 +227,10 @@ def _start(out: Path, start_from: Path | None) -> dict[str, Any] | None:
     if start_from is None:
         return recorded
     start = start_package_report(start_from)
-    if recorded is not None and recorded["sha256"] != start["sha256"]:
+    if recorded is not None and (recorded["sha256"] != start["sha256"]
+                                 or _start_steps(recorded) != _start_steps(start)):
         raise InputError(out, f"was started from other nets ({recorded['package']}); use a new --out")
-    trained_here = [step for step in START_STEPS if (out / "runs" / step).exists()]
+    trained_here = [step for step in start["steps"] if (out / "runs" / step).exists()]
     if recorded is None and trained_here:
         raise InputError(out, f"holds {' and '.join(trained_here)} runs trained here; --start-from needs a new --out")
     return start
@@ -201,8 +238,8 @@ def _start(out: Path, start_from: Path | None) -> dict[str, Any] | None:
 
 def _source() -> dict[str, Any]:
     return {"trainer": "pocketseg reference-model recipe (pocketseg.benchmarks.reference_model)",
-            "training_data": f"{RECIPE['train_data']['full']} synthetic phantoms, pocketseg synth seed "
-                             f"{RECIPE['train_data']['seed']}",
+            "training_data": f"{RECIPE['train_data']['full']} + {RECIPE['extra_data']['full']} synthetic phantoms, "
+                             f"pocketseg synth seeds {RECIPE['train_data']['seed']} and {RECIPE['extra_data']['seed']}",
             "intended_use": INTENDED_USE}
 
 
@@ -256,6 +293,8 @@ def report_markdown(report: dict[str, Any]) -> str:
              "## Recipe", "",
              f"- training data: {r['recipe']['train_data']['full']} fully labelled full-size phantoms, "
              f"`pocketseg synth --seed {r['recipe']['train_data']['seed']}`",
+             f"- extra training data (step {STEPS[-1]}): {r['recipe']['extra_data']['full']} phantoms, "
+             f"`pocketseg synth --seed {r['recipe']['extra_data']['seed']}`",
              f"- held-out data: {r['recipe']['heldout_data']['full']} phantoms, seed "
              f"{r['recipe']['heldout_data']['seed']} (never trained on)",
              f"- device: {r['device']}; {r['machine']}"]
@@ -266,6 +305,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             extra.append(f"starts from the weights of step {s['init']}")
         if s.get("crop_widen_mm"):
             extra.append(f"training crops widened by up to {s['crop_widen_mm']:g} mm per side")
+        if s.get("data", "train_data") != "train_data":
+            extra.append(f"trained on the {s['data'].replace('_', ' ')}")
         origin = (f" (trained earlier by the same recipe, taken from `{t['from_package']}`)"
                   if t.get("from_package") else "")
         lines.append(f"- {step}: preset `{s['preset']}` ({t['params']:,} parameters, spacing "
@@ -276,15 +317,19 @@ def report_markdown(report: dict[str, Any]) -> str:
                      + "".join(f", {e}" for e in extra)
                      + f", {t['seconds'] / 60:.1f} min; last validation mean DSC {t['last_val_mean_dice']:.3f}"
                      + origin)
-    steps = {"synth_train": "synthesis of the training set", "synth_heldout": "synthesis of the held-out set",
-             "train_roi": "ROI training", "train_detail": "detail training (phase 1)",
-             "train_detail_widen": "detail training (phase 2, widened crops)", "export": "export",
+    steps = {"synth_train": "synthesis of the training set", "synth_extra": "synthesis of the extra training set",
+             "synth_heldout": "synthesis of the held-out set", "train_roi": "ROI training",
+             "train_detail": "detail training (phase 1)", "train_detail_widen": "detail training (phase 2, widened crops)",
+             "train_detail_more": "detail training (phase 3, extra phantoms)", "export": "export",
              "predict_and_evaluate": "held-out prediction and evaluation"}
     start = r.get("start_from")
     if start:
-        steps = {k: v for k, v in steps.items() if k not in ("train_roi", "train_detail")}
-        lines.append(f"- the ROI net and phase 1 of the detail net come from `{start['package']}`, which the same "
-                     f"recipe made on {start['device']}; {start['machine']}")
+        taken = _start_steps(start)
+        made = {SYNTH_STEPS[key] for key in _data_needed(taken)}
+        steps = {k: v for k, v in steps.items()
+                 if k.removeprefix("train_") not in taken and (not k.startswith("synth_") or k in made)}
+        lines.append(f"- steps {', '.join(taken)} come from `{start['package']}`, which the same recipe made on "
+                     f"{start['device']}; {start['machine']}")
     timed = [f"{what} {r['seconds'][key] / 60:.1f} min" for key, what in steps.items() if key in r["seconds"]]
     untimed = [what for key, what in steps.items() if key not in r["seconds"]]
     lines += [f"- wall time of the recipe's steps on this machine: {', '.join(timed)}"
@@ -309,9 +354,9 @@ def report_markdown(report: dict[str, Any]) -> str:
 def run(out: Path, *, start_from: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or continue) the recipe in ``out``; returns the report (also written to ``out``).
 
-    ``start_from``: a package the recipe's first steps made (the ROI net and phase 1 of the detail net, checked by
-    :func:`start_package_report`); those nets are taken from it instead of being trained again, and the report
-    carries their training record from its report.
+    ``start_from``: a package the recipe's first steps made (checked by :func:`start_package_report`); its ROI net
+    and detail net are taken from it instead of training those steps again, and the report carries their training
+    record from its report.
     """
     start = _start(Path(out), start_from)
     ensure_dir(out, "reference-model folder")
@@ -329,26 +374,33 @@ def run(out: Path, *, start_from: Path | None = None, progress: bool = True) -> 
             timings[step] = round(time.perf_counter() - t0, 1)
             write_json(timings_path, timings, overwrite=True)
 
-    train_data, heldout, cache = out / "train-data", out / "heldout", out / "cache"
-    timed("synth_train", lambda: _synth(train_data, RECIPE["train_data"]))
-    timed("synth_heldout", lambda: _synth(heldout, RECIPE["heldout_data"]))
+    heldout, cache = out / DATA_FOLDERS["heldout_data"], out / "cache"
+    taken = _start_steps(start)
+    needed = _data_needed(taken)
+    for key, name in SYNTH_STEPS.items():
+        if key in needed:
+            timed(name, lambda key=key: _synth(out / DATA_FOLDERS[key], RECIPE[key]))
     runs = {step: out / "runs" / step for step in STEPS}
+    # From a start package: its ROI net and the net of the last detail step it was made by become finished runs;
+    # the detail steps before that one are not needed (the next step starts from the last one's weights).
+    materialized = {"roi", taken[-1]} if taken else set()
     for step in STEPS:
-        if start is not None and step in START_STEPS:
+        if step in materialized:
             if not (runs[step] / ckpt.LATEST).is_file():
                 shutil.rmtree(runs[step], ignore_errors=True)  # an interrupted copy
                 _run_from_package(start, step, runs[step])
-        else:
-            timed(f"train_{step}", lambda: _train(step, train_data, runs, cache, device, cpu_bf16))
+        elif step not in taken:
+            timed(f"train_{step}", lambda step=step: _train(step, out, runs, cache, device, cpu_bf16))
     model = out / "model"
     # The package is exported again whenever the nets it was made from are not those of the runs now.
-    inputs = {"roi": sha256_file(final_checkpoint(runs["roi"])), "detail": sha256_file(final_checkpoint(runs[STEPS[-1]]))}
+    inputs = {"roi": sha256_file(final_checkpoint(runs["roi"])), "detail": sha256_file(final_checkpoint(runs[STEPS[-1]])),
+              "inference": RECIPE["inference"]}
 
     def export() -> bool:
         done = (model / "manifest.json").is_file() and (out / EXPORT_INPUTS).is_file() \
             and read_json(out / EXPORT_INPUTS) == inputs
         if not done:
-            export_package(runs["roi"], runs[STEPS[-1]], model, overwrite=True, source=_source())
+            export_package(runs["roi"], runs[STEPS[-1]], model, overwrite=True, source=_source(), **RECIPE["inference"])
             write_json(out / EXPORT_INPUTS, inputs, overwrite=True)
         return not done
 
@@ -364,10 +416,10 @@ def run(out: Path, *, start_from: Path | None = None, progress: bool = True) -> 
 
     timed("predict_and_evaluate", evaluate)
 
-    histories = {step: _history(runs[step]) for step in STEPS}
+    histories = {step: _history(runs[step]) for step in STEPS if step not in taken}
     train_info = {}
     for step in STEPS:
-        if start is not None and step in START_STEPS:
+        if step in taken:
             train_info[step] = dict(start["train"][step], from_package=start["package"])
             continue
         spec = RECIPE[step]
@@ -395,11 +447,19 @@ def run(out: Path, *, start_from: Path | None = None, progress: bool = True) -> 
     }
     if start is not None:
         report["start_from"] = {k: start[k] for k in ("package", "sha256", "device", "machine", "seconds")}
-        for key in ("train_roi", "train_detail"):  # times of runs this folder once trained itself do not count
-            timings.pop(key, None)
+        report["start_from"]["steps"] = taken
+        for step in taken:  # times of runs this folder once trained itself do not count
+            timings.pop(f"train_{step}", None)
     write_json(out / "report.json", report, overwrite=True)
     trained_here = {step: h for step, h in histories.items() if h}
-    atomic_write_bytes(out / "learning_curve.png", plot_learning_curves(trained_here), overwrite=True)
+    if not trained_here and start is not None:  # nothing trained here: the curves of the nets are the package's
+        taken_curves = Path(start["package"]) / "learning_curve.png"
+        if not taken_curves.is_file():
+            raise InputError(taken_curves, "is missing from the start package: no learning curves to report")
+        curves = taken_curves.read_bytes()
+    else:
+        curves = plot_learning_curves(trained_here)
+    atomic_write_bytes(out / "learning_curve.png", curves, overwrite=True)
     write_text(out / "report.md", report_markdown(report), overwrite=True)
     return report
 
@@ -481,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(../shared/data/ct_examples) against their reference segmentations")
     parser.add_argument("--model", type=Path, default=None, help="the package --real-ct scores [OUT/model]")
     parser.add_argument("--start-from", dest="start_from", type=Path, default=None, metavar="PKG",
-                        help="take the ROI net and phase 1 of the detail net from this package, which the recipe's "
-                             "first steps made (its report.json says so), instead of training them again")
+                        help="take the ROI net and the detail net from this package, which the recipe's first "
+                             "steps (or all of them) made, as its report.json says, instead of training those "
+                             "steps again")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if the fp16 ONNX, or bf16 inference (measured where OpenVINO runs bf16 natively), "
                         "agrees with fp32 on < 99.9 %% of voxels")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17) [17]")
+    p.add_argument("--overlap", type=float, default=0.0,
+                   help="the package's tile overlap unless predict says otherwise; 0 is the paper's tile step 1.0 [0]")
+    p.add_argument("--gaussian", action="store_true",
+                   help="the package blends overlapping tiles with Gaussian weights unless predict says otherwise")
     _sign_key_option(p)
 
     p = sub.add_parser("import-nnunet", help="import a trained nnU-Net v2 model (results folder) as a model package",

@@ -45,6 +45,24 @@ def test_export_writes_a_verified_package(runs, tmp_path):
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
 
 
+def test_the_package_records_its_sliding_window(runs, tmp_path):
+    """The paper's tile step 1.0 by default; overlapping Gaussian-blended tiles where the exporter asks for them,
+    which the runtime then uses unless its caller says otherwise; a bad overlap leaves no package."""
+    from pocketseg.runtime.cascade import CascadePredictor
+
+    plain = load_package(export_package(*runs, tmp_path / "plain", fp16=False, check=False))
+    assert (plain.inference.overlap, plain.inference.gaussian) == (0.0, False)
+    out = export_package(*runs, tmp_path / "overlap", fp16=False, check=False, overlap=0.5, gaussian=True)
+    manifest = load_package(out)
+    assert (manifest.inference.overlap, manifest.inference.gaussian) == (0.5, True)
+    predictor = CascadePredictor(out, device="cpu", backend="onnxruntime")
+    assert predictor.overlap == 0.5 and predictor.settings.gaussian
+    assert CascadePredictor(out, device="cpu", backend="onnxruntime", overlap=0.0).overlap == 0.0
+    with pytest.raises(InputError, match="overlap must be a fraction"):
+        export_package(*runs, tmp_path / "bad", fp16=False, check=False, overlap=1.0)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_onnx_has_dynamic_batch_and_matches_torch(runs, tmp_path):
     import onnx
     import onnxruntime as ort

@@ -36,14 +36,14 @@ HELDOUT_SLICES = 120
 #: published (docs/reference-model.md, "The accuracy guards") minus a margin: 0.03 for the liver, kidneys, spleen,
 #: aorta, IVC and stomach, 0.07 for the others, whose DSC moves more with a few voxels. The right adrenal gland is
 #: not guarded: the package does not segment it (measured DSC 0.00).
-DSC_FLOORS: dict[int, float] = {1: 0.94, 2: 0.91, 3: 0.86, 4: 0.80, 5: 0.89, 6: 0.88, 8: 0.54, 9: 0.57, 10: 0.25,
-                                11: 0.86, 12: 0.71, 13: 0.90}
+DSC_FLOORS: dict[int, float] = {1: 0.94, 2: 0.93, 3: 0.93, 4: 0.83, 5: 0.87, 6: 0.88, 8: 0.66, 9: 0.74, 10: 0.56,
+                                11: 0.93, 12: 0.74, 13: 0.93}
 #: Agreement of a lower precision with fp32, on the labels of the whole cascade.
 MIN_PRECISION_AGREEMENT = 0.999
 #: Agreement of our cascade with nnU-Net's predictor running the same nets.
 MIN_NNUNET_AGREEMENT = 0.99
 #: ... and on the voxels that either calls an organ.
-MIN_NNUNET_ORGAN_AGREEMENT = 0.85
+MIN_NNUNET_ORGAN_AGREEMENT = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,10 @@ def test_fp16_labels_agree_with_fp32(heldout):
     from pocketseg.runtime.cascade import CascadePredictor, StageNetworks
     from pocketseg.runtime.engines import OnnxRuntimeEngine
 
-    fp32 = CascadePredictor(REFERENCE, device="cpu", backend="onnxruntime", precision="fp32")
-    fp16 = CascadePredictor(REFERENCE, device="cpu", backend="onnxruntime", precision="fp32")
+    # At the paper's tile step 1.0, quicker than the package's overlapping window: what is compared is the
+    # networks' precision, tile for tile.
+    fp32 = CascadePredictor(REFERENCE, device="cpu", backend="onnxruntime", precision="fp32", fast=True)
+    fp16 = CascadePredictor(REFERENCE, device="cpu", backend="onnxruntime", precision="fp32", fast=True)
     for name, stage in fp16.manifest.stages.items():
         engine = OnnxRuntimeEngine(REFERENCE, stage, "cpu", "fp16")
         assert engine.io_dtype == np.float16
@@ -133,8 +135,8 @@ def test_bf16_labels_agree_with_fp32(heldout):
     native, why = cpu_bf16_support()
     if not native:
         pytest.skip(f"bf16 is only run where the CPU computes it natively: {why}")
-    fp32 = CascadePredictor(REFERENCE, device="cpu", backend="openvino", precision="fp32")
-    bf16 = CascadePredictor(REFERENCE, device="cpu", backend="openvino", precision="bf16")
+    fp32 = CascadePredictor(REFERENCE, device="cpu", backend="openvino", precision="fp32", fast=True)
+    bf16 = CascadePredictor(REFERENCE, device="cpu", backend="openvino", precision="bf16", fast=True)
     assert bf16.selection.precision == "bf16"
     for case in _first_case(heldout):
         assert (_labels(fp32, case) == _labels(bf16, case)).mean() >= MIN_PRECISION_AGREEMENT
@@ -152,9 +154,9 @@ def test_the_full_cascade_agrees_with_nnunet_on_the_same_nets(heldout):
         mine, theirs = np.asarray(ours.predict(volume).labels), np.asarray(peer.predict(volume))
         assert (mine > 0).mean() > 0.01
         assert (mine == theirs).mean() >= MIN_NNUNET_AGREEMENT
-        # On the voxels either calls an organ the agreement is lower (0.88 over both held-out phantoms with the phase-1 detail net):
-        # the two ROI boxes differ by a few voxels and the detail net answers to the box it is given
-        # (docs/reference-model.md). The floor keeps that difference from growing unnoticed.
+        # On the voxels either calls an organ the agreement is lower (0.972 on this phantom, both at tile step 0.5
+        # with Gaussian blending; 0.88 with the paper's tile step): the two ROI boxes differ by a few voxels and
+        # the tiles follow the box (docs/reference-model.md). The floor keeps that difference from growing.
         organs = (mine > 0) | (theirs > 0)
         agreement = (mine == theirs)[organs].mean()
         assert agreement >= MIN_NNUNET_ORGAN_AGREEMENT, agreement
@@ -172,21 +174,34 @@ def test_the_recipe_runs_resumes_reports_and_publishes(tmp_path, monkeypatch):
     tiny = {"preset": "", "epochs": 1, "iterations": 2, "batch_size": 2, "optimizer": "adamw", "lr": 0.003,
             "schedule": "poly", "mirror": False, "val_fraction": 0.5, "val_every": 1, "seed": 0}
     monkeypatch.setattr(R, "RECIPE", {"train_data": {"full": 2, "seed": 2026}, "heldout_data": {"full": 1, "seed": 9000},
+                                      "extra_data": {"full": 2, "seed": 2027},
+                                      "inference": {"overlap": 0.25, "gaussian": True},
                                       "roi": {**tiny, "preset": "roi-tiny"}, "detail": {**tiny, "preset": "detail-tiny"},
                                       "detail_widen": {**tiny, "preset": "detail-tiny", "stage": "detail",
-                                                       "init": "detail", "crop_widen_mm": 30.0, "seed": 1}})
+                                                       "init": "detail", "crop_widen_mm": 30.0, "seed": 1},
+                                      "detail_more": {**tiny, "preset": "detail-tiny", "stage": "detail",
+                                                      "init": "detail_widen", "data": "extra_data",
+                                                      "crop_widen_mm": 30.0, "seed": 2}})
     real_synth = synth.synthesize_dataset
     monkeypatch.setattr(R, "synthesize_dataset", lambda folder, **kw: real_synth(folder, small=True, slices=40, **kw))
     out = tmp_path / "recipe"
     report = R.run(out, progress=False)
-    assert set(report["seconds"]) == {"synth_train", "synth_heldout", "train_roi", "train_detail",
-                                      "train_detail_widen", "export", "predict_and_evaluate"}
+    assert set(report["seconds"]) == {"synth_train", "synth_extra", "synth_heldout", "train_roi", "train_detail",
+                                      "train_detail_widen", "train_detail_more", "export", "predict_and_evaluate"}
     assert report["heldout"]["cases"] == 1 and len(report["heldout"]["organs"]) == 14
-    assert report["train"]["detail"]["iterations"] == report["train"]["detail_widen"]["iterations"] == 2
+    assert {report["train"][step]["iterations"] for step in R.STEPS} == {2}
     widen = json.loads((out / "runs" / "detail_widen" / "config.json").read_text())
     assert widen["crop_widen_mm"] == 30.0
     assert widen["init_weights"]["path"] == str((out / "runs" / "detail" / "checkpoint_best.pt").resolve())
-    assert json.loads((out / "model" / "manifest.json").read_text())["source"]["intended_use"] == R.INTENDED_USE
+    more = json.loads((out / "runs" / "detail_more" / "config.json").read_text())
+    assert Path(more["dataset"]).resolve() == (out / "extra-data").resolve()  # phase 3 trains on the extra phantoms
+    assert more["init_weights"]["path"] == str((out / "runs" / "detail_widen" / "checkpoint_best.pt").resolve())
+    assert json.loads((out / "extra-data" / "dataset.json").read_text())["pocketseg"]["seed"] == 2027
+    exported = json.loads((out / R.EXPORT_INPUTS).read_text())  # the package holds the last detail step's net
+    assert exported["detail"] == sha256_file(R.final_checkpoint(out / "runs" / "detail_more"))
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    assert manifest["source"]["intended_use"] == R.INTENDED_USE
+    assert manifest["inference"]["overlap"] == 0.25 and manifest["inference"]["gaussian"] is True
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "not for real CT" in (out / "report.md").read_text()
     first = json.loads((out / "timings.json").read_text())
@@ -199,12 +214,10 @@ def test_the_recipe_runs_resumes_reports_and_publishes(tmp_path, monkeypatch):
     load_package(published)
 
     # --start-from: the ROI net and phase 1 of the detail net come from a package the recipe's first steps made.
-    with pytest.raises(InputError, match="already holds the last detail step"):
-        R.start_package_report(published)
     phase1 = tmp_path / "phase1"
     shutil.copytree(published, phase1)
     phase1_report = json.loads((phase1 / "report.json").read_text())
-    del phase1_report["recipe"]["detail_widen"]
+    del phase1_report["recipe"]["detail_widen"], phase1_report["recipe"]["detail_more"]
     (phase1 / "report.json").write_text(json.dumps(phase1_report))
     out2 = tmp_path / "recipe2"
     second = R.run(out2, start_from=phase1, progress=False)
@@ -221,6 +234,50 @@ def test_the_recipe_runs_resumes_reports_and_publishes(tmp_path, monkeypatch):
     assert f"taken from `{phase1}`" in (out2 / "report.md").read_text()
     again = R.run(out2, progress=False)  # the folder remembers where its first steps came from
     assert again["train"]["roi"]["from_package"] == str(phase1) and again["start_from"]["package"] == str(phase1)
+
+    # A package of the first three steps: only phase 3 trains, from that package's detail net; the training set of
+    # the first steps is not synthesized.
+    phase2 = tmp_path / "phase2"
+    shutil.copytree(published, phase2)
+    phase2_report = json.loads((phase2 / "report.json").read_text())
+    del phase2_report["recipe"]["detail_more"]
+    (phase2 / "report.json").write_text(json.dumps(phase2_report))
+    out3 = tmp_path / "recipe-phase2"
+    third = R.run(out3, start_from=phase2, progress=False)
+    assert set(third["seconds"]) == {"synth_extra", "synth_heldout", "train_detail_more", "export",
+                                     "predict_and_evaluate"}
+    assert not (out3 / "train-data").exists() and not (out3 / "runs" / "detail").exists()
+    assert third["train"]["detail_widen"]["from_package"] == str(phase2)
+    assert third["train"]["detail_more"]["iterations"] == 2 and "from_package" not in third["train"]["detail_more"]
+    start_weights = json.loads((out3 / "runs" / "detail_more" / "config.json").read_text())["init_weights"]
+    assert start_weights["sha256"] == sha256_file(out3 / "runs" / "detail_widen" / "checkpoint_latest.pt")
+    assert "steps roi, detail, detail_widen come from" in (out3 / "report.md").read_text()
+
+    # From a package of every step nothing trains: the nets are exported with the recipe's inference settings
+    # (here other than the package's) and scored; the training set is not synthesized.
+    monkeypatch.setitem(R.RECIPE, "inference", {"overlap": 0.5, "gaussian": False})
+    whole = tmp_path / "recipe-whole"
+    rescored = R.run(whole, start_from=published, progress=False)
+    assert set(rescored["seconds"]) == {"synth_heldout", "export", "predict_and_evaluate"}
+    assert not (whole / "train-data").exists() and not (whole / "extra-data").exists()
+    assert not (whole / "runs" / "detail").exists()
+    assert all(rescored["train"][step]["from_package"] == str(published) for step in R.STEPS)
+    assert rescored["train"]["detail_more"]["iterations"] == report["train"]["detail_more"]["iterations"]
+    for name in ("roi.safetensors", "detail.safetensors"):  # the same nets
+        shipped, taken = load_file(str(published / name)), load_file(str(whole / "model" / name))
+        assert shipped.keys() == taken.keys() and all(np.array_equal(shipped[k], taken[k]) for k in shipped)
+    assert json.loads((whole / "model" / "manifest.json").read_text())["inference"]["gaussian"] is False
+    assert (whole / "learning_curve.png").read_bytes() == (published / "learning_curve.png").read_bytes()
+    assert "steps roi, detail, detail_widen, detail_more come from" in (whole / "report.md").read_text()
+    with pytest.raises(InputError, match="was started from other nets"):
+        R.run(whole, start_from=phase1, progress=False)  # the same weights, but other steps
+    gap = tmp_path / "gap"
+    shutil.copytree(published, gap)
+    gap_report = json.loads((gap / "report.json").read_text())
+    del gap_report["recipe"]["detail"]
+    (gap / "report.json").write_text(json.dumps(gap_report))
+    with pytest.raises(InputError, match="not the first steps of this recipe"):
+        R.start_package_report(gap)
     with pytest.raises(InputError, match="holds roi and detail runs trained here"):
         R.run(out, start_from=phase1, progress=False)  # a folder that trained its own first steps
     other = tmp_path / "other"

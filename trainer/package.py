@@ -22,8 +22,9 @@ from pocketseg.atomic import ensure_dir, write_json
 from pocketseg.engine_build.export import OPSET, StageExport, check_opset, write_package
 from pocketseg.errors import InputError, OutputError
 from pocketseg.geometry import ROI_MARGIN_MM
-from pocketseg.manifest import Intensity, Network, PostProcess
+from pocketseg.manifest import Inference, Intensity, Network, PostProcess
 from pocketseg.runtime.network import PocketUNet
+from pocketseg.runtime.sliding_window import check_overlap
 from pocketseg.trainer import checkpoint as ckpt
 from pocketseg.trainer.presets import Preset, get_preset
 from pocketseg.trainer.train import RunConfig
@@ -84,7 +85,8 @@ def _stage_export(name: str, run: tuple[dict[str, Any], Preset, PocketUNet, dict
 
 def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                    fp16: bool = True, check: bool = True, strict: bool = False, opset: int = OPSET,
-                   sign_key: str | os.PathLike | None = None, source: dict[str, Any] | None = None) -> Path:
+                   sign_key: str | os.PathLike | None = None, source: dict[str, Any] | None = None,
+                   overlap: float = 0.0, gaussian: bool = False) -> Path:
     """Write a complete model package from a ROI run and a detail run (``pocketseg export``); returns its folder.
 
     Args:
@@ -101,13 +103,21 @@ def export_package(roi: str | os.PathLike, detail: str | os.PathLike, out: str |
             ``signature.json`` (docs/model-package.md, "Signatures").
         source: where the networks came from, recorded as the manifest's ``source`` (e.g. the training data and
             the intended use).
+        overlap, gaussian: the package's sliding window unless the caller says otherwise (manifest ``inference``):
+            the paper's tile step 1.0 (overlap 0, uniform blending) by default; a small net trained briefly can
+            need overlapping tiles, as the reference model does (docs/reference-model.md).
     """
     check_opset(opset)
+    try:
+        inference = Inference(overlap=check_overlap(overlap), gaussian=bool(gaussian))
+    except ValueError as err:
+        raise InputError(None, str(err)) from None
     runs = {"roi": load_run(roi, "roi"), "detail": load_run(detail, "detail")}
     margin = float(runs["detail"][0].get("roi_margin_mm", ROI_MARGIN_MM))
     return write_package([_stage_export(name, run) for name, run in runs.items()], out, roi_margin_mm=margin,
                          postprocess=PostProcess(), overwrite=overwrite, fp16=fp16, check=check, strict=strict,
-                         opset=opset, sign_key=sign_key, manifest_fields=None if source is None else {"source": source})
+                         opset=opset, sign_key=sign_key,
+                         manifest_fields={"inference": inference, **({} if source is None else {"source": source})})
 
 
 def final_checkpoint(run_dir: str | os.PathLike) -> Path:

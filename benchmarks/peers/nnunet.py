@@ -277,8 +277,10 @@ def _check_step(tile_step_size: Any) -> float:
 class NnUNetCascade:
     """The ROI -> detail cascade of a model package, each stage run by ``nnUNetPredictor``.
 
+    The sliding window is the package's own (manifest ``inference``) unless given: tile step ``1 - overlap``
+    and its Gaussian blending or not, so the peer does the work pocketseg's runtime does with the same package.
     ``tile_step_size=1.0`` (no tile overlap beyond what covering the volume needs),
-    ``use_gaussian=False`` and no mirroring are the paper's peer settings. ``device``
+    ``use_gaussian=False`` and no mirroring are the paper's peer settings (the package default). ``device``
     is ``"cpu"`` or ``"cuda[:N]"``; on CUDA everything stays on the GPU
     (``perform_everything_on_device``), as nnU-Net's default, and nnU-Net runs the
     network under autocast. After :meth:`predict`, :attr:`last_timings` holds the
@@ -286,14 +288,15 @@ class NnUNetCascade:
     ``detail``, ``postprocess`` and ``total``.
     """
 
-    def __init__(self, package_dir: str | os.PathLike, *, device: str = "cpu", tile_step_size: float = 1.0,
-                 use_gaussian: bool = False, verbose: bool = False):
+    def __init__(self, package_dir: str | os.PathLike, *, device: str = "cpu", tile_step_size: float | None = None,
+                 use_gaussian: bool | None = None, verbose: bool = False):
         nnUNetPredictor, PlansManager = _require_nnunet()
         self.package_dir = Path(package_dir)
         self.manifest: Manifest = load_package(self.package_dir)
         self.device = _check_device(device)
-        self.tile_step_size = _check_step(tile_step_size)
-        self.use_gaussian = bool(use_gaussian)
+        inference = self.manifest.inference
+        self.tile_step_size = _check_step(1.0 - inference.overlap if tile_step_size is None else tile_step_size)
+        self.use_gaussian = bool(inference.gaussian if use_gaussian is None else use_gaussian)
         self.verbose = bool(verbose)
         self.last_timings: dict[str, float] = {}
         self.predictors: dict[str, Any] = {}
