@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -237,6 +238,40 @@ def _remove_parts(job: CaseJob, options: CaseOptions) -> list[Path]:
     return removed
 
 
+def _running(pid: int) -> bool:
+    """Whether the local process ``pid`` still runs (a zombie has ended: it can write nothing more)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _wait_gone(slots: Sequence[_Slot], timeout: float = 10.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the processes of the slots' workers on this machine have ended.
+
+    Ray reports an actor dead once it is told so, which can be before its process has stopped: a worker killed
+    on Ctrl-C (or whose raylet the signal ended first) may still create a temporary file for a moment. The
+    clean-up runs after this wait. Workers on other machines cannot be watched; Ray's report stands for them.
+    """
+    host = socket.gethostname()
+    alive = {slot.info["pid"] for slot in slots if slot.info.get("node") == host and slot.info.get("pid")}
+    alive.discard(os.getpid())
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if _running(pid)}
+        if alive:
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def _connected(address: str) -> Iterator[Any]:
     """Ray, connected: an existing connection of this process as it is, else ``local`` (a new cluster on this
@@ -336,6 +371,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
             with contextlib.suppress(Exception):
                 rt.wait(list(slot.in_flight), num_returns=len(slot.in_flight), timeout=30)
             slot.in_flight.clear()
+            _wait_gone([slot])
             for job, attempt in sorted(held, key=lambda held_job: order[held_job[0].case], reverse=True):
                 _remove_parts(job, options)
                 summary.lost += 1
@@ -407,6 +443,8 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
             with contextlib.suppress(BaseException):
                 if refs:
                     rt.wait(refs, num_returns=len(refs), timeout=30)
+            with contextlib.suppress(BaseException):  # a second Ctrl-C skips the wait, not the clean-up
+                _wait_gone(slots)
             for job in held:
                 _remove_parts(job, options)
             log.warning("ray: stopped; %d case(s) of this run recorded as written, the rest is left for --continue",

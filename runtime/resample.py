@@ -50,6 +50,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
+import scipy.ndimage
 
 from pocketseg.runtime.arrays import ArrayModule, cpu_module
 
@@ -75,6 +76,10 @@ _SPLINE_PAD = 12
 CHUNK_SLICES = 16
 #: Per-label windows are resampled at sizes rounded up to a multiple of this on a GPU (see the module doc).
 LABEL_WINDOW_BUCKET = 32
+#: Output samples per block of the CPU's banded cubic resampling operator (:func:`_axis_operator`).
+OPERATOR_BLOCK = 32
+# Operator entries below this fraction of the largest are dropped (:func:`_axis_operator`).
+_OPERATOR_TOL = 1e-7
 
 
 # --------------------------------------------------------------------------- arguments
@@ -290,23 +295,91 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
     return np.stack([(1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3]) / 6.0
 
 
-def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
-                 prep: Callable[[Any], Any] | None = None, value_range: list[Any] | None = None) -> Any:
-    """Cubic-spline resampling of one axis (the grid map of :func:`_grid_map`, edges extended); float32.
+class _Block(NamedTuple):
+    """Output samples ``rows`` of a resampling operator, which depend on the input samples ``cols`` only."""
 
-    Chunk by chunk of :data:`CHUNK_SLICES` along another axis: ``prep`` (element-wise), the 1D
-    prefilter along ``axis`` (:func:`_spline_coefficients`), then each output sample as the weighted
-    sum of its four coefficients. Only the output is volume-sized; the chunks' buffers are small and
-    reused. ``value_range``, a list, receives the (prepared) input's minimum and maximum per index of the
-    chunking axis (axis 0, or 1 when ``axis`` is 0): ``[lows, highs]``.
+    rows: slice
+    cols: slice
+    matrix: np.ndarray  # (rows, cols), float32
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_operator(n_in: int, n_out: int) -> tuple[_Block, ...]:
+    """The cubic-spline resampling of one axis, ``n_in`` -> ``n_out`` samples, as a banded matrix in row blocks.
+
+    Edge padding, prefilter and evaluation are all linear, so resampling an axis multiplies it by one
+    ``(n_out, n_in)`` matrix, whose column ``i`` is the resampled unit impulse at ``i`` (computed here in
+    float64, with the padding, mirror-mode prefilter and weights of the filter-then-gather path). The
+    prefilter's response decays by a factor 0.268 per sample, so a block of :data:`OPERATOR_BLOCK` output
+    samples depends on a short run of inputs: entries below :data:`_OPERATOR_TOL` of the largest are
+    dropped (their sum is ~1e-6 of a row's, below float32 rounding of the result's range).
     """
-    scale, offset = _grid_map(x.shape[axis], n_out)
+    pad = _SPLINE_PAD
+    impulses = np.zeros((n_in + 2 * pad, n_in))
+    impulses[pad : pad + n_in] = np.eye(n_in)
+    impulses[:pad] = impulses[pad]
+    impulses[pad + n_in :] = impulses[pad + n_in - 1]
+    coef = scipy.ndimage.spline_filter1d(impulses, order=3, axis=0, mode="mirror")
+    scale, offset = _grid_map(n_in, n_out)
     where = scale * np.arange(n_out, dtype=np.float64) + offset
     first = np.floor(where)
-    shape = [1, 1, 1]
-    shape[axis] = n_out
-    weights = [xp.asarray(w.reshape(shape)) for w in _cubic_weights(where - first).astype(np.float32)]
-    index = [xp.asarray(first.astype(np.int64) + (_SPLINE_PAD - 1 + k)) for k in range(4)]
+    weights = _cubic_weights(where - first)
+    knots = first.astype(np.int64) + (pad - 1)
+    matrix = sum(weights[k][:, None] * coef[knots + k] for k in range(4))
+    kept = np.abs(matrix) > _OPERATOR_TOL * np.abs(matrix).max()
+    blocks = []
+    for a in range(0, n_out, OPERATOR_BLOCK):
+        b = min(a + OPERATOR_BLOCK, n_out)
+        cols = np.flatnonzero(kept[a:b].any(axis=0))
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        block = np.ascontiguousarray(matrix[a:b, lo:hi], dtype=np.float32)
+        block.setflags(write=False)
+        blocks.append(_Block(slice(a, b), slice(lo, hi), block))
+    return tuple(blocks)
+
+
+def _apply_operator(chunk: np.ndarray, blocks: Sequence[_Block], axis: int, out: np.ndarray) -> None:
+    """``out`` = the blocks' operator applied along ``axis`` of a 3D float32 ``chunk``; matrix products (BLAS)."""
+    if axis == 0:
+        flat = chunk.reshape(chunk.shape[0], -1)
+        for blk in blocks:
+            out[blk.rows] = (blk.matrix @ flat[blk.cols]).reshape((-1,) + chunk.shape[1:])
+    elif axis == 1:
+        for blk in blocks:
+            out[:, blk.rows] = np.matmul(blk.matrix, chunk[:, blk.cols])
+    else:
+        flat = chunk.reshape(-1, chunk.shape[2])
+        res = np.empty((flat.shape[0], out.shape[2]), dtype=np.float32)
+        for blk in blocks:
+            res[:, blk.rows] = flat[:, blk.cols] @ blk.matrix.T
+        out[...] = res.reshape(out.shape)
+
+
+def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
+                 prep: Callable[[Any], Any] | None = None, value_range: list[Any] | None = None,
+                 banded: bool | None = None) -> Any:
+    """Cubic-spline resampling of one axis (the grid map of :func:`_grid_map`, edges extended); float32.
+
+    Chunk by chunk of :data:`CHUNK_SLICES` along another axis: ``prep`` (element-wise), then the
+    resampling along ``axis``. On the CPU that is a product with the axis's banded operator
+    (:func:`_axis_operator`; BLAS, about 8x faster on a CT scan than SciPy's recursive filter); on a
+    GPU, the 1D prefilter along ``axis`` (:func:`_spline_coefficients`), then each output sample as the
+    weighted sum of its four coefficients. Only the output is volume-sized; the chunks' buffers are small.
+    ``value_range``, a list, receives the (prepared) input's minimum and maximum per index of the
+    chunking axis (axis 0, or 1 when ``axis`` is 0): ``[lows, highs]``. ``banded``: use the operator
+    (True) or the filter (False); None: the operator with NumPy, the filter otherwise.
+    """
+    use_operator = xp is np if banded is None else bool(banded)
+    if use_operator:
+        blocks = _axis_operator(int(x.shape[axis]), int(n_out))
+    else:
+        scale, offset = _grid_map(x.shape[axis], n_out)
+        where = scale * np.arange(n_out, dtype=np.float64) + offset
+        first = np.floor(where)
+        shape = [1, 1, 1]
+        shape[axis] = n_out
+        weights = [xp.asarray(w.reshape(shape)) for w in _cubic_weights(where - first).astype(np.float32)]
+        index = [xp.asarray(first.astype(np.int64) + (_SPLINE_PAD - 1 + k)) for k in range(4)]
     out_shape = list(x.shape)
     out_shape[axis] = n_out
     out = xp.empty(tuple(out_shape), dtype=xp.float32)
@@ -319,6 +392,9 @@ def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
             others = tuple(ax for ax in range(3) if ax != along)
             lows.append(chunk.min(axis=others))
             highs.append(chunk.max(axis=others))
+        if use_operator:
+            _apply_operator(chunk, blocks, axis, out[sel])
+            continue
         coef = _spline_coefficients(chunk, 3, (axis,), xp, ndi)
         del chunk
         acc = xp.take(coef, index[0], axis=axis)
@@ -567,20 +643,80 @@ def _bucketed(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
 
+def _linear_along(x: np.ndarray, window: _Window, axis: int, into: tuple[np.ndarray, int] | None = None) -> Any:
+    """Linear interpolation of one axis of a float32 array at the window's output samples, edges extended.
+
+    Chunk by chunk of :data:`CHUNK_SLICES` along another axis, so the temporaries stay small; ``x`` may
+    be a bool mask (converted chunk by chunk). ``into=(region, value)``: nothing is returned; ``value``
+    is set in ``region`` (the output window of a uint8 label map) where the result is >= 0.5.
+    """
+    n = x.shape[axis]
+    where = np.clip(window.scale * np.arange(window.out_hi - window.out_lo, dtype=np.float64) + window.offset, 0, n - 1)
+    below = np.minimum(np.floor(where).astype(np.int64), max(n - 2, 0))
+    above = np.minimum(below + 1, n - 1)
+    shape = [1] * x.ndim
+    shape[axis] = len(where)
+    weight = (where - below).astype(np.float32).reshape(shape)
+    out_shape = list(x.shape)
+    out_shape[axis] = len(where)
+    out = np.empty(tuple(out_shape), dtype=np.float32) if into is None else None
+    along = 1 if axis == 0 else 0
+    for start in range(0, x.shape[along], CHUNK_SLICES):
+        sel = (slice(None),) * along + (slice(start, start + CHUNK_SLICES),)
+        part = x[sel]
+        low = np.take(part, below, axis=axis).astype(np.float32, copy=False)
+        high = np.take(part, above, axis=axis).astype(np.float32, copy=False)
+        high -= low
+        high *= weight
+        low += high
+        if out is not None:
+            out[sel] = low
+        else:
+            region, value = into
+            region[sel][low >= 0.5] = value
+    return out
+
+
+def _linear_separable(sub: np.ndarray, windows: Sequence[_Window], axes: Sequence[int],
+                      into: tuple[np.ndarray, int] | None = None) -> Any:
+    """:func:`_label_pass` on the CPU: the trilinear interpolation one axis after the other, the most shrinking first.
+
+    The tensor product of 1D linear interpolations is the 3D one; factored, each pass is two gathers and
+    a multiply-add over an array the passes before have made smaller, about 8x faster than SciPy's 3D
+    ``affine_transform`` on a CT scan's organs. The values differ by float32 rounding only. The last pass
+    thresholds chunk by chunk when given ``into``, so no float copy of the output window is made.
+    """
+    order = sorted(axes, key=lambda ax: (windows[ax].out_hi - windows[ax].out_lo) / sub.shape[ax])
+    for i, ax in enumerate(order):
+        sub = _linear_along(sub, windows[ax], ax, into=into if i == len(order) - 1 else None)
+    return sub
+
+
 def _label_pass(
-    sub: Any, windows: Sequence[_Window], axes: Sequence[int], xp: ModuleType, ndi: ModuleType, bucket: int = 1
+    sub: Any, windows: Sequence[_Window], axes: Sequence[int], xp: ModuleType, ndi: ModuleType, bucket: int = 1,
+    into: tuple[Any, int] | None = None,
 ) -> Any:
-    """Linearly resample ``axes`` of a cropped mask to their output crop; the other axes stay.
+    """Linearly resample ``axes`` of a cropped mask to their output crop; the other axes stay (the 3D transform; on
+    the CPU without rounding of the sizes, :func:`_linear_separable`).
 
     The transform runs at the output shape rounded up to multiples of ``bucket`` and is cropped back:
     output voxel o depends on its coordinate alone, so the crop is exactly the unrounded result.
+    ``into=(region, value)``: returns nothing and sets ``value`` in ``region`` where the result is >= 0.5.
     """
+    if xp is np and bucket == 1 and axes:
+        return _linear_separable(sub, windows, axes, into=into)
+    sub = sub.astype(xp.float32, copy=False)
     scales = [w.scale if ax in axes else 1.0 for ax, w in enumerate(windows)]
     offsets = [w.offset if ax in axes else 0.0 for ax, w in enumerate(windows)]
     shape = [w.out_hi - w.out_lo if ax in axes else sub.shape[ax] for ax, w in enumerate(windows)]
     padded = [_bucketed(n, bucket) for n in shape]
     out = _transform(sub, scales, offsets, padded, 1, xp, ndi)
-    return out if padded == shape else out[tuple(slice(0, n) for n in shape)]
+    out = out if padded == shape else out[tuple(slice(0, n) for n in shape)]
+    if into is None:
+        return out
+    region, value = into
+    region[out >= 0.5] = value
+    return None
 
 
 def _label_select(sub: Any, window: _Window, n_in: int, n_out: int, axis: int, xp: ModuleType) -> Any:
@@ -642,23 +778,22 @@ def resample_labels(
             _label_window(*_true_extent(mask.any(axis=tuple(o for o in range(3) if o != ax)), xp), lab.shape[ax], new_shape[ax])
             for ax in range(3)
         ]
-        sub = mask[tuple(slice(w.in_lo, w.in_hi) for w in windows)].astype(xp.float32)
+        sub = mask[tuple(slice(w.in_lo, w.in_hi) for w in windows)]  # bool: float32 in the passes, as they go
+        region = out[tuple(slice(w.out_lo, w.out_hi) for w in windows)]
         if separate_z is None:
-            res = _label_pass(sub, windows, (0, 1, 2), xp, ndi, window_bucket)
+            _label_pass(sub, windows, (0, 1, 2), xp, ndi, window_bucket, into=(region, c))
+            continue
+        # Nearest along the thick axis (a selection of slices) commutes exactly with
+        # linear in-plane interpolation; do the pass that shrinks the mask first.
+        a = separate_z
+        plane = tuple(ax for ax in range(3) if ax != a)
+        if new_shape[a] < lab.shape[a]:
+            res = _label_select(sub, windows[a], lab.shape[a], new_shape[a], a, xp)
+            _label_pass(res, windows, plane, xp, ndi, window_bucket, into=(region, c))
         else:
-            # Nearest along the thick axis (a selection of slices) commutes exactly with
-            # linear in-plane interpolation; do the pass that shrinks the mask first.
-            a = separate_z
-            plane = tuple(ax for ax in range(3) if ax != a)
-            if new_shape[a] < lab.shape[a]:
-                res = _label_select(sub, windows[a], lab.shape[a], new_shape[a], a, xp)
-                res = _label_pass(res, windows, plane, xp, ndi, window_bucket)
-            else:
-                res = _label_pass(sub, windows, plane, xp, ndi, window_bucket)
-                res = _label_select(res, windows[a], lab.shape[a], new_shape[a], a, xp)
-        out_sl = tuple(slice(w.out_lo, w.out_hi) for w in windows)
-        region = out[out_sl]
-        region[res >= 0.5] = c
+            res = _label_pass(sub, windows, plane, xp, ndi, window_bucket)
+            res = _label_select(res, windows[a], lab.shape[a], new_shape[a], a, xp)
+            region[res >= 0.5] = c
     return out
 
 

@@ -366,3 +366,28 @@ def test_ray_writes_the_dicom_outputs_of_a_study_tree_as_folder_mode(cluster, ti
         assert pydicom.dcmread(out / f"{case}.rtstruct.dcm").Modality == "RTSTRUCT"
     assert {r["status"] for r in _rows(out)} == {"written"}
     assert not _leftovers(out)
+
+
+def test_the_clean_up_waits_until_local_workers_have_ended():
+    """After Ctrl-C the driver removes the temporary files of the cases its workers held; it first waits until the
+    local workers' processes have ended (Ray may call an actor dead a moment before), and not for other machines'."""
+    import socket
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.4)"])
+    try:
+        slots = [D._Slot(actor=None, info={"node": socket.gethostname(), "pid": worker.pid}),
+                 D._Slot(actor=None, info={"node": "another-machine", "pid": os.getppid()}),  # alive
+                 D._Slot(actor=None, info={})]
+        assert D._running(worker.pid)
+        start = time.monotonic()
+        D._wait_gone(slots, timeout=20)
+        waited = time.monotonic() - start
+        assert not D._running(worker.pid)  # ended (a zombie until reaped: it writes nothing more)
+        assert 0.2 < waited < 10
+        start = time.monotonic()
+        D._wait_gone(slots, timeout=20)  # nothing left to wait for: the other machine's pid is not looked at
+        assert time.monotonic() - start < 0.5
+    finally:
+        worker.kill()
+        worker.wait()
+    assert not D._running(worker.pid)
