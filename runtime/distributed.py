@@ -201,6 +201,7 @@ class _Slot:
     actor: Any
     info: dict[str, Any]
     in_flight: dict[Any, tuple[CaseJob, int]] = field(default_factory=dict)
+    info_ref: Any = None  # a replacement's info() call, asked for as it starts, until it has answered
 
 
 class _RunTable:
@@ -240,19 +241,35 @@ def _remove_parts(job: CaseJob, options: CaseOptions) -> list[Path]:
 
 def _running(pid: int) -> bool:
     """Whether the local process ``pid`` still runs (a zombie has ended: it can write nothing more)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            return handle.read().rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): ask the kernel
+    if os.path.isdir("/proc/self"):
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+                return handle.read().rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
+        except FileNotFoundError:
             return False
-        except PermissionError:
-            return True
+    try:  # no /proc (macOS): ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
+    return True
+
+
+def _settle_infos(rt: Any, slots: Sequence[_Slot], timeout: float) -> None:
+    """Take the answers of the replacements' info() calls that have come (waiting at most ``timeout`` seconds)."""
+    refs = [slot.info_ref for slot in slots if slot.info_ref is not None]
+    if not refs:
+        return
+    rt.wait(refs, num_returns=len(refs), timeout=timeout)
+    for slot in slots:
+        if slot.info_ref is None:
+            continue
+        done, _ = rt.wait([slot.info_ref], timeout=0)
+        if done:
+            with contextlib.suppress(Exception):  # a replacement that died at once: lose() handles it
+                slot.info = rt.get(slot.info_ref) or {}
+            slot.info_ref = None
 
 
 def _wait_gone(slots: Sequence[_Slot], timeout: float = 10.0) -> None:
@@ -370,8 +387,8 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
             # Its other calls fail too once it is dead; wait for that, so no file of it can appear afterwards.
             with contextlib.suppress(Exception):
                 rt.wait(list(slot.in_flight), num_returns=len(slot.in_flight), timeout=30)
+            _wait_gone([slot])  # before in_flight is cleared: a Ctrl-C here still cleans these cases up
             slot.in_flight.clear()
-            _wait_gone([slot])
             for job, attempt in sorted(held, key=lambda held_job: order[held_job[0].case], reverse=True):
                 _remove_parts(job, options)
                 summary.lost += 1
@@ -387,7 +404,8 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
                                 slot.info.get("pid"), why)
                     pending.appendleft((job, attempt + 1))
             replacement = start()
-            slot.actor, slot.info = replacement.actor, {}
+            # Its node and pid as soon as it is up, so that a Ctrl-C or its own loss can wait for its process too.
+            slot.actor, slot.info, slot.info_ref = replacement.actor, {}, replacement.actor.info.remote()
             summary.replaced_workers += 1
 
         try:
@@ -407,6 +425,7 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
                     slot = min(free, key=lambda s: (not s.info, len(s.in_flight)))
                     job, attempt = pending.popleft()
                     slot.in_flight[slot.actor.run.remote(job, attempt, existed[job.case])] = (job, attempt)
+                _settle_infos(rt, slots, timeout=0)
                 refs = [ref for slot in slots for ref in slot.in_flight]
                 ready, _ = rt.wait(refs, num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -436,6 +455,8 @@ def run_cases(model: str | os.PathLike, jobs: Sequence[CaseJob], table: str | os
             # Ctrl-C (or an error of the driver): stop every worker, wait until each is gone, then remove the
             # temporary files of the cases they held; finished files are complete, the rest is left for --continue.
             held = [job for slot in slots for job, _ in slot.in_flight.values()]
+            with contextlib.suppress(BaseException):
+                _settle_infos(rt, slots, timeout=1.0)
             for slot in slots:
                 with contextlib.suppress(Exception):
                     rt.kill(slot.actor, no_restart=True)

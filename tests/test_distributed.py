@@ -391,3 +391,37 @@ def test_the_clean_up_waits_until_local_workers_have_ended():
         worker.kill()
         worker.wait()
     assert not D._running(worker.pid)
+
+
+def test_without_proc_the_kernel_is_asked(monkeypatch):
+    """Where there is no /proc (macOS), whether a worker still runs comes from kill(pid, 0)."""
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(D.os.path, "isdir", lambda p: False if str(p).startswith("/proc") else real_isdir(p))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    assert D._running(os.getpid()) and not D._running(ended.pid)
+
+
+def test_a_replacement_worker_is_known_by_its_pid_once_it_answers():
+    """A replacement's info() is asked for as it starts; its answer is taken as soon as it has come, so that a
+    Ctrl-C waits for its process too. A call that failed (the replacement died at once) leaves it unknown."""
+    class Refs:
+        def __init__(self, answers):
+            self.answers = answers
+
+        def wait(self, refs, num_returns=1, timeout=None):
+            done = [r for r in refs if r in self.answers]
+            return done, [r for r in refs if r not in done]
+
+        def get(self, ref):
+            answer = self.answers[ref]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    rt = Refs({"a": {"node": "here", "pid": 12}, "dead": RuntimeError("actor died")})
+    up, waiting, died = (D._Slot(None, {}, info_ref=ref) for ref in ("a", "later", "dead"))
+    D._settle_infos(rt, [up, waiting, died], timeout=0)
+    assert up.info == {"node": "here", "pid": 12} and up.info_ref is None
+    assert waiting.info == {} and waiting.info_ref == "later"
+    assert died.info == {} and died.info_ref is None
