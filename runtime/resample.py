@@ -81,6 +81,8 @@ _SPLINE_PAD = 12
 CHUNK_SLICES = 16
 #: Per-label windows are resampled at sizes rounded up to a multiple of this on a GPU (see the module doc).
 LABEL_WINDOW_BUCKET = 32
+#: Slabs of each organ's output window in the CPU's label passes (:func:`_linear_separable`).
+LABEL_SLABS = 8
 #: Output samples per block of the CPU's banded cubic resampling operator (:func:`_axis_operator`).
 OPERATOR_BLOCK = 32
 # Operator entries below this fraction of the largest are dropped (:func:`_axis_operator`).
@@ -654,8 +656,16 @@ def _bucketed(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
 
-def _linear_along(x: np.ndarray, window: _Window, axis: int, into: tuple[np.ndarray, int] | None = None) -> Any:
-    """Linear interpolation of one axis at the window's output samples, edges extended; float64.
+def _linear_map(window: _Window, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(below, above, weight of above) of linear interpolation at the window's output samples, edges extended."""
+    where = np.clip(window.scale * np.arange(window.out_hi - window.out_lo, dtype=np.float64) + window.offset, 0, n - 1)
+    below = np.minimum(np.floor(where).astype(np.int64), max(n - 2, 0))
+    return below, np.minimum(below + 1, n - 1), where - below
+
+
+def _linear_along(x: np.ndarray, below: np.ndarray, above: np.ndarray, weight: np.ndarray, axis: int,
+                  into: tuple[np.ndarray, int] | None = None) -> Any:
+    """Linear interpolation of one axis (:func:`_linear_map`); float64.
 
     Chunk by chunk of :data:`CHUNK_SLICES` along another axis, so the temporaries stay small; ``x`` may
     be a bool mask (converted chunk by chunk). ``into=(region, value)``: nothing is returned; ``value``
@@ -663,15 +673,11 @@ def _linear_along(x: np.ndarray, window: _Window, axis: int, into: tuple[np.ndar
     is >= 0.5. That is the 3D transform's float64 result and rounding: exact ties (a voxel halfway
     between an organ and its outside) go the same way, which float32 passes would not.
     """
-    n = x.shape[axis]
-    where = np.clip(window.scale * np.arange(window.out_hi - window.out_lo, dtype=np.float64) + window.offset, 0, n - 1)
-    below = np.minimum(np.floor(where).astype(np.int64), max(n - 2, 0))
-    above = np.minimum(below + 1, n - 1)
     shape = [1] * x.ndim
-    shape[axis] = len(where)
-    weight = (where - below).reshape(shape)
+    shape[axis] = len(below)
+    weight = weight.reshape(shape)
     out_shape = list(x.shape)
-    out_shape[axis] = len(where)
+    out_shape[axis] = len(below)
     out = np.empty(tuple(out_shape), dtype=np.float64) if into is None else None
     along = 1 if axis == 0 else 0
     for start in range(0, x.shape[along], CHUNK_SLICES):
@@ -696,13 +702,32 @@ def _linear_separable(sub: np.ndarray, windows: Sequence[_Window], axes: Sequenc
 
     The tensor product of 1D linear interpolations is the 3D one; factored, each pass is two gathers and
     a multiply-add over an array the passes before have made smaller, about 4x faster than SciPy's 3D
-    ``affine_transform`` on a CT scan's organs, in float64 as it computes. The last pass thresholds chunk
-    by chunk when given ``into``, so no float copy of the output window is made.
+    ``affine_transform`` on a CT scan's organs, in float64 as it computes. Given ``into``, the output window
+    is made in :data:`LABEL_SLABS` slabs along the first pass's axis (at least :data:`CHUNK_SLICES` samples each) (each from the input
+    samples it needs) and thresholded as it goes, so no float copy of the window or of the passes between
+    is ever whole.
     """
     order = sorted(axes, key=lambda ax: (windows[ax].out_hi - windows[ax].out_lo) / sub.shape[ax])
-    for i, ax in enumerate(order):
-        sub = _linear_along(sub, windows[ax], ax, into=into if i == len(order) - 1 else None)
-    return sub
+    maps = {ax: _linear_map(windows[ax], sub.shape[ax]) for ax in order}
+    if into is None:
+        for ax in order:
+            sub = _linear_along(sub, *maps[ax], ax)
+        return sub
+    region, value = into
+    first = order[0]
+    below, above, weight = maps[first]
+    slab = max(CHUNK_SLICES, -(-len(below) // LABEL_SLABS))
+    for start in range(0, len(below), slab):
+        stop = min(start + slab, len(below))
+        lo, hi = int(below[start:stop].min()), int(above[start:stop].max()) + 1
+        at = (slice(None),) * first
+        slab_into = (region[at + (slice(start, stop),)], value)
+        rest = order[1:]
+        part = _linear_along(sub[at + (slice(lo, hi),)], below[start:stop] - lo, above[start:stop] - lo,
+                             weight[start:stop], first, into=None if rest else slab_into)
+        for i, ax in enumerate(rest):
+            part = _linear_along(part, *maps[ax], ax, into=slab_into if i == len(rest) - 1 else None)
+    return None
 
 
 def _label_pass(
@@ -800,7 +825,9 @@ def resample_labels(
         # linear in-plane interpolation; do the pass that shrinks the mask first.
         a = separate_z
         plane = tuple(ax for ax in range(3) if ax != a)
-        if new_shape[a] < lab.shape[a]:
+        # On the CPU the selection always comes first: on the bool mask it is cheap, and the passes after it
+        # threshold slab by slab, so no float copy of the output window is made.
+        if new_shape[a] < lab.shape[a] or (xp is np and window_bucket == 1):
             res = _label_select(sub, windows[a], lab.shape[a], new_shape[a], a, xp)
             _label_pass(res, windows, plane, xp, ndi, window_bucket, into=(region, c))
         else:
