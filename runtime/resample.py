@@ -701,11 +701,11 @@ def _linear_separable(sub: np.ndarray, windows: Sequence[_Window], axes: Sequenc
     """:func:`_label_pass` on the CPU: the trilinear interpolation one axis after the other, the most shrinking first.
 
     The tensor product of 1D linear interpolations is the 3D one; factored, each pass is two gathers and
-    a multiply-add over an array the passes before have made smaller, about 4x faster than SciPy's 3D
+    a multiply-add over an array the passes before have made smaller, about 5x faster than SciPy's 3D
     ``affine_transform`` on a CT scan's organs, in float64 as it computes. Given ``into``, the output window
-    is made in :data:`LABEL_SLABS` slabs along the first pass's axis (at least :data:`CHUNK_SLICES` samples each) (each from the input
-    samples it needs) and thresholded as it goes, so no float copy of the window or of the passes between
-    is ever whole.
+    is made in :data:`LABEL_SLABS` slabs along the first pass's axis (at least :data:`CHUNK_SLICES` samples
+    each, each from the input samples it needs) and thresholded as it goes, so no float copy of the window
+    or of the passes between is ever whole.
     """
     order = sorted(axes, key=lambda ax: (windows[ax].out_hi - windows[ax].out_lo) / sub.shape[ax])
     maps = {ax: _linear_map(windows[ax], sub.shape[ax]) for ax in order}
@@ -816,7 +816,7 @@ def resample_labels(
             _label_window(*_true_extent(mask.any(axis=tuple(o for o in range(3) if o != ax)), xp), lab.shape[ax], new_shape[ax])
             for ax in range(3)
         ]
-        sub = mask[tuple(slice(w.in_lo, w.in_hi) for w in windows)]  # bool: float32 in the passes, as they go
+        sub = mask[tuple(slice(w.in_lo, w.in_hi) for w in windows)]  # bool: made float in the passes, chunk by chunk
         region = out[tuple(slice(w.out_lo, w.out_hi) for w in windows)]
         if separate_z is None:
             _label_pass(sub, windows, (0, 1, 2), xp, ndi, window_bucket, into=(region, c))
