@@ -261,12 +261,9 @@ def _settle_infos(rt: Any, slots: Sequence[_Slot], timeout: float) -> None:
     refs = [slot.info_ref for slot in slots if slot.info_ref is not None]
     if not refs:
         return
-    rt.wait(refs, num_returns=len(refs), timeout=timeout)
+    done, _ = rt.wait(refs, num_returns=len(refs), timeout=timeout)
     for slot in slots:
-        if slot.info_ref is None:
-            continue
-        done, _ = rt.wait([slot.info_ref], timeout=0)
-        if done:
+        if slot.info_ref is not None and slot.info_ref in done:
             with contextlib.suppress(Exception):  # a replacement that died at once: lose() handles it
                 slot.info = rt.get(slot.info_ref) or {}
             slot.info_ref = None

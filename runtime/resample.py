@@ -656,16 +656,8 @@ def _bucketed(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
 
-def _linear_map(window: _Window, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(below, above, weight of above) of linear interpolation at the window's output samples, edges extended."""
-    where = np.clip(window.scale * np.arange(window.out_hi - window.out_lo, dtype=np.float64) + window.offset, 0, n - 1)
-    below = np.minimum(np.floor(where).astype(np.int64), max(n - 2, 0))
-    return below, np.minimum(below + 1, n - 1), where - below
-
-
-def _linear_along(x: np.ndarray, below: np.ndarray, above: np.ndarray, weight: np.ndarray, axis: int,
-                  into: tuple[np.ndarray, int] | None = None) -> Any:
-    """Linear interpolation of one axis (:func:`_linear_map`); float64.
+def _linear_along(x: np.ndarray, m: _AxisMap, axis: int, into: tuple[np.ndarray, int] | None = None) -> Any:
+    """Linear interpolation of one axis by ``m`` (:func:`_linear_axis_map`, :func:`_lerp`); float64.
 
     Chunk by chunk of :data:`CHUNK_SLICES` along another axis, so the temporaries stay small; ``x`` may
     be a bool mask (converted chunk by chunk). ``into=(region, value)``: nothing is returned; ``value``
@@ -673,61 +665,48 @@ def _linear_along(x: np.ndarray, below: np.ndarray, above: np.ndarray, weight: n
     is >= 0.5. That is the 3D transform's float64 result and rounding: exact ties (a voxel halfway
     between an organ and its outside) go the same way, which float32 passes would not.
     """
-    shape = [1] * x.ndim
-    shape[axis] = len(below)
-    weight = weight.reshape(shape)
     out_shape = list(x.shape)
-    out_shape[axis] = len(below)
+    out_shape[axis] = len(m.i0)
     out = np.empty(tuple(out_shape), dtype=np.float64) if into is None else None
     along = 1 if axis == 0 else 0
     for start in range(0, x.shape[along], CHUNK_SLICES):
         sel = (slice(None),) * along + (slice(start, start + CHUNK_SLICES),)
-        part = x[sel]
-        low = np.take(part, below, axis=axis).astype(np.float64, copy=False)
-        high = np.take(part, above, axis=axis).astype(np.float64, copy=False)
-        high -= low
-        high *= weight
-        low += high
+        part = _lerp(np.asarray(x[sel], dtype=np.float64), m, axis, np)
         if out is not None:
-            out[sel] = low
+            out[sel] = part
         else:
             region, value = into
-            region[sel][low.astype(np.float32) >= 0.5] = value
+            region[sel][part.astype(np.float32) >= 0.5] = value
     return out
 
 
 def _linear_separable(sub: np.ndarray, windows: Sequence[_Window], axes: Sequence[int],
-                      into: tuple[np.ndarray, int] | None = None) -> Any:
+                      into: tuple[np.ndarray, int]) -> None:
     """:func:`_label_pass` on the CPU: the trilinear interpolation one axis after the other, the most shrinking first.
 
     The tensor product of 1D linear interpolations is the 3D one; factored, each pass is two gathers and
     a multiply-add over an array the passes before have made smaller, about 5x faster than SciPy's 3D
-    ``affine_transform`` on a CT scan's organs, in float64 as it computes. Given ``into``, the output window
-    is made in :data:`LABEL_SLABS` slabs along the first pass's axis (at least :data:`CHUNK_SLICES` samples
-    each, each from the input samples it needs) and thresholded as it goes, so no float copy of the window
-    or of the passes between is ever whole.
+    ``affine_transform`` on a CT scan's organs, in float64 as it computes. The output window is made in
+    :data:`LABEL_SLABS` slabs along the first pass's axis (at least :data:`CHUNK_SLICES` samples each, each
+    from the input samples it needs) and thresholded into ``into`` as it goes, so no float copy of the
+    window or of the passes between is ever whole.
     """
     order = sorted(axes, key=lambda ax: (windows[ax].out_hi - windows[ax].out_lo) / sub.shape[ax])
-    maps = {ax: _linear_map(windows[ax], sub.shape[ax]) for ax in order}
-    if into is None:
-        for ax in order:
-            sub = _linear_along(sub, *maps[ax], ax)
-        return sub
+    maps = {ax: _linear_axis_map(windows[ax].scale, windows[ax].offset, sub.shape[ax],
+                                 windows[ax].out_hi - windows[ax].out_lo) for ax in order}
     region, value = into
-    first = order[0]
-    below, above, weight = maps[first]
-    slab = max(CHUNK_SLICES, -(-len(below) // LABEL_SLABS))
-    for start in range(0, len(below), slab):
-        stop = min(start + slab, len(below))
-        lo, hi = int(below[start:stop].min()), int(above[start:stop].max()) + 1
-        at = (slice(None),) * first
+    first, rest = order[0], order[1:]
+    m = maps[first]
+    at = (slice(None),) * first
+    slab = max(CHUNK_SLICES, -(-len(m.i0) // LABEL_SLABS))
+    for start in range(0, len(m.i0), slab):
+        stop = min(start + slab, len(m.i0))
+        lo, hi = int(m.i0[start:stop].min()), int(m.i1[start:stop].max()) + 1
         slab_into = (region[at + (slice(start, stop),)], value)
-        rest = order[1:]
-        part = _linear_along(sub[at + (slice(lo, hi),)], below[start:stop] - lo, above[start:stop] - lo,
-                             weight[start:stop], first, into=None if rest else slab_into)
+        local = _AxisMap(m.i0[start:stop] - lo, m.i1[start:stop] - lo, m.w[start:stop])
+        part = _linear_along(sub[at + (slice(lo, hi),)], local, first, into=None if rest else slab_into)
         for i, ax in enumerate(rest):
-            part = _linear_along(part, *maps[ax], ax, into=slab_into if i == len(rest) - 1 else None)
-    return None
+            part = _linear_along(part, maps[ax], ax, into=slab_into if i == len(rest) - 1 else None)
 
 
 def _label_pass(
@@ -741,8 +720,8 @@ def _label_pass(
     output voxel o depends on its coordinate alone, so the crop is exactly the unrounded result.
     ``into=(region, value)``: returns nothing and sets ``value`` in ``region`` where the result is >= 0.5.
     """
-    if xp is np and bucket == 1 and axes:
-        return _linear_separable(sub, windows, axes, into=into)
+    if xp is np and bucket == 1 and axes and into is not None:
+        return _linear_separable(sub, windows, axes, into)
     sub = sub.astype(xp.float32, copy=False)
     scales = [w.scale if ax in axes else 1.0 for ax, w in enumerate(windows)]
     offsets = [w.offset if ax in axes else 0.0 for ax, w in enumerate(windows)]
@@ -854,7 +833,11 @@ def _axis_map(n_in: int, n_out: int, nearest: bool) -> _AxisMap:
     if nearest:
         i = _nearest_indices(n_in, n_out)
         return _AxisMap(i, i, np.zeros(n_out))
-    scale, offset = _grid_map(n_in, n_out)
+    return _linear_axis_map(*_grid_map(n_in, n_out), n_in, n_out)
+
+
+def _linear_axis_map(scale: float, offset: float, n_in: int, n_out: int) -> _AxisMap:
+    """Linear interpolation at input coordinates ``scale * o + offset``, edges extended (mode 'nearest')."""
     t = np.clip(scale * np.arange(n_out, dtype=np.float64) + offset, 0.0, n_in - 1)
     i0 = np.floor(t).astype(np.int64)
     return _AxisMap(i0, np.minimum(i0 + 1, n_in - 1), t - i0)
