@@ -9,6 +9,7 @@ to ``gzip`` where isal or its C reader is missing). Writing is atomic (see :mod:
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import struct
@@ -47,10 +48,15 @@ def have_isal() -> bool:
     return _igzip is not None
 
 
-def gzip_bytes(payload: bytes) -> bytes:
+def gzip_writer(fileobj: io.BufferedIOBase) -> io.BufferedIOBase:
+    """A gzip stream writing into ``fileobj`` (ISA-L where present), at :data:`GZIP_LEVEL`, with mtime 0.
+
+    Writing an image through it compresses the voxels slab by slab as nibabel lays them out, so the
+    uncompressed file is never whole in memory; mtime 0 makes equal images equal files.
+    """
     if _igzip is not None:
-        return _igzip.compress(payload, compresslevel=GZIP_LEVEL)
-    return gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
+        return _igzip.GzipFile(fileobj=fileobj, mode="wb", compresslevel=GZIP_LEVEL, mtime=0)
+    return gzip.GzipFile(fileobj=fileobj, mode="wb", compresslevel=GZIP_LEVEL, mtime=0)
 
 
 #: Size of the compressed-input buffer of the streaming decompressor.
@@ -327,10 +333,13 @@ def nifti_bytes(
     target = Path(path)
     if not is_nifti_path(target):
         raise OutputError(target, "output name must end in .nii or .nii.gz")
-    payload = nifti_image(data, reference=reference, affine=affine, dtype=dtype).to_bytes()
-    if target.name.lower().endswith(".gz"):
-        payload = gzip_bytes(payload)
-    return payload
+    image = nifti_image(data, reference=reference, affine=affine, dtype=dtype)
+    if not target.name.lower().endswith(".gz"):
+        return image.to_bytes()
+    compressed = io.BytesIO()
+    with gzip_writer(compressed) as stream:
+        image.to_stream(stream)
+    return compressed.getvalue()
 
 
 def write_nifti(

@@ -539,9 +539,11 @@ class CascadePredictor:
         t = time.perf_counter()
         with self._timed(timings, "postprocess.components"):
             self._postprocess(crop_labels, spacing)
-        # The output is allocated in the file's voxel order and filled through the stage's view,
-        # so the download needs no transposed copy.
-        full = xp.zeros(volume.shape, dtype=xp.uint8)
+        # The output is allocated in the file's voxel order and memory layout (NIfTI: first index fastest)
+        # and filled through the stage's view, so neither the download nor the writer transposes it
+        # (a transposing copy of a 512x512x215 label map alone takes 0.4 s).
+        layout = "F" if volume.data.flags.f_contiguous and not volume.data.flags.c_contiguous else "C"
+        full = xp.zeros(volume.shape, dtype=xp.uint8, order=layout)
         view.forward(full)[box] = crop_labels
         del crop_labels, image, device_data
         labels = am.to_host(full)

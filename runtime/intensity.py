@@ -34,8 +34,8 @@ __all__ = ["ct_normalize", "normalizer"]
 def ct_normalize(image: Any, intensity: Intensity, *, am: ArrayModule | None = None) -> Any:
     """float32 ``(clip(image, p0.5, p99.5) - mean) / std`` with the stage's statistics, as a new array of ``am``."""
     xp = (am or cpu_module()).xp
-    out = xp.clip(xp.asarray(image, dtype=xp.float32), np.float32(intensity.percentile_00_5),
-                  np.float32(intensity.percentile_99_5))
+    out = xp.array(image, dtype=xp.float32)  # a copy even of float32 input: the clip below is in place
+    xp.clip(out, np.float32(intensity.percentile_00_5), np.float32(intensity.percentile_99_5), out=out)
     out -= np.float32(intensity.mean)
     out /= np.float32(max(intensity.std, 1e-8))
     return out

@@ -79,6 +79,8 @@ ANISOTROPY_THRESHOLD = 3.0
 _SPLINE_PAD = 12
 #: Slices interpolated per chunk in the slice-wise (separate z) path.
 CHUNK_SLICES = 16
+#: On the CPU the cubic passes take chunks of at most this many float32 bytes (4 slices of 512 x 512).
+CPU_CHUNK_BYTES = 4 << 20
 #: Per-label windows are resampled at sizes rounded up to a multiple of this on a GPU (see the module doc).
 LABEL_WINDOW_BUCKET = 32
 #: Slabs of each organ's output window in the CPU's label passes (:func:`_linear_separable`).
@@ -323,7 +325,10 @@ def _axis_operator(n_in: int, n_out: int) -> tuple[_Block, ...]:
     samples depends only on the inputs within :data:`_OPERATOR_REACH` samples of its knots (beyond, the
     entries are below 1e-9); only those columns are computed, block by block, so building the operator of
     a long axis needs no dense matrix. Entries below :data:`_OPERATOR_TOL` of the block's largest are then
-    dropped (their sum is ~1e-6 of a row's, below float32 rounding of the result's range).
+    set to zero, and columns left with none dropped (their sum is ~1e-6 of a row's, below float32 rounding
+    of the result's range). Zeroing them matters for speed as well: far from its knots a row's entries
+    decay to float32 subnormals (down to 1e-45), and on Intel CPUs every product with a subnormal takes
+    a microcode assist: the matrix products of a 512x512x215 scan's ROI resampling took 10x longer.
     """
     pad = _SPLINE_PAD
     scale, offset = _grid_map(n_in, n_out)
@@ -343,7 +348,8 @@ def _axis_operator(n_in: int, n_out: int) -> tuple[_Block, ...]:
         impulses[pad + n_in :] = impulses[pad + n_in - 1]
         coef = scipy.ndimage.spline_filter1d(impulses, order=3, axis=0, mode="mirror")
         rows = sum(weights[k][a:b, None] * coef[knots[a:b] + k] for k in range(4))
-        kept = np.flatnonzero((np.abs(rows) > _OPERATOR_TOL * np.abs(rows).max()).any(axis=0))
+        rows[np.abs(rows) <= _OPERATOR_TOL * np.abs(rows).max()] = 0.0  # also no float32 subnormals: see above
+        kept = np.flatnonzero(rows.any(axis=0))
         k_lo, k_hi = int(kept[0]), int(kept[-1]) + 1
         block = np.ascontiguousarray(rows[:, k_lo:k_hi], dtype=np.float32)
         block.setflags(write=False)
@@ -370,7 +376,7 @@ def _apply_operator(chunk: np.ndarray, blocks: Sequence[_Block], axis: int, out:
 
 def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
                  prep: Callable[[Any], Any] | None = None, value_range: list[Any] | None = None,
-                 banded: bool | None = None) -> Any:
+                 banded: bool | None = None, then: Sequence[tuple[int, int]] = ()) -> Any:
     """Cubic-spline resampling of one axis (the grid map of :func:`_grid_map`, edges extended); float32.
 
     Chunk by chunk of :data:`CHUNK_SLICES` along another axis: ``prep`` (element-wise), then the
@@ -378,64 +384,112 @@ def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
     (:func:`_axis_operator`; BLAS, about 8x faster on a CT scan than SciPy's recursive filter); on a
     GPU, the 1D prefilter along ``axis`` (:func:`_spline_coefficients`), then each output sample as the
     weighted sum of its four coefficients. Only the output is volume-sized; the chunks' buffers are small.
+    ``then``: further ``(axis, n_out)`` passes applied to each chunk before it is stored (axes 1 and 2,
+    chunks along axis 0), so the volume between two in-plane passes is never made: on a CT scan that
+    intermediate is the largest array of the resampling, and every byte a process touches for the
+    first time costs a page fault.
     ``value_range``, a list, receives the (prepared) input's minimum and maximum per index of the
     chunking axis (axis 0, or 1 when ``axis`` is 0): ``[lows, highs]``. ``banded``: use the operator
     (True) or the filter (False); None: the operator with NumPy, the filter otherwise.
     """
-    use_operator = xp is np if banded is None else bool(banded)
-    if use_operator:
-        blocks = _axis_operator(int(x.shape[axis]), int(n_out))
-    else:
-        scale, offset = _grid_map(x.shape[axis], n_out)
-        where = scale * np.arange(n_out, dtype=np.float64) + offset
-        first = np.floor(where)
-        shape = [1, 1, 1]
-        shape[axis] = n_out
-        weights = [xp.asarray(w.reshape(shape)) for w in _cubic_weights(where - first).astype(np.float32)]
-        index = [xp.asarray(first.astype(np.int64) + (_SPLINE_PAD - 1 + k)) for k in range(4)]
-    out_shape = list(x.shape)
-    out_shape[axis] = n_out
-    out = xp.empty(tuple(out_shape), dtype=xp.float32)
+    passes = ((axis, int(n_out)),) + tuple((int(a), int(n)) for a, n in then)
     along = 1 if axis == 0 else 0
+    if any(a == along for a, _ in passes) or len({a for a, _ in passes}) != len(passes):
+        raise ValueError(f"passes {passes} cannot share chunks along axis {along}")
+    use_operator = xp is np if banded is None else bool(banded)
+    tables = [_axis_operator(int(x.shape[a]), n) if use_operator else _spline_table(int(x.shape[a]), n, a, xp)
+              for a, n in passes]
+    out_shape = list(x.shape)
+    for a, n in passes:
+        out_shape[a] = n
+    out = xp.empty(tuple(out_shape), dtype=xp.float32)
     lows, highs = [], []
-    for start in range(0, x.shape[along], CHUNK_SLICES):
-        sel = (slice(None),) * along + (slice(start, start + CHUNK_SLICES),)
+    step = CHUNK_SLICES
+    if xp is np:  # on the CPU, chunks of about CPU_CHUNK_BYTES: fewer fresh pages, and they stay in cache
+        slice_bytes = 4 * math.prod(n for ax, n in enumerate(x.shape) if ax != along)
+        step = max(1, min(step, CPU_CHUNK_BYTES // max(slice_bytes, 1)))
+    for start in range(0, x.shape[along], step):
+        sel = (slice(None),) * along + (slice(start, start + step),)
         chunk = xp.asarray(x[sel], dtype=xp.float32) if prep is None else prep(x[sel])
         if value_range is not None:
             others = tuple(ax for ax in range(3) if ax != along)
             lows.append(chunk.min(axis=others))
             highs.append(chunk.max(axis=others))
-        if use_operator:
-            _apply_operator(chunk, blocks, axis, out[sel])
-            continue
-        coef = _spline_coefficients(chunk, 3, (axis,), xp, ndi)
-        del chunk
-        acc = xp.take(coef, index[0], axis=axis)
-        acc *= weights[0]
-        for k in range(1, 4):
-            term = xp.take(coef, index[k], axis=axis)
-            term *= weights[k]
-            acc += term
-        out[sel] = acc
+        for i, ((a, n), table) in enumerate(zip(passes, tables)):
+            last = i == len(passes) - 1
+            if use_operator:
+                shape = list(chunk.shape)
+                shape[a] = n
+                target = out[sel] if last else np.empty(tuple(shape), dtype=np.float32)
+                _apply_operator(chunk, table, a, target)
+            else:
+                target = _spline_pass(chunk, table, a, xp, ndi)
+                if last:
+                    out[sel] = target
+            chunk = target
     if value_range is not None:
         value_range[:] = [xp.concatenate(lows), xp.concatenate(highs)]
     return out
 
 
+def _spline_table(n_in: int, n_out: int, axis: int, xp: ModuleType) -> tuple[list[Any], list[Any]]:
+    """(weights, knot indices) of the four-tap evaluation of :func:`_spline_pass`, shaped for ``axis``."""
+    scale, offset = _grid_map(n_in, n_out)
+    where = scale * np.arange(n_out, dtype=np.float64) + offset
+    first = np.floor(where)
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    weights = [xp.asarray(w.reshape(shape)) for w in _cubic_weights(where - first).astype(np.float32)]
+    index = [xp.asarray(first.astype(np.int64) + (_SPLINE_PAD - 1 + k)) for k in range(4)]
+    return weights, index
+
+
+def _spline_pass(chunk: Any, table: tuple[list[Any], list[Any]], axis: int, xp: ModuleType, ndi: ModuleType) -> Any:
+    """One axis of a chunk by the recursive prefilter and four-tap evaluation (the GPU's path)."""
+    weights, index = table
+    coef = _spline_coefficients(chunk, 3, (axis,), xp, ndi)
+    acc = xp.take(coef, index[0], axis=axis)
+    acc *= weights[0]
+    for k in range(1, 4):
+        term = xp.take(coef, index[k], axis=axis)
+        term *= weights[k]
+        acc += term
+    return acc
+
+
+def _pass_order(x_shape: Sequence[int], new_shape: Sequence[int]) -> list[int]:
+    """The axes to resample, in the order of the passes: the in-plane axes (1, 2) together, most shrinking first.
+
+    The axis that shrinks the volume most goes first (less work for the passes after it), except that
+    axis 0 goes before or after both in-plane axes, never between them, so those two share their chunks
+    (:func:`_cubic_along`'s ``then``).
+    """
+    ratio = {ax: new_shape[ax] / x_shape[ax] for ax in range(3) if new_shape[ax] != x_shape[ax]}
+    plane = sorted((ax for ax in (1, 2) if ax in ratio), key=lambda ax: ratio[ax])
+    if 0 not in ratio:
+        return plane
+    return [0] + plane if not plane or ratio[0] <= ratio[plane[0]] else plane + [0]
+
+
 def _cubic_separable(x: Any, new_shape: Sequence[int], xp: ModuleType, ndi: ModuleType,
                      prep: Callable[[Any], Any] | None, clip: bool) -> Any:
-    """3D cubic-spline resampling one axis after the other, the most shrinking axis first; float32.
+    """3D cubic-spline resampling one axis after the other (:func:`_pass_order`); float32.
 
     The tensor-product spline that :func:`_transform` evaluates in one 3D pass, factored by axis: each
     1D pass filters and samples a volume the passes before have already made smaller (a 512x512x215
     scan to the ROI grid: a third of the work of the 3D prefilter and evaluation, same values to float
     rounding, ~1e-6). Axes that keep their size are not touched (a spline interpolates at its knots).
     """
-    axes = sorted((ax for ax in range(3) if new_shape[ax] != x.shape[ax]), key=lambda ax: new_shape[ax] / x.shape[ax])
+    groups: list[list[int]] = []  # passes that share their chunks: the in-plane ones
+    for ax in _pass_order(x.shape, new_shape):
+        if groups and ax != 0 and groups[-1][0] != 0:
+            groups[-1].append(ax)
+        else:
+            groups.append([ax])
     value_range: list[Any] = []
-    for i, ax in enumerate(axes):
+    for i, (ax, *then) in enumerate(groups):
         x = _cubic_along(x, new_shape[ax], ax, xp, ndi, prep=prep if i == 0 else None,
-                         value_range=value_range if i == 0 else None)
+                         value_range=value_range if i == 0 else None, then=[(a, new_shape[a]) for a in then])
     if clip:
         xp.clip(x, value_range[0].min(), value_range[1].max(), out=x)
     return x
@@ -486,14 +540,12 @@ def _resample_in_plane(
         return _resample_axes(prep(x), new_shape, plane, order, xp, ndi)
     moved = xp.moveaxis(x, axis, 0)
     if order == 3:  # one in-plane axis after the other (:func:`_cubic_along`), each slice clipped to its range
+        # One chunked pass normalises, measures each slice's range (chunks along axis 0, the slices) and
+        # resamples both in-plane axes.
+        passes = [(ax, new_shape[plane[ax - 1]]) for ax in (1, 2) if new_shape[plane[ax - 1]] != moved.shape[ax]]
         value_range: list[Any] = []
-        out, first = moved, True
-        for ax in (1, 2):
-            if new_shape[plane[ax - 1]] != moved.shape[ax]:
-                # The first pass normalises and measures each slice's range (chunks along axis 0, the slices).
-                out = _cubic_along(out, new_shape[plane[ax - 1]], ax, xp, ndi, prep=prep if first else None,
-                                   value_range=value_range if first else None)
-                first = False
+        out = _cubic_along(moved, passes[0][1], passes[0][0], xp, ndi, prep=prep, value_range=value_range,
+                           then=passes[1:])
         xp.clip(out, value_range[0][:, None, None], value_range[1][:, None, None], out=out)
         return xp.moveaxis(out, 0, axis)
     maps = [_grid_map(moved.shape[ax], new_shape[plane[ax - 1]]) for ax in (1, 2)]

@@ -105,8 +105,8 @@ class FakeCupy:
     def empty(self, shape: Any, dtype: Any = float) -> DeviceArray:
         return np.empty(shape, dtype=dtype).view(DeviceArray)
 
-    def zeros(self, shape: Any, dtype: Any = float) -> DeviceArray:
-        return np.zeros(shape, dtype=dtype).view(DeviceArray)
+    def zeros(self, shape: Any, dtype: Any = float, order: str = "C") -> DeviceArray:  # cupy.zeros takes order too
+        return np.zeros(shape, dtype=dtype, order=order).view(DeviceArray)
 
 
 def fake_gpu_module() -> arrays.ArrayModule:

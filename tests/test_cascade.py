@@ -156,6 +156,16 @@ def test_orientation_does_not_change_the_result(predictor):
     assert np.array_equal(nib.orientations.apply_orientation(b.labels, to_ras), a.labels)
 
 
+def test_labels_come_back_in_the_memory_layout_of_the_input(predictor):
+    """A NIfTI volume is first-index-fastest (F order); its labels are too, so no writer transposes them."""
+    c_order = _volume(5, slices=16)
+    c_order = Volume(np.ascontiguousarray(c_order.data), c_order.affine)
+    f_order = Volume(np.asfortranarray(c_order.data), c_order.affine)
+    a, b = predictor.predict(c_order), predictor.predict(f_order)
+    assert a.labels.flags.c_contiguous and b.labels.flags.f_contiguous and not b.labels.flags.c_contiguous
+    assert np.array_equal(a.labels, b.labels) and (a.labels > 0).any()
+
+
 def test_torch_backend_agrees_with_onnxruntime(tiny_package, predictor):
     volume = _volume(4, slices=16)
     ort = predictor.predict(volume).labels

@@ -21,6 +21,7 @@ byte with :func:`write_raw`.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
@@ -595,10 +596,13 @@ def test_write_failure_in_compressor_leaves_nothing(tmp_path, monkeypatch, exist
     if existing:
         target.write_bytes(b"previous result")
 
-    def broken(payload):
-        raise MemoryError("compressor died")
+    class Broken(io.BytesIO):
+        def write(self, payload):
+            if self.tell() + len(payload) > 352:  # the header went through; the voxels kill it
+                raise MemoryError("compressor died")
+            return super().write(payload)
 
-    monkeypatch.setattr(pocketseg.nifti, "gzip_bytes", broken)
+    monkeypatch.setattr(pocketseg.nifti, "gzip_writer", lambda fileobj: Broken())
     with pytest.raises(MemoryError):
         write_labels(labels_for(vol), target, reference=vol, overwrite=True)
     assert target.exists() == existing

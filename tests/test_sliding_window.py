@@ -335,3 +335,22 @@ def test_streamed_labels_check_arguments():
         sliding_window_labels(image, (8, 8, 8), lambda b: b, 300)
     with pytest.raises(ValueError, match="infer returned shape"):
         sliding_window_labels(image, (8, 8, 8), lambda b: b, 2)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 15])
+def test_class_argmax_equals_numpy_argmax_with_ties_and_nans(classes):
+    """The running maximum over class planes gives argmax's labels: lowest class on ties, first NaN wins."""
+    from pocketseg.runtime.sliding_window import _argmax_classes
+
+    rng = np.random.default_rng(classes)
+    logits = rng.integers(-2, 3, size=(classes, 6, 7, 8)).astype(np.float32)  # many exact ties
+    logits[:, 0, 0, 0] = 0.0
+    if classes > 1:
+        logits[1, 0, 0, 0] = -0.0  # equal to 0.0: the lower class keeps it
+    labels = _argmax_classes(logits, np)
+    assert labels.dtype == np.uint8
+    assert np.array_equal(labels, np.argmax(logits, axis=0))
+    assert len(np.unique(labels)) == classes  # every class wins somewhere: the comparison is not vacuous
+    logits[classes - 1, 1, 2, 3] = np.nan
+    logits[0, 2, 2, 2] = np.nan
+    assert np.array_equal(_argmax_classes(logits, np), np.argmax(logits, axis=0))
