@@ -41,6 +41,7 @@ CORE = [
     "nibabel>=5.0",
     "isal>=1.5",
     "tqdm>=4.60",
+    "threadpoolctl>=3.1",
 ]
 EXTRAS = {
     # highdicom (DICOM SEG output) pinned: its encoder decides the SEG's attributes that validators and viewers

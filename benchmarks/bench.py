@@ -351,7 +351,7 @@ class _Pipeline:
             if spec.get("threads") and spec["backend"] == "torch":
                 import torch  # optional (train extra): the torch backend only
 
-                torch.set_num_threads(int(spec["threads"]))  # threads= of CascadePredictor steers ONNX Runtime only
+                torch.set_num_threads(int(spec["threads"]))  # threads= of CascadePredictor steers ONNX Runtime, OpenVINO and BLAS
 
             self.impl: Any = CascadePredictor(spec["model"], device=spec["device"], backend=spec["backend"],
                                               precision=spec["precision"], threads=spec.get("threads"))
@@ -647,7 +647,7 @@ def run_bench(model: str | os.PathLike, out: str | os.PathLike, *, device: str =
     ``compare``: ``"nnunet"`` adds nnU-Net v2's predictor. ``roi_from_labels``: skip
     the ROI stage, using the labels' box plus the ROI margin. ``cold``/``warm``:
     which runs to make; ``warmup``: one untimed prediction before the warm runs.
-    ``threads``: CPU threads of ONNX Runtime / torch (default: all cores).
+    ``threads``: CPU threads of ONNX Runtime / OpenVINO / torch and of the CPU resampling (default: all cores).
     Returns the result written to ``bench.json``; ``result["files"]`` lists the report files.
     """
     out_dir = check_output(out, list(BENCH_FILES.values()), overwrite=overwrite)

@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SeriesInstanceUID to read when a DICOM folder holds several series")
     p.add_argument("--no-intensity-check", dest="check_intensities", action="store_false",
                    help="run even on images that do not look like CT in HU (constant, no air)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of ONNX Runtime [all cores]")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads of the engine (ONNX Runtime, OpenVINO) and of the CPU resampling [all cores]")
     p.add_argument("--output-type", dest="output_type", action="append", choices=OUTPUT_TYPE_CHOICES, default=None,
                    help="what to write per case; repeat for several: nifti (NAME.nii.gz), dicom-seg (NAME.seg.dcm, "
                         "DICOM SEG), dicom-rtstruct (NAME.rtstruct.dcm, RT Structure Set); the DICOM ones need DICOM "
@@ -321,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="no untimed warm-up prediction before the warm runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic cases [0]")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of ONNX Runtime / torch [all cores]")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads of ONNX Runtime / OpenVINO / torch and of the CPU resampling [all cores]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in OUT_DIR")
     p.add_argument("--backends", action="store_true",
                    help="instead: the torch/onnxruntime/tensorrt x fp32/fp16 table (size, DSC, time, status per row)")

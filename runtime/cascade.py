@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pocketseg.errors import InputError, PocketsegError
 from pocketseg.geometry import canonical_grid, grow_box, spacing_from_affine
@@ -108,6 +110,38 @@ def check_ct_intensities(minimum: float, maximum: float, source: Any = None) -> 
         raise InputError(source, f"intensities {minimum:g}..{maximum:g} are not CT Hounsfield units (no voxel at or "
                                  f"below {AIR_HU:g} HU, where air is): MR images and CT without rescale slope/intercept "
                                  "are refused; check_intensities=False (--no-intensity-check) runs anyway")
+
+
+class _BlasThreads:
+    """NumPy/SciPy's BLAS held to a thread count while scans run (the CPU resampling is matrix products).
+
+    Left alone, OpenBLAS starts a thread per core of the machine, not per core a job was given (a cluster
+    job with ``--threads 4`` on a 64-core node would run 64). The limit is process-wide library state, so
+    it is counted: the first scan in flight sets it, the last one out restores what was there.
+    """
+
+    _lock = threading.Lock()
+    _depth = 0
+    _limiter: Any = None
+
+    @classmethod
+    @contextmanager
+    def limited(cls, threads: int | None) -> Iterator[None]:
+        if not threads:
+            yield
+            return
+        with cls._lock:
+            if cls._depth == 0:
+                cls._limiter = threadpool_limits(limits=int(threads), user_api="blas")
+            cls._depth += 1
+        try:
+            yield
+        finally:
+            with cls._lock:
+                cls._depth -= 1
+                if cls._depth == 0:
+                    cls._limiter.restore_original_limits()
+                    cls._limiter = None
 
 
 @dataclass(frozen=True)
@@ -240,7 +274,8 @@ class CascadePredictor:
         fast: the paper's settings whatever the package says (tile step 1, uniform, no mirroring, labels back);
             ``overlap``, ``gaussian``, ``mirroring`` and ``back_resampling`` given explicitly still win.
         batch_size: tiles per engine call.
-        threads: CPU threads of ONNX Runtime (default: all cores).
+        threads: CPU threads of the engine (ONNX Runtime, OpenVINO) and of NumPy's BLAS, which does the
+            CPU resampling (default: all cores).
         progress: show a progress bar of the tiles.
         fallback_to_cpu: after a GPU out-of-memory error with one tile per batch, run the scan on the CPU.
         max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
@@ -342,7 +377,8 @@ class CascadePredictor:
         if volume.data.ndim != 3:
             raise InputError(volume.source, f"expected a 3D image, got shape {volume.data.shape}")
         self.check_memory(volume)
-        with self.am.stream_scope(self.stream):
+        blas_threads = self.threads if self.am.name == "numpy" else None
+        with self.am.stream_scope(self.stream), _BlasThreads.limited(blas_threads):
             return self._predict_retrying(volume, check_intensities, roi_box_zyx)
 
     def check_memory(self, volume: Volume) -> None:

@@ -363,7 +363,7 @@ def predict(input: str | os.PathLike, output: str | os.PathLike, model: str | os
         overwrite: replace existing outputs; without it an existing output is an error.
         series_uid: the series to read when a DICOM folder holds several.
         check_intensities: refuse images that are not CT in Hounsfield units.
-        threads: CPU threads of ONNX Runtime (default: all cores).
+        threads: CPU threads of the engine and of the CPU resampling's BLAS (default: all cores).
         max_memory: the most memory a scan's resampled grids and label buffers may need, in bytes or as a size
             (``8GiB``, ``--max-memory``); a scan estimated above it is refused before anything is allocated.
             None: 75 % of the machine's physical memory (:mod:`pocketseg.runtime.memory_limit`).

@@ -361,3 +361,32 @@ def test_free_cached_memory_reaches_every_engine_of_the_ensemble(tiny_package):
     assert sorted(freed) == sorted(p.networks)
     p.close()
     assert all(e.session is None for nets in p.networks.values() for e in nets.engines)  # sessions dropped
+
+
+def test_threads_hold_numpys_blas_while_a_scan_runs_and_restore_it_after(tiny_package, monkeypatch):
+    """--threads caps the CPU resampling's BLAS too (OpenBLAS alone takes every core of the machine)."""
+    from threadpoolctl import threadpool_info
+
+    import pocketseg.runtime.cascade as cascade
+
+    def blas_threads():
+        return sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("NumPy here links no BLAS that threadpoolctl can see")
+    seen = []
+    original = cascade.resample_image
+
+    def recording(*args, **kwargs):
+        seen.append(blas_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cascade, "resample_image", recording)
+    volume = _volume(6, slices=16)
+    CascadePredictor(tiny_package, device="cpu", backend="onnxruntime", threads=1).predict(volume)
+    assert seen and all(s == [1] for s in seen)
+    assert blas_threads() == before
+    seen.clear()
+    CascadePredictor(tiny_package, device="cpu", backend="onnxruntime").predict(volume)
+    assert seen and all(s == before for s in seen)
