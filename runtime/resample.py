@@ -379,8 +379,8 @@ def _cubic_along(x: Any, n_out: int, axis: int, xp: ModuleType, ndi: ModuleType,
                  banded: bool | None = None, then: Sequence[tuple[int, int]] = ()) -> Any:
     """Cubic-spline resampling of one axis (the grid map of :func:`_grid_map`, edges extended); float32.
 
-    Chunk by chunk of :data:`CHUNK_SLICES` along another axis: ``prep`` (element-wise), then the
-    resampling along ``axis``. On the CPU that is a product with the axis's banded operator
+    Chunk by chunk along another axis (:data:`CHUNK_SLICES` slices; on the CPU at most
+    :data:`CPU_CHUNK_BYTES`): ``prep`` (element-wise), then the resampling along ``axis``. On the CPU that is a product with the axis's banded operator
     (:func:`_axis_operator`; BLAS, about 8x faster on a CT scan than SciPy's recursive filter); on a
     GPU, the 1D prefilter along ``axis`` (:func:`_spline_coefficients`), then each output sample as the
     weighted sum of its four coefficients. Only the output is volume-sized; the chunks' buffers are small.
