@@ -176,6 +176,12 @@ class VoxelView:
         return VoxelView(forward, spacing)  # type: ignore[arg-type]
 
 
+def _transient(engine: Any) -> Callable[[Any], Any]:
+    """An :class:`Engine`'s :meth:`Engine.transient`; any other tile function (a wrapper of an engine that
+    overrides its call, a stand-in) is called as it is."""
+    return engine.transient if isinstance(engine, Engine) else engine
+
+
 class StageNetworks:
     """The networks of a stage as one tile function: test-time mirroring and the mean over an ensemble (folds).
 
@@ -203,8 +209,9 @@ class StageNetworks:
         return len(self.engines) == 1 and not self.flips
 
     def __call__(self, batch: Any) -> Any:
+        """The tile function; its result is valid until the next call (it may be an engine's own buffer)."""
         if self.plain:
-            return self.engines[0](batch)
+            return _transient(self.engines[0])(batch)
         xp = self.am.xp
         n = batch.shape[0]
         variants = xp.concatenate([batch] + [xp.flip(batch, axis=axes) for axes in self.flips], axis=0)
@@ -220,7 +227,7 @@ class StageNetworks:
     @staticmethod
     def _run(engine: Engine, batch: Any) -> Any:
         if engine.max_batch is None or batch.shape[0] <= engine.max_batch:
-            return engine(batch)
+            return _transient(engine)(batch)  # read before this engine runs again
         xp = engine.am.xp
         return xp.concatenate([engine(batch[i : i + engine.max_batch])
                                for i in range(0, batch.shape[0], engine.max_batch)], axis=0)

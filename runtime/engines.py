@@ -409,6 +409,12 @@ class Engine:
     def __call__(self, batch: Any) -> Any:  # pragma: no cover - implemented by subclasses
         raise NotImplementedError
 
+    def transient(self, batch: Any) -> Any:
+        """Like calling the engine, but the logits may live in a buffer the engine reuses: valid until its next
+        call or :meth:`close`. For callers that are done with each result before asking for the next (the
+        sliding window); an engine whose output would be a fresh copy each time hands out its own buffer."""
+        return self(batch)
+
     def close(self) -> None:
         """Release what the engine holds (sessions, GPU buffers)."""
 
@@ -592,6 +598,12 @@ class OpenVinoEngine(Engine):
     def __call__(self, batch: Any) -> Any:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.request.infer({INPUT_NAME: batch})[self._output]
+
+    def transient(self, batch: Any) -> Any:
+        # The request's own output tensor, no copy: a detail tile's 31 MB of logits would otherwise be a fresh
+        # allocation per tile, whose first-touch page faults cost more than the copy itself.
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.request.infer({INPUT_NAME: batch}, share_inputs=True, share_outputs=True)[self._output]
 
     def close(self) -> None:
         self.request = None

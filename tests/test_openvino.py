@@ -206,3 +206,17 @@ def test_openvino_fp32_labels_of_a_trained_model_agree_with_onnxruntime(tmp_path
         assert len(np.unique(ref)) >= 3, f"{case.name}: the trained model segments almost nothing"
         agreement = float((got == ref).mean())
         assert agreement >= 0.9999, f"{case.name}: OpenVINO fp32 agrees with ONNX Runtime on {100 * agreement:.4f} %"
+
+
+def test_transient_output_is_the_requests_own_buffer_with_the_same_logits(tiny_package, cache):
+    stage = load_package(tiny_package).detail
+    engine = engines.open_engine(tiny_package, stage, _selection("openvino", "fp32"), threads=1)
+    x, y = _patches(stage), _patches(stage)[::-1].copy()
+    owned = engine(x)
+    first = engine.transient(x)
+    np.testing.assert_array_equal(first, owned)
+    kept = first.copy()
+    second = engine.transient(y)
+    assert np.shares_memory(first, second)  # the next call overwrites it: no fresh 31 MB per detail tile
+    np.testing.assert_array_equal(second, engine(y))
+    np.testing.assert_array_equal(owned, kept)  # what __call__ returned is the caller's
